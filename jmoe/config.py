@@ -1,0 +1,254 @@
+"""Frozen, keyword-only model configs with named presets.
+
+A config fully determines the model function; params live elsewhere. Every field
+is checked in ``__post_init__`` and errors name the field and what was expected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Mapping
+
+_DTYPES = ("float32", "bfloat16")
+_QK_NORMS = ("whole", "per_head", "none")
+MOE_BACKENDS = ("auto", "dense", "ragged", "bucketed", "pallas")
+ROUTINGS = ("token_choice", "expert_choice")
+
+
+def _check(cond: bool, field: str, value: Any, expected: str) -> None:
+    if not cond:
+        raise ValueError(f"config field {field}={value!r}: expected {expected}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class OlmoeConfig:
+    """The OLMoE architecture: causal OLMoE-1B-7B, or bidirectional LLaDA-MoE-7B.
+
+    Every layer is attention + a sparse MoE of SwiGLU experts with a softmax router.
+    ``qk_norm`` says where the q/k RMSNorm acts: ``"whole"`` normalises the full
+    q and k projections before the head split (OLMoE; norm weights of size
+    ``num_heads*head_dim`` and ``num_kv_heads*head_dim``), ``"per_head"``
+    normalises each head (LLaDA-MoE; weights of size ``head_dim``).
+    """
+
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    moe_intermediate_size: int
+    num_experts: int
+    num_experts_per_tok: int
+    norm_topk_prob: bool = False
+    qk_norm: str = "whole"
+    clip_qkv: float | None = None
+    rope_theta: float = 10000.0
+    rotary_fraction: float = 1.0
+    rms_norm_eps: float = 1e-5
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    causal: bool = True
+    mask_token_id: int | None = None
+    eos_token_id: int | None = None
+    pad_token_id: int | None = None
+    router_aux_loss_coef: float = 0.01
+    dtype: str = "float32"
+    moe_backend: str = "auto"
+    routing: str = "token_choice"
+    capacity_factor: float = 1.0
+    generation: Mapping[str, Any] | None = None
+
+    family = "olmoe"
+
+    def __post_init__(self):
+        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
+                     "head_dim", "moe_intermediate_size", "num_experts", "num_experts_per_tok",
+                     "max_position_embeddings"):
+            v = getattr(self, name)
+            _check(isinstance(v, int) and not isinstance(v, bool) and v > 0, name, v,
+                   "a positive int")
+        _check(self.num_heads % self.num_kv_heads == 0, "num_kv_heads", self.num_kv_heads,
+               f"a divisor of num_heads={self.num_heads}")
+        _check(self.num_experts_per_tok <= self.num_experts, "num_experts_per_tok",
+               self.num_experts_per_tok, f"<= num_experts={self.num_experts}")
+        _check(self.qk_norm in _QK_NORMS, "qk_norm", self.qk_norm, f"one of {_QK_NORMS}")
+        _check(self.dtype in _DTYPES, "dtype", self.dtype, f"one of {_DTYPES}")
+        _check(self.moe_backend in MOE_BACKENDS, "moe_backend", self.moe_backend,
+               f"one of {MOE_BACKENDS}")
+        _check(self.routing in ROUTINGS, "routing", self.routing, f"one of {ROUTINGS}")
+        _check(self.capacity_factor > 0, "capacity_factor", self.capacity_factor, "> 0")
+        _check(0.0 < self.rotary_fraction <= 1.0, "rotary_fraction", self.rotary_fraction,
+               "in (0, 1]")
+        rot = int(self.head_dim * self.rotary_fraction)
+        _check(rot % 2 == 0 and rot > 0, "rotary_fraction", self.rotary_fraction,
+               f"a fraction giving an even rotary dim of head_dim={self.head_dim}")
+        _check(self.clip_qkv is None or self.clip_qkv > 0, "clip_qkv", self.clip_qkv,
+               "None or > 0")
+        _check(self.rms_norm_eps > 0, "rms_norm_eps", self.rms_norm_eps, "> 0")
+        for name in ("mask_token_id", "eos_token_id", "pad_token_id"):
+            v = getattr(self, name)
+            _check(v is None or (isinstance(v, int) and 0 <= v < self.vocab_size), name, v,
+                   f"None or a token id in [0, {self.vocab_size})")
+        if self.generation is not None:
+            # stored as a sorted tuple of pairs so the config stays hashable (a jit static arg)
+            object.__setattr__(self, "generation", _FrozenDict(self.generation))
+
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.head_dim * self.rotary_fraction)
+
+    @property
+    def moe_layers(self) -> tuple[int, ...]:
+        return tuple(range(self.num_layers))
+
+    def replace(self, **overrides) -> "OlmoeConfig":
+        """A copy with fields replaced; an unknown field is a ValueError naming it."""
+        return replace_fields(self, overrides)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["generation"] = dict(self.generation) if self.generation is not None else None
+        d["family"] = self.family
+        return d
+
+    @classmethod
+    def from_hf_config(cls, hf: Mapping[str, Any] | str | os.PathLike, **overrides) -> "OlmoeConfig":
+        """Build from an HF ``config.json`` (a dict, the file, or its folder).
+
+        Understands ``model_type`` ``olmoe`` (OLMoE) and ``llada``/``lladamoe``
+        (LLaDA-MoE). Example:
+            cfg = OlmoeConfig.from_hf_config("path/to/hf_folder")
+        """
+        hf = read_hf_config(hf)
+        model_type = hf.get("model_type")
+        if model_type == "olmoe":
+            fields = _olmoe_fields(hf)
+        elif model_type in ("llada", "lladamoe", "llada_moe"):
+            fields = _llada_moe_fields(hf)
+        else:
+            raise ValueError(
+                f"config.json model_type={model_type!r}: expected 'olmoe', 'llada' or 'lladamoe' "
+                "for OlmoeConfig")
+        return replace_fields(cls(**fields), overrides)
+
+
+class _FrozenDict(dict):
+    """A read-only, hashable dict for config sections (generation defaults)."""
+
+    def __hash__(self):
+        return hash(tuple(sorted((k, repr(v)) for k, v in self.items())))
+
+    def _readonly(self, *a, **k):
+        raise TypeError("config sections are read-only; use config.replace(...)")
+
+    __setitem__ = __delitem__ = update = pop = clear = setdefault = _readonly
+
+
+def replace_fields(cfg, overrides: Mapping[str, Any]):
+    names = {f.name for f in dataclasses.fields(cfg)}
+    unknown = sorted(set(overrides) - names)
+    if unknown:
+        raise ValueError(
+            f"unknown config field(s) {unknown} for {type(cfg).__name__}; "
+            f"known fields: {sorted(names)}")
+    return dataclasses.replace(cfg, **overrides)
+
+
+def read_hf_config(hf) -> dict:
+    if isinstance(hf, Mapping):
+        return dict(hf)
+    path = os.fspath(hf)
+    if os.path.isdir(path):
+        path = os.path.join(path, "config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no HF config.json at {path!r}")
+    with open(path) as f:
+        return json.load(f)
+
+
+def _first_id(v):
+    """HF configs store eos as an int or a list of ints; jmoe keeps the first."""
+    if isinstance(v, (list, tuple)):
+        return int(v[0]) if v else None
+    return None if v is None else int(v)
+
+
+def _common_fields(hf: Mapping[str, Any]) -> dict:
+    if hf.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"config.json hidden_act={hf['hidden_act']!r}: expected 'silu'")
+    if hf.get("attention_bias", False):
+        raise ValueError("config.json attention_bias=True: jmoe's OLMoE has no attention bias")
+    if hf.get("rope_scaling"):
+        raise ValueError(f"config.json rope_scaling={hf['rope_scaling']!r}: expected none")
+    heads = hf["num_attention_heads"]
+    rope = hf.get("rope_parameters") or {}
+    return dict(
+        vocab_size=hf["vocab_size"],
+        hidden_size=hf["hidden_size"],
+        num_layers=hf["num_hidden_layers"],
+        num_heads=heads,
+        num_kv_heads=hf.get("num_key_value_heads") or heads,
+        head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+        num_experts=hf["num_experts"],
+        num_experts_per_tok=hf["num_experts_per_tok"],
+        clip_qkv=hf.get("clip_qkv"),
+        rope_theta=float(hf.get("rope_theta", rope.get("rope_theta", 10000.0))),
+        rotary_fraction=float(hf.get("partial_rotary_factor", 1.0) or 1.0),
+        rms_norm_eps=float(hf.get("rms_norm_eps", 1e-5)),
+        max_position_embeddings=hf.get("max_position_embeddings", 4096),
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        eos_token_id=_first_id(hf.get("eos_token_id")),
+        pad_token_id=_first_id(hf.get("pad_token_id")),
+        router_aux_loss_coef=float(hf.get("router_aux_loss_coef", 0.01)),
+    )
+
+
+def _olmoe_fields(hf) -> dict:
+    return dict(_common_fields(hf), moe_intermediate_size=hf["intermediate_size"],
+                norm_topk_prob=bool(hf.get("norm_topk_prob", False)), qk_norm="whole",
+                causal=True)
+
+
+def _llada_moe_fields(hf) -> dict:
+    freq = hf.get("moe_layer_freq")
+    if freq is not None and not all(int(f) == 1 for f in freq):
+        raise ValueError(f"config.json moe_layer_freq={freq!r}: expected every layer MoE (all 1)")
+    if hf.get("shared_expert_intermediate_size"):
+        raise ValueError("config.json shared_expert_intermediate_size="
+                         f"{hf['shared_expert_intermediate_size']!r}: expected none for LLaDA-MoE")
+    if hf.get("moe_router_enable_expert_bias"):
+        raise ValueError("config.json moe_router_enable_expert_bias=True: expected False for LLaDA-MoE")
+    mask_id = hf.get("mask_token_id", 156895)
+    return dict(
+        _common_fields(hf),
+        moe_intermediate_size=hf.get("expert_intermediate_size") or hf["intermediate_size"],
+        # the published modeling file hard-codes norm_topk_prob = False
+        norm_topk_prob=False,
+        qk_norm="per_head" if hf.get("qk_layernorm", True) else "none",
+        causal=False,
+        mask_token_id=mask_id if mask_id < hf["vocab_size"] else None,
+    )
+
+
+# allenai/OLMoE-1B-7B-0924, config.json as published on the hub.
+OLMOE_1B_7B = OlmoeConfig(
+    vocab_size=50304, hidden_size=2048, num_layers=16, num_heads=16, num_kv_heads=16,
+    head_dim=128, moe_intermediate_size=1024, num_experts=64, num_experts_per_tok=8,
+    norm_topk_prob=False, qk_norm="whole", clip_qkv=None, rope_theta=10000.0,
+    rms_norm_eps=1e-5, max_position_embeddings=4096, tie_word_embeddings=False,
+    causal=True, eos_token_id=50279, pad_token_id=1, router_aux_loss_coef=0.01,
+    dtype="bfloat16")
+
+# inclusionAI/LLaDA-MoE-7B-A1B: config.json (hidden 2048, 16 layers/heads, 64 experts
+# top-8 of size 1024, rope_theta 50000, 8192 positions, qk_layernorm per head); the
+# vocab (157184) and mask/EOS ids (156895/156892) are its tokenizer's, shared with LLaDA2.
+LLADA_MOE_7B = OlmoeConfig(
+    vocab_size=157184, hidden_size=2048, num_layers=16, num_heads=16, num_kv_heads=16,
+    head_dim=128, moe_intermediate_size=1024, num_experts=64, num_experts_per_tok=8,
+    norm_topk_prob=False, qk_norm="per_head", clip_qkv=None, rope_theta=50000.0,
+    rms_norm_eps=1e-5, max_position_embeddings=8192, tie_word_embeddings=False,
+    causal=False, mask_token_id=156895, eos_token_id=156892, pad_token_id=156892,
+    router_aux_loss_coef=0.01, dtype="bfloat16")

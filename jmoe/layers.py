@@ -1,0 +1,135 @@
+"""Shared Transformer layers: RMSNorm, rotary embedding, attention, SwiGLU MLP.
+
+Shape letters: B batch, L sequence (queries), S sequence (keys), D model dim,
+F ffn dim, H query heads, N kv heads, G = H // N query heads per kv head,
+K head dim (``head_dim``), R rotary dim.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+# A finite "minus infinity": a query row with no visible key (a left pad under a
+# causal mask) then softmaxes to a uniform row instead of NaN.
+NEG_INF = -1e30
+
+default_init = nn.initializers.normal(stddev=0.02)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in float32 and cast back, as in the reference models."""
+
+    eps: float
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.dtype)
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return scale * x32.astype(x.dtype)
+
+
+def rope_tables(positions_BL, rotary_dim: int, theta: float):
+    """cos/sin tables ``[B, L, R]`` in float32 (NeoX layout: halves repeated)."""
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, rotary_dim, 2, dtype=jnp.float32) / rotary_dim))
+    freqs = positions_BL.astype(jnp.float32)[..., None] * inv_freq  # [B, L, R/2]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x_BLHK, cos_BLR, sin_BLR):
+    """NeoX-style rotary on the first R dims of each head; the rest pass through."""
+    r = cos_BLR.shape[-1]
+    x_rot, x_pass = x_BLHK[..., :r], x_BLHK[..., r:]
+    x1, x2 = x_rot[..., : r // 2], x_rot[..., r // 2:]
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    cos = cos_BLR[:, :, None, :].astype(x_BLHK.dtype)
+    sin = sin_BLR[:, :, None, :].astype(x_BLHK.dtype)
+    out = x_rot * cos + rotated * sin
+    return jnp.concatenate([out, x_pass], axis=-1) if x_pass.shape[-1] else out
+
+
+def attention_bias(key_valid_BS, causal: bool, q_len: int | None = None):
+    """Additive mask ``[B, 1, L, S]``: 0 where a query may see a key, NEG_INF elsewhere.
+
+    Causality is by index (query i sees keys j <= i), padding by ``key_valid``.
+    """
+    s = key_valid_BS.shape[-1]
+    allowed = key_valid_BS[:, None, None, :]  # [B, 1, 1, S]
+    if causal:
+        lq = s if q_len is None else q_len
+        tri = jnp.arange(lq)[:, None] >= jnp.arange(s)[None, :]
+        allowed = allowed & tri[None, None]
+    return jnp.where(allowed, 0.0, NEG_INF).astype(jnp.float32)
+
+
+def dot_attention(q_BLHK, k_BSNK, v_BSNK, bias_B1LS):
+    """Softmax attention with GQA; logits and softmax in float32."""
+    b, l, h, kd = q_BLHK.shape
+    n = k_BSNK.shape[2]
+    q = q_BLHK.reshape(b, l, n, h // n, kd)
+    logits = jnp.einsum("BLNGK,BSNK->BNGLS", q, k_BSNK,
+                        preferred_element_type=jnp.float32) * (kd ** -0.5)
+    logits = logits + bias_B1LS[:, :, None]
+    probs = jax.nn.softmax(logits, axis=-1).astype(v_BSNK.dtype)
+    out = jnp.einsum("BNGLS,BSNK->BLNGK", probs, v_BSNK)
+    return out.reshape(b, l, h, kd)
+
+
+class SwiGLU(nn.Module):
+    """Dense SwiGLU MLP: ``down(silu(x @ gate) * (x @ up))``."""
+
+    intermediate_size: int
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_BLD):
+        d = x_BLD.shape[-1]
+        f = self.intermediate_size
+        w_gate_DF = self.param("w_gate", default_init, (d, f), self.dtype)
+        w_up_DF = self.param("w_up", default_init, (d, f), self.dtype)
+        w_down_FD = self.param("w_down", default_init, (f, d), self.dtype)
+        h = jax.nn.silu(x_BLD @ w_gate_DF) * (x_BLD @ w_up_DF)
+        return h @ w_down_FD
+
+
+class Attention(nn.Module):
+    """Multi-head attention with optional q/k RMSNorm, qkv clipping and partial RoPE.
+
+    ``qk_norm``: ``"whole"`` normalises the full q/k projections before the head
+    split (OLMoE), ``"per_head"`` each head separately (LLaDA-MoE, LLaDA2),
+    ``"none"`` skips it. Clipping acts after the norm, as in both references.
+    """
+
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    qk_norm: str
+    eps: float
+    clip_qkv: float | None = None
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_BLD, cos_BLR, sin_BLR, bias_B1LS):
+        b, l, d = x_BLD.shape
+        h, n, k = self.num_heads, self.num_kv_heads, self.head_dim
+        wq = self.param("wq", default_init, (d, h * k), self.dtype)
+        wk = self.param("wk", default_init, (d, n * k), self.dtype)
+        wv = self.param("wv", default_init, (d, n * k), self.dtype)
+        wo = self.param("wo", default_init, (h * k, d), self.dtype)
+        q, kk, v = x_BLD @ wq, x_BLD @ wk, x_BLD @ wv
+        if self.qk_norm == "whole":
+            q = RMSNorm(self.eps, self.dtype, name="q_norm")(q)
+            kk = RMSNorm(self.eps, self.dtype, name="k_norm")(kk)
+        q, kk, v = (t.reshape(b, l, -1, k) for t in (q, kk, v))
+        if self.qk_norm == "per_head":
+            q = RMSNorm(self.eps, self.dtype, name="q_norm")(q)
+            kk = RMSNorm(self.eps, self.dtype, name="k_norm")(kk)
+        if self.clip_qkv is not None:
+            q, kk, v = (jnp.clip(t, -self.clip_qkv, self.clip_qkv) for t in (q, kk, v))
+        q, kk = apply_rope(q, cos_BLR, sin_BLR), apply_rope(kk, cos_BLR, sin_BLR)
+        out = dot_attention(q, kk, v, bias_B1LS)
+        return out.reshape(b, l, h * k) @ wo
