@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 from typing import Any, Mapping
 
@@ -169,11 +170,23 @@ def read_hf_config(hf) -> dict:
         return json.load(f)
 
 
-def _first_id(v):
-    """HF configs store eos as an int or a list of ints; jmoe keeps the first."""
+def _token_id(hf, name):
+    """An id from an HF config (an int or a list: jmoe keeps the first).
+
+    Tiny test configs often keep the hub's ids past their small vocab; such an id
+    is dropped with a warning rather than failing the whole config.
+    """
+    v = hf.get(name)
     if isinstance(v, (list, tuple)):
-        return int(v[0]) if v else None
-    return None if v is None else int(v)
+        v = v[0] if v else None
+    if v is None:
+        return None
+    if not 0 <= int(v) < hf["vocab_size"]:
+        logging.getLogger("jmoe").warning(
+            "config.json %s=%s is outside the vocabulary [0, %s); ignoring it", name, v,
+            hf["vocab_size"])
+        return None
+    return int(v)
 
 
 def _common_fields(hf: Mapping[str, Any]) -> dict:
@@ -181,10 +194,12 @@ def _common_fields(hf: Mapping[str, Any]) -> dict:
         raise ValueError(f"config.json hidden_act={hf['hidden_act']!r}: expected 'silu'")
     if hf.get("attention_bias", False):
         raise ValueError("config.json attention_bias=True: jmoe's OLMoE has no attention bias")
-    if hf.get("rope_scaling"):
-        raise ValueError(f"config.json rope_scaling={hf['rope_scaling']!r}: expected none")
-    heads = hf["num_attention_heads"]
     rope = hf.get("rope_parameters") or {}
+    scaling = hf.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default"
+                                         else None)
+    if scaling:
+        raise ValueError(f"config.json rope scaling {scaling!r}: expected plain (default) RoPE")
+    heads = hf["num_attention_heads"]
     return dict(
         vocab_size=hf["vocab_size"],
         hidden_size=hf["hidden_size"],
@@ -200,8 +215,8 @@ def _common_fields(hf: Mapping[str, Any]) -> dict:
         rms_norm_eps=float(hf.get("rms_norm_eps", 1e-5)),
         max_position_embeddings=hf.get("max_position_embeddings", 4096),
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        eos_token_id=_first_id(hf.get("eos_token_id")),
-        pad_token_id=_first_id(hf.get("pad_token_id")),
+        eos_token_id=_token_id(hf, "eos_token_id"),
+        pad_token_id=_token_id(hf, "pad_token_id"),
         router_aux_loss_coef=float(hf.get("router_aux_loss_coef", 0.01)),
     )
 
@@ -221,7 +236,10 @@ def _llada_moe_fields(hf) -> dict:
                          f"{hf['shared_expert_intermediate_size']!r}: expected none for LLaDA-MoE")
     if hf.get("moe_router_enable_expert_bias"):
         raise ValueError("config.json moe_router_enable_expert_bias=True: expected False for LLaDA-MoE")
-    mask_id = hf.get("mask_token_id", 156895)
+    hf = dict(hf)
+    # LLaDA-MoE's tokenizer ids; its configs may omit them
+    hf.setdefault("mask_token_id", 156895)
+    hf.setdefault("eos_token_id", 156892)
     return dict(
         _common_fields(hf),
         moe_intermediate_size=hf.get("expert_intermediate_size") or hf["intermediate_size"],
@@ -229,7 +247,7 @@ def _llada_moe_fields(hf) -> dict:
         norm_topk_prob=False,
         qk_norm="per_head" if hf.get("qk_layernorm", True) else "none",
         causal=False,
-        mask_token_id=mask_id if mask_id < hf["vocab_size"] else None,
+        mask_token_id=_token_id(hf, "mask_token_id"),
     )
 
 

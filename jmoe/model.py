@@ -45,6 +45,14 @@ def init_params(config, seed: int = 0):
     return model_module(config).init(jax.random.key(seed), tokens)["params"]
 
 
+def abstract_params(config, as_struct: bool = False):
+    """The params tree of a config without allocating it: shapes, or ShapeDtypeStructs."""
+    structs = jax.eval_shape(lambda: init_params(config))
+    if as_struct:
+        return structs
+    return jax.tree.map(lambda s: tuple(s.shape), structs)
+
+
 def random_model(config, seed: int = 0, tokenizer=None) -> Model:
     """A model with random weights, e.g. for tests and benchmarks.
 
@@ -61,6 +69,7 @@ def _forward(params, tokens_BL, valid_BL, budget_BL, *, config, k_max, capture):
     aux = {
         "expert_counts": layer_aux["expert_counts"],  # [n_moe_layers, E]
         "routed_pairs": layer_aux["routed_pairs"].sum(),
+        "unrouted_tokens": layer_aux["unrouted_tokens"],  # [n_moe_layers]
         "load_balancing_loss": routing_lib.load_balancing_loss(layer_aux["lb_f"],
                                                                layer_aux["lb_p"]),
     }
@@ -97,9 +106,11 @@ def forward(model: Model, tokens_BL, *, attention_mask=None, experts_per_token=N
     model's top-k for this call) or an int array ``[B, L]`` of per-token budgets
     ``1 <= k_i <= max_experts`` (default bound: the model's top-k).
     aux: ``expert_counts [n_moe_layers, E]``, ``routed_pairs``,
-    ``load_balancing_loss``, ``moe_backend``; with ``capture_router_logits`` also
-    ``router_logits [n_moe_layers, B, L, E]`` (float32), ``expert_ids`` and
-    ``expert_weights`` ``[n_moe_layers, B, L, K]`` (id == E marks a dropped slot).
+    ``load_balancing_loss``, ``moe_backend``, ``unrouted_tokens [n_moe_layers]``
+    (tokens no expert picked; expert choice only); with ``capture_router_logits``
+    also ``router_logits [n_moe_layers, B, L, E]`` (float32), ``expert_ids`` and
+    ``expert_weights`` ``[n_moe_layers, B, L, K]`` (id == E marks an empty slot;
+    K = E under expert choice, slot e holding expert e when it picked the token).
 
     Example:
         logits, aux = jmoe.forward(model, tokens, capture_router_logits=True)
@@ -120,6 +131,10 @@ def forward(model: Model, tokens_BL, *, attention_mask=None, experts_per_token=N
         if valid.shape != tokens.shape:
             raise ValueError(f"attention_mask shape {valid.shape} != tokens shape {tokens.shape}")
     budget, k_max = _budget_and_bound(config, experts_per_token, max_experts)
+    if budget is not None and getattr(config, "routing", "token_choice") == "expert_choice":
+        raise ValueError("experts_per_token as per-token budgets (or with max_experts) needs "
+                         "routing='token_choice'; with routing='expert_choice' pass a scalar k "
+                         "(it sets the capacity C = ceil(capacity_factor * L * k / E))")
     logits, aux = _forward(model.params, jnp.asarray(tokens, jnp.int32), valid, budget,
                            config=config, k_max=k_max, capture=bool(capture_router_logits))
     aux["moe_backend"] = resolve_backend(config.moe_backend)

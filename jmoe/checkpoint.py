@@ -1,0 +1,138 @@
+"""jmoe checkpoints (orbax params + JSON config + tokenizer files) and ``jmoe.load``.
+
+A jmoe checkpoint folder holds ``config.json`` (the jmoe config, with a
+``family`` key), ``params/`` (an orbax checkpoint) and the tokenizer and
+generation files copied from the HF folder it came from.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jmoe.config import OlmoeConfig, read_hf_config
+from jmoe.model import Model, abstract_params
+
+CONFIG_CLASSES = {"olmoe": OlmoeConfig}
+HF_MODEL_TYPES = {"olmoe": "olmoe", "llada": "olmoe", "lladamoe": "olmoe", "llada_moe": "olmoe"}
+# generation_config.json keys the sampler understands, and HF names mapped onto them
+GENERATION_KEYS = ("gen_length", "block_length", "steps", "temperature", "cfg_scale",
+                   "remasking", "threshold")
+_HF_GENERATION_ALIASES = {"max_new_tokens": "gen_length"}
+
+
+def config_from_dict(d: dict):
+    d = dict(d)
+    family = d.pop("family", None)
+    if family not in CONFIG_CLASSES:
+        raise ValueError(f"config.json family={family!r}: expected one of {sorted(CONFIG_CLASSES)}")
+    return CONFIG_CLASSES[family](**d)
+
+
+def generation_defaults(folder: str) -> dict | None:
+    path = os.path.join(folder, "generation_config.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        raw = json.load(f)
+    out = {}
+    for k, v in raw.items():
+        k = _HF_GENERATION_ALIASES.get(k, k)
+        if k in GENERATION_KEYS and isinstance(v, (int, float, str)):
+            out[k] = v
+    return out or None
+
+
+def config_from_hf_dir(hf_dir: str, **overrides):
+    """The jmoe config of an HF folder (``config.json`` + ``generation_config.json``)."""
+    hf = read_hf_config(hf_dir)
+    model_type = hf.get("model_type")
+    family = HF_MODEL_TYPES.get(model_type)
+    if family is None:
+        raise ValueError(f"config.json model_type={model_type!r} in {hf_dir!r}: expected one of "
+                         f"{sorted(HF_MODEL_TYPES)}")
+    config = CONFIG_CLASSES[family].from_hf_config(hf)
+    gen = generation_defaults(hf_dir)
+    if gen and "generation" not in overrides:
+        overrides = dict(overrides, generation=gen)
+    return config.replace(**overrides) if overrides else config
+
+
+def _orbax():
+    import orbax.checkpoint as ocp
+
+    return ocp
+
+
+def save_checkpoint(folder: str, config, params) -> None:
+    """Write ``config.json`` and ``params/`` into an existing, empty ``folder``."""
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(config.to_dict(), f, indent=2)
+    ckptr = _orbax().StandardCheckpointer()
+    ckptr.save(os.path.abspath(os.path.join(folder, "params")), params)
+    ckptr.wait_until_finished()
+
+
+def _restore_params(folder: str, config):
+    target = abstract_params(config, as_struct=True)
+    ckptr = _orbax().StandardCheckpointer()
+    return ckptr.restore(os.path.abspath(os.path.join(folder, "params")), target)
+
+
+def _load_tokenizer(folder: str):
+    names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+    if not any(os.path.isfile(os.path.join(folder, n)) for n in names):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder)
+
+
+def cast_params(params, dtype: str):
+    dt = jnp.dtype(dtype)
+    return jax.tree.map(lambda a: a.astype(dt) if jnp.issubdtype(a.dtype, jnp.floating) else a,
+                        params)
+
+
+def load(path: str | os.PathLike | None = None, *, tokenizer: bool = True,
+         **config_overrides: Any) -> Model:
+    """Open a jmoe checkpoint, or an HF folder (converted in memory).
+
+    ``config_overrides`` replace config fields for this load (an unknown field is
+    a ValueError), e.g. ``causal=False``, ``mask_token_id=...``, ``dtype=...``,
+    ``moe_backend=...``.
+
+    Example:
+        model = jmoe.load("ckpt/olmoe", dtype="float32")
+    """
+    if path is None:
+        raise FileNotFoundError("jmoe.load() needs a path: no default model is shipped yet")
+    path = os.fspath(path)
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_path):
+        raise FileNotFoundError(f"no config.json in {path!r}: expected a jmoe checkpoint or an "
+                                "HF model folder")
+    with open(cfg_path) as f:
+        raw = json.load(f)
+    if "family" in raw:
+        config = config_from_dict(raw)
+        params = _restore_params(path, config)
+    else:
+        from checkpoints_convert.convert import read_params
+
+        config = config_from_hf_dir(path)
+        params, dtype = read_params(path, config, config_overrides.get("dtype"), progress=False)
+        config = config.replace(dtype=dtype)
+        params = jax.tree.map(jnp.asarray, params)
+    if config_overrides:
+        new = config.replace(**config_overrides)
+        if new.dtype != config.dtype:
+            params = cast_params(params, new.dtype)
+        config = new
+    tok = _load_tokenizer(path) if tokenizer else None
+    return Model(config, params, tok)
