@@ -7,10 +7,16 @@ Expert backends all consume a ``routing.Routing`` and agree in float32:
   dense     every expert on every token, masked; the oracle.
   bucketed  assignments sorted by expert into ``[E, C, D]`` buffers and batched
             einsums; C is picked at run time (``lax.switch``) from static buckets
-            by the real largest expert load, so nothing is ever dropped and the
-            compute falls with the budgets. The CPU path.
+            by the real loads (the few hottest experts spill into a small overflow
+            buffer), so nothing is ever dropped and the compute falls with the
+            budgets. The CPU path.
   ragged    sorted rows and ``jax.lax.ragged_dot``; native on TPU, dense-expanded
             (slow) by XLA on CPU.
+  pallas    ``pallas_kernels.moe_gmm``: a grouped-matmul kernel that skips dropped rows.
+  auto      per platform (``resolve_backend``), logged once and reported in aux.
+
+Token choice and expert choice give the same ``Routing`` type, so every backend
+serves both; only the static bound on an expert's load differs (``Routing.load_bound``).
 """
 
 from __future__ import annotations
@@ -18,24 +24,37 @@ from __future__ import annotations
 import logging
 import math
 from functools import partial
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
 from jmoe import routing as routing_lib
+from jmoe import sharding
 from jmoe.layers import default_init
 
 log = logging.getLogger("jmoe")
 
 
+_LOGGED_AUTO: set = set()
+
+
 def resolve_backend(backend: str) -> str:
-    """``auto`` -> the fastest backend measured on this platform (see benchmarks)."""
+    """``auto`` -> the fastest backend measured on this platform (see benchmarks).
+
+    The choice is logged once per platform on the ``jmoe`` logger (INFO) and
+    ``jmoe.forward`` reports it as ``aux["moe_backend"]``.
+    """
     if backend != "auto":
         return backend
     platform = jax.default_backend()
     # ragged_dot is native only on TPU; on CPU and GPU XLA expands it densely.
-    return "ragged" if platform == "tpu" else "bucketed"
+    choice = "ragged" if platform == "tpu" else "bucketed"
+    if platform not in _LOGGED_AUTO:
+        _LOGGED_AUTO.add(platform)
+        log.info("jmoe moe_backend=auto picked %r on platform %r", choice, platform)
+    return choice
 
 
 def swiglu_experts(x_ECD, w_gate_EDF, w_up_EDF, w_down_EFD):
@@ -64,17 +83,27 @@ def dense_experts(x_TD, r, w_gate_EDF, w_up_EDF, w_down_EFD):
     return jnp.einsum("ETD,TE->TD", y_ETD, w_TE.astype(y_ETD.dtype))
 
 
-def capacity_buckets(num_assignments: int, num_tokens: int, num_experts: int) -> tuple[int, ...]:
-    """Static capacities: x1.5 steps from 8 up to the dropless worst case.
+BUCKET_GROWTH = 1.25  # padding waste <= 25%; each bucket is one more compiled branch
 
-    In token choice a token meets an expert at most once, so no expert ever holds
-    more than min(T, A) assignments; the last bucket is that bound.
+
+def capacity_buckets(num_assignments: int, num_tokens: int, num_experts: int,
+                     max_load: int | None = None, growth: float | None = None) -> tuple[int, ...]:
+    """Static capacities: x``growth`` steps (multiples of 8) from 8 up to the dropless worst case.
+
+    A token meets an expert at most once (token choice: distinct top-k; expert
+    choice: an expert picks distinct positions), so no expert ever holds more than
+    min(T, A) assignments; expert choice bounds it further by B*C (``max_load``).
+    The last bucket is that bound, so the largest real load always fits.
     """
     worst = min(num_tokens, num_assignments)
+    if max_load is not None:
+        worst = min(worst, max_load)
+    worst = max(worst, 1)
+    growth = growth or BUCKET_GROWTH
     caps, c = [], 8
     while c < worst:
         caps.append(c)
-        c = int(math.ceil(c * 1.5 / 8) * 8)
+        c = max(c + 8, int(math.ceil(c * growth / 8) * 8))
     caps.append(worst)
     return tuple(caps)
 
@@ -90,27 +119,94 @@ def _sorted_slots(r):
     return order, sorted_e, pos, counts
 
 
-def bucketed_experts(x_TD, r, w_gate_EDF, w_up_EDF, w_down_EFD, buckets=None):
+def overflow_buckets(worst: int) -> tuple[int, ...]:
+    """Static overflow capacities: 0 (no overflow, the usual case), then x2 steps to ``worst``."""
+    caps, c = [0], 8
+    while c < worst:
+        caps.append(c)
+        c *= 2
+    caps.append(max(worst, 1))
+    return tuple(caps)
+
+
+def bucket_index(counts_E, buckets):
+    """Index of the smallest bucket holding the largest expert load (the last if none does)."""
+    which = jnp.searchsorted(jnp.asarray(buckets), jnp.max(counts_E), side="left")
+    return jnp.minimum(which, len(buckets) - 1)
+
+
+def capacity_plan(counts_E, buckets, over_buckets, num_hot: int):
+    """Pick the base capacity for all experts and the overflow capacity for the hottest.
+
+    The base bucket holds the (num_hot+1)-th largest load, so only the ``num_hot``
+    most loaded experts can have rows past it; those rows go to an overflow buffer
+    sized by the largest excess. A hot expert then costs num_hot overflow rows per
+    extra token instead of E padded rows. Returns ``(base index, overflow index,
+    hot expert ids [num_hot])``.
+    """
+    e = counts_E.shape[0]
+    top, hot_ids = jax.lax.top_k(counts_E, min(num_hot + 1, e))
+    base_load = top[num_hot] if num_hot < e else jnp.zeros((), counts_E.dtype)
+    i_base = bucket_index(base_load, buckets)
+    excess = jnp.maximum(top[0] - jnp.asarray(buckets)[i_base], 0)
+    return i_base, bucket_index(excess, over_buckets), hot_ids[:num_hot]
+
+
+def _slot_compute(x_pad, slot_S, token_sorted, weight_sorted, groups, cap, w_gate, w_up, w_down):
+    """Sorted rows into slots ``slot_S`` (>= groups*cap: not in this buffer), SwiGLU,
+    weighted scatter-add into ``[T+1, D]`` (row T collects the empty slots)."""
+    t1, d = x_pad.shape
+    slot_token = jnp.full((groups * cap,), t1 - 1, jnp.int32).at[slot_S].set(
+        token_sorted, mode="drop")
+    slot_w = jnp.zeros((groups * cap,), jnp.float32).at[slot_S].set(weight_sorted, mode="drop")
+    y_GCD = swiglu_experts(x_pad[slot_token].reshape(groups, cap, d), w_gate, w_up, w_down)
+    y_SD = y_GCD.reshape(groups * cap, d) * slot_w[:, None].astype(y_GCD.dtype)
+    return jnp.zeros((t1, d), y_SD.dtype).at[slot_token].add(y_SD)
+
+
+def bucketed_experts(x_TD, r, w_gate_EDF, w_up_EDF, w_down_EFD, buckets=None, num_hot=None):
+    """Per-expert buffers ``[E, C, D]`` plus an overflow ``[H, C_o, D]`` for the hottest experts.
+
+    C is the smallest static bucket holding the (H+1)-th largest load and C_o the
+    smallest overflow bucket holding the largest load's excess over C (0 when the
+    loads are balanced), both picked at run time with ``lax.switch``, so nothing is
+    ever dropped and the compute (E*C + H*C_o rows) falls with the budgets and does
+    not blow up when a few experts are hot. After the sort everything scales with
+    the buffers, not with A: gather the slot rows, batched SwiGLU einsums, then a
+    weighted scatter-add into the tokens. Empty slots read a zero row T, carry
+    weight 0, and add into a discarded row T. H defaults to max(1, E // 8).
+    """
     t, d = x_TD.shape
     e = r.num_experts
     a = r.expert_A.shape[0]
-    buckets = buckets or capacity_buckets(a, t, e)
+    buckets = buckets or capacity_buckets(a, t, e, r.load_bound())
+    h = min(e, num_hot or max(1, e // 8))
+    over = overflow_buckets(max(buckets[-1] - buckets[0], 1))
     order, sorted_e, pos, counts = _sorted_slots(r)
+    token_sorted = r.token_A[order]
+    weight_sorted = r.weight_A[order]
+    live = sorted_e < e
     x_pad = jnp.concatenate([x_TD, jnp.zeros((1, d), x_TD.dtype)])  # row T reads as zeros
+    i_base, i_over, hot_ids = capacity_plan(counts, buckets, over, h)
+    cap_base = jnp.asarray(buckets)[i_base]
 
-    def run(cap):
-        live = sorted_e < e
-        slot_sorted = jnp.where(live, sorted_e * cap + pos, e * cap)  # dropped -> past the end
-        slot_token = jnp.full((e * cap,), t, jnp.int32).at[slot_sorted].set(
-            r.token_A[order], mode="drop")
-        y_ECD = swiglu_experts(x_pad[slot_token].reshape(e, cap, d), w_gate_EDF, w_up_EDF,
-                               w_down_EFD)
-        y_pad = jnp.concatenate([y_ECD.reshape(e * cap, d), jnp.zeros((1, d), y_ECD.dtype)])
-        slot_A = jnp.zeros((a,), jnp.int32).at[order].set(slot_sorted)
-        return combine(y_pad[slot_A], r, t)
+    def run_base(cap):
+        slot = jnp.where(live & (pos < cap), sorted_e * cap + pos, e * cap)
+        return _slot_compute(x_pad, slot, token_sorted, weight_sorted, e, cap,
+                             w_gate_EDF, w_up_EDF, w_down_EFD)
 
-    which = jnp.searchsorted(jnp.asarray(buckets), counts.max(), side="left")
-    return jax.lax.switch(jnp.minimum(which, len(buckets) - 1), [partial(run, c) for c in buckets])
+    def run_over(cap):
+        if cap == 0:
+            return jnp.zeros((t + 1, d), x_TD.dtype)
+        hot_rank = jnp.full((e + 1,), h, jnp.int32).at[hot_ids].set(jnp.arange(h, dtype=jnp.int32))
+        rank, opos = hot_rank[sorted_e], pos - cap_base
+        slot = jnp.where(live & (opos >= 0) & (rank < h), rank * cap + opos, h * cap)
+        return _slot_compute(x_pad, slot, token_sorted, weight_sorted, h, cap,
+                             w_gate_EDF[hot_ids], w_up_EDF[hot_ids], w_down_EFD[hot_ids])
+
+    y = jax.lax.switch(i_base, [partial(run_base, c) for c in buckets])
+    y = y + jax.lax.switch(i_over, [partial(run_over, c) for c in over]).astype(y.dtype)
+    return y[:t]
 
 
 def ragged_experts(x_TD, r, w_gate_EDF, w_up_EDF, w_down_EFD):
@@ -146,8 +242,14 @@ class MoEBlock(nn.Module):
     """Softmax-routed sparse MoE of SwiGLU experts (OLMoE / LLaDA-MoE).
 
     Returns ``(y_BLD, aux)``; aux holds float32 router logits ``[B, L, E]``, the
-    chosen expert ids / weights ``[B, L, K]``, per-expert token counts ``[E]``,
-    the load-balancing loss and the number of routed (token, expert) pairs.
+    chosen expert ids / weights ``[B, L, K]`` (``Routing.per_token``: K = k_max for
+    token choice, K = E for expert choice), per-expert token counts ``[E]``, the
+    load-balancing statistics, the number of routed (token, expert) pairs and of
+    valid tokens no expert took (``unrouted_tokens``; always 0 for token choice).
+
+    ``routing="expert_choice"`` routes within each sequence with capacity factor
+    ``capacity_factor`` and k = ``k_max`` (the model's top-k unless overridden);
+    per-token budgets apply only to token choice.
     """
 
     num_experts: int
@@ -156,6 +258,26 @@ class MoEBlock(nn.Module):
     norm_topk_prob: bool
     backend: str = "auto"
     dtype: jnp.dtype = jnp.float32
+    routing: str = "token_choice"
+    capacity_factor: float = 1.0
+    mesh: Any = None  # a mesh with an ``expert`` axis > 1 runs the experts expert-parallel
+    ep_capacity_factor: float | None = None
+
+    def route(self, logits_TE, valid_BL, budget_BL, k_max):
+        b, l = valid_BL.shape
+        if self.routing == "expert_choice":
+            if budget_BL is not None:
+                raise ValueError("per-token experts_per_token budgets apply to routing="
+                                 "'token_choice'; expert choice takes a scalar k only")
+            return routing_lib.expert_choice(
+                logits_TE.reshape(b, l, -1), k=k_max, capacity_factor=self.capacity_factor,
+                valid_BL=valid_BL)
+        if self.routing != "token_choice":
+            raise ValueError(f"routing={self.routing!r}: expected 'token_choice' or "
+                             "'expert_choice'")
+        budget_T = None if budget_BL is None else jnp.broadcast_to(budget_BL, (b, l)).reshape(-1)
+        return routing_lib.softmax_topk(logits_TE, k_max=k_max, norm_topk_prob=self.norm_topk_prob,
+                                        budget_T=budget_T, valid_T=valid_BL.reshape(-1))
 
     @nn.compact
     def __call__(self, x_BLD, valid_BL, budget_BL=None, k_max=None):
@@ -171,16 +293,28 @@ class MoEBlock(nn.Module):
         valid_T = valid_BL.reshape(-1)
         logits_TE = jnp.einsum("TD,DE->TE", x_TD.astype(jnp.float32),
                                router_DE.astype(jnp.float32))
-        budget_T = None if budget_BL is None else jnp.broadcast_to(budget_BL, (b, l)).reshape(-1)
-        r = routing_lib.softmax_topk(logits_TE, k_max=k_max, norm_topk_prob=self.norm_topk_prob,
-                                     budget_T=budget_T, valid_T=valid_T)
-        y_TD = expert_compute(self.backend, x_TD, r, w_gate_EDF, w_up_EDF, w_down_EFD)
+        r = self.route(logits_TE, valid_BL, budget_BL, k_max)
+        ep = sharding.expert_parallel_active(self.mesh)
+        if ep:
+            y_BLD, dropped = sharding.expert_parallel_moe(
+                self.mesh, x_BLD, logits_TE.reshape(b, l, e), valid_BL, budget_BL,
+                w_gate_EDF, w_up_EDF, w_down_EFD,
+                route_fn=lambda lg, v, k, _: self.route(lg, v, k, k_max), backend=self.backend,
+                expert_choice=self.routing == "expert_choice",
+                capacity_factor=self.ep_capacity_factor)
+            y_TD = y_BLD.reshape(b * l, d)
+        else:
+            y_TD = expert_compute(self.backend, x_TD, r, w_gate_EDF, w_up_EDF, w_down_EFD)
+        ids_TK, w_TK = r.per_token()
         aux = {
             "router_logits": logits_TE.reshape(b, l, e),
-            "expert_ids": r.expert_A.reshape(b, l, k_max),
-            "expert_weights": r.weight_A.reshape(b, l, k_max),
+            "expert_ids": ids_TK.reshape(b, l, -1),
+            "expert_weights": w_TK.reshape(b, l, -1),
             "expert_counts": r.expert_counts(),
             "routed_pairs": r.live_A.sum(),
+            "unrouted_tokens": r.unrouted_tokens(valid_T),
         }
         aux["lb_f"], aux["lb_p"] = routing_lib.load_balancing_stats(logits_TE, self.top_k, valid_T)
+        if ep:
+            aux["ep_dropped"] = dropped
         return y_TD.reshape(b, l, d).astype(x_BLD.dtype), aux

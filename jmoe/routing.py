@@ -1,16 +1,29 @@
-"""Routers and assignment: token-choice top-k and masked per-token top-k.
+"""Routers and assignment: token-choice top-k, masked per-token top-k, expert choice.
 
-Shape letters: T tokens (flattened B*L), E experts, K experts per token (a static
-bound ``k_max``), A assignments. Router math is float32 throughout: in bfloat16,
-ties between close scores change which experts are selected.
+Shape letters: B batch, L sequence, T tokens (flattened B*L), E experts, K experts
+per token (a static bound ``k_max``), C per-expert capacity (a static bound), A
+assignments. Router math is float32 throughout: in bfloat16, ties between close
+scores change which experts are selected.
 
 Every router returns one ``Routing``: a flat list of A (token, expert, weight)
 assignments that every expert backend consumes. A dropped assignment (beyond a
-token's budget, or a padding token) carries the sentinel expert id ``E``, so it
-sorts after every live one and ``bincount(length=E)`` ignores it.
+token's budget, a padding token, or an expert-choice slot past a sequence's
+capacity) carries the sentinel expert id ``E``, so it sorts after every live one
+and ``bincount(length=E)`` ignores it.
+
+Layouts: token choice is token-major (``A = T*K``, the K slots of token t at
+``t*K .. t*K+K-1``, ranked best first); expert choice is expert-major per
+sequence (``A = B*E*C``, slot ``(b, e, c)`` at ``(b*E + e)*C + c``, ranked best
+first).
+
+Tie-breaks are deterministic and follow ``jax.lax.top_k`` (equal scores: the lower
+index first): in token choice the lower expert id wins, in expert choice the
+earlier position in the sequence wins.
 """
 
 from __future__ import annotations
+
+import math
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +39,8 @@ class Routing:
     num_experts: int = struct.field(pytree_node=False)
     # True when A = T*K with the K assignments of each token adjacent (token choice)
     token_major: bool = struct.field(pytree_node=False, default=True)
+    # static bound on any expert's load; None means min(T, A) (a token meets an expert once)
+    max_load: int | None = struct.field(pytree_node=False, default=None)
 
     @property
     def live_A(self):
@@ -34,6 +49,38 @@ class Routing:
     def expert_counts(self):
         """Tokens routed to each expert, ``[E]`` int32."""
         return jnp.bincount(self.expert_A, length=self.num_experts).astype(jnp.int32)
+
+    def load_bound(self) -> int:
+        """Static upper bound on any expert's load (the dropless worst case)."""
+        t = self.logits_TE.shape[0]
+        bound = min(t, self.expert_A.shape[0])
+        return bound if self.max_load is None else min(bound, self.max_load)
+
+    def combine_weights(self):
+        """Dense combine weights ``[T, E]`` float32 (0 where expert e did not take token t)."""
+        t, e = self.logits_TE.shape
+        w = jnp.zeros((t, e + 1), jnp.float32).at[self.token_A, self.expert_A].add(self.weight_A)
+        return w[:, :e]
+
+    def per_token(self):
+        """``(expert_ids_TK, weights_TK)``: each token's experts, id ``E`` marking an empty slot.
+
+        Token choice: K = ``k_max``, ranked best first. Expert choice: K = E, slot e
+        holds expert e when it picked the token (so ids are ``e`` or ``E``).
+        """
+        t, e = self.logits_TE.shape
+        if self.token_major:
+            return self.expert_A.reshape(t, -1), self.weight_A.reshape(t, -1)
+        picked = jnp.zeros((t, e + 1), bool).at[self.token_A, self.expert_A].set(True)[:, :e]
+        ids = jnp.where(picked, jnp.arange(e, dtype=jnp.int32)[None, :], e).astype(jnp.int32)
+        return ids, self.combine_weights()
+
+    def unrouted_tokens(self, valid_T=None):
+        """Number of valid tokens that no expert took (they pass through the residual only)."""
+        t = self.logits_TE.shape[0]
+        routed = jnp.zeros((t,), jnp.int32).at[self.token_A].add(self.live_A.astype(jnp.int32))
+        valid = jnp.ones((t,), bool) if valid_T is None else valid_T
+        return jnp.sum((routed == 0) & valid).astype(jnp.int32)
 
 
 def check_budget(experts_per_token, k_max: int, num_experts: int):
@@ -74,10 +121,18 @@ def softmax_topk(logits_TE, *, k_max: int, norm_topk_prob: bool, budget_T=None,
 
     Weights are the softmax probabilities of the kept experts, renormalised over
     the kept set when ``norm_topk_prob``. With every budget equal to ``k_max`` this
-    is exactly plain top-k.
+    is bit-identical to plain top-k. A concrete out-of-range budget is a
+    ValueError; a traced one (inside jit) cannot be inspected and is clipped to
+    ``[1, k_max]``. Ties: the lower expert id ranks first.
+
+    Example:
+        r = softmax_topk(logits_TE, k_max=8, norm_topk_prob=False, budget_T=k_T)
     """
     logits_TE = logits_TE.astype(jnp.float32)
     t, e = logits_TE.shape
+    if not (isinstance(k_max, int) and 1 <= k_max <= e):
+        raise ValueError(f"k_max={k_max!r}: expected an int in 1..num_experts={e}")
+    check_budget(budget_T, k_max, e)
     if valid_T is None:
         valid_T = jnp.ones((t,), bool)
     probs_TE = jax.nn.softmax(logits_TE, axis=-1)
@@ -90,6 +145,58 @@ def softmax_topk(logits_TE, *, k_max: int, norm_topk_prob: bool, budget_T=None,
     token_TK = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[:, None], (t, k_max))
     return Routing(token_A=token_TK.reshape(-1), expert_A=expert_TK.reshape(-1),
                    weight_A=w_TK.reshape(-1), logits_TE=logits_TE, num_experts=e)
+
+
+def expert_capacities(length: int, k: int, num_experts: int,
+                      capacity_factor: float) -> tuple[int, ...]:
+    """Expert-choice capacity ``C(n) = min(n, ceil(capacity_factor * n * k / E))``, n = 0..length.
+
+    A static table: a sequence of real length n lets each expert pick C(n) tokens.
+    It is computed once in Python (float64) so traced code and NumPy oracles agree
+    to the integer, and ``C(length)`` is the static bound. C is non-decreasing in n.
+    """
+    if not (isinstance(k, int) and 1 <= k <= num_experts):
+        raise ValueError(f"expert choice k={k!r}: expected an int in 1..num_experts={num_experts}")
+    if not capacity_factor > 0:
+        raise ValueError(f"capacity_factor={capacity_factor!r}: expected > 0")
+    return tuple(min(n, math.ceil(capacity_factor * n * k / num_experts))
+                 for n in range(length + 1))
+
+
+def expert_choice(logits_BLE, *, k: int, capacity_factor: float = 1.0, valid_BL=None) -> Routing:
+    """Expert-choice routing within each sequence (Zhou et al. 2022).
+
+    Router probabilities are the softmax over experts (float32). In sequence b of
+    real length L_b, every expert picks its top ``C_b = min(L_b, ceil(cf * L_b * k /
+    E))`` tokens by probability; the combine weight is that probability (not
+    renormalised). Experts never pick across sequences, so a sequence's output does
+    not depend on its batch-mates, and padding positions are never picked (their
+    score is below every probability and at most L_b slots are live). A static bound
+    ``C = C(L)`` with a per-sequence slot mask keeps shapes static; masked slots get
+    the sentinel expert id. Ties: the earlier position wins (``lax.top_k`` order).
+
+    Example:
+        r = expert_choice(logits_BLE, k=2, capacity_factor=1.0, valid_BL=mask)
+    """
+    logits_BLE = logits_BLE.astype(jnp.float32)
+    b, l, e = logits_BLE.shape
+    if valid_BL is None:
+        valid_BL = jnp.ones((b, l), bool)
+    caps = expert_capacities(l, k, e, capacity_factor)
+    c_max = caps[l]
+    probs_BLE = jax.nn.softmax(logits_BLE, axis=-1)
+    # padding scores -1 < any probability, so it sorts after every real token
+    score_BEL = jnp.where(valid_BL[:, None, :], jnp.swapaxes(probs_BLE, 1, 2), -1.0)
+    top_p_BEC, top_l_BEC = jax.lax.top_k(score_BEL, c_max)
+    c_B = jnp.asarray(caps, jnp.int32)[valid_BL.sum(-1)]
+    live_BEC = jnp.arange(c_max)[None, None, :] < c_B[:, None, None]
+    token_BEC = top_l_BEC + (jnp.arange(b, dtype=jnp.int32) * l)[:, None, None]
+    expert_BEC = jnp.where(live_BEC, jnp.arange(e, dtype=jnp.int32)[None, :, None], e)
+    weight_BEC = jnp.where(live_BEC, top_p_BEC, 0.0)
+    return Routing(token_A=token_BEC.reshape(-1).astype(jnp.int32),
+                   expert_A=expert_BEC.reshape(-1).astype(jnp.int32),
+                   weight_A=weight_BEC.reshape(-1), logits_TE=logits_BLE.reshape(b * l, e),
+                   num_experts=e, token_major=False, max_load=b * c_max)
 
 
 def load_balancing_stats(logits_TE, k: int, valid_T=None):
@@ -112,3 +219,37 @@ def load_balancing_loss(f_LE, p_LE):
     """``E * sum_e mean_l(f) * mean_l(p)`` from stacked per-layer stats ``[L, E]``."""
     e = f_LE.shape[-1]
     return e * jnp.sum(f_LE.mean(0) * p_LE.mean(0))
+
+
+def sigmoid_group_topk(logits_TE, expert_bias_E, *, k_max: int, n_group: int, topk_group: int,
+                       scaling: float, normalize: bool = True, budget_T=None,
+                       valid_T=None) -> Routing:
+    """LLaDA2 token choice: sigmoid scores, group-limited top-k with a selection bias.
+
+    Selection ranks ``sigmoid(logits) + expert_bias``; only experts of the
+    ``topk_group`` groups with the largest sum of their two best biased scores
+    compete. Weights are the *unbiased* scores of the kept experts (the first k_i
+    of the ranking), normalised over the kept set (when ``normalize``; the
+    reference does so whenever top-k > 1) and multiplied by ``scaling``.
+    """
+    logits_TE = logits_TE.astype(jnp.float32)
+    t, e = logits_TE.shape
+    if valid_T is None:
+        valid_T = jnp.ones((t,), bool)
+    scores_TE = jax.nn.sigmoid(logits_TE)
+    biased_TE = scores_TE + expert_bias_E.astype(jnp.float32)
+    grouped = biased_TE.reshape(t, n_group, e // n_group)
+    group_score_TG = jax.lax.top_k(grouped, 2)[0].sum(-1)
+    _, keep_groups = jax.lax.top_k(group_score_TG, topk_group)
+    group_live_TG = jnp.zeros((t, n_group), bool).at[jnp.arange(t)[:, None], keep_groups].set(True)
+    expert_live_TE = jnp.repeat(group_live_TG, e // n_group, axis=1)
+    _, top_e_TK = jax.lax.top_k(jnp.where(expert_live_TE, biased_TE, -jnp.inf), k_max)
+    live_TK = rank_mask(k_max, budget_T, valid_T)
+    w_TK = jnp.where(live_TK, jnp.take_along_axis(scores_TE, top_e_TK, axis=1), 0.0)
+    if normalize:
+        w_TK = w_TK / (w_TK.sum(-1, keepdims=True) + 1e-20)
+    w_TK = w_TK * scaling
+    expert_TK = jnp.where(live_TK, top_e_TK, e).astype(jnp.int32)
+    token_TK = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[:, None], (t, k_max))
+    return Routing(token_A=token_TK.reshape(-1), expert_A=expert_TK.reshape(-1),
+                   weight_A=w_TK.reshape(-1), logits_TE=logits_TE, num_experts=e)

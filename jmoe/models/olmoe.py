@@ -46,7 +46,8 @@ class DecoderLayer(nn.Module):
                                   c.rms_norm_eps, c.clip_qkv, dt, name="attn")(h, cos, sin, bias)
         h = RMSNorm(c.rms_norm_eps, dt, name="post_attn_norm")(x_BLD)
         y, aux = MoEBlock(c.num_experts, c.num_experts_per_tok, c.moe_intermediate_size,
-                          c.norm_topk_prob, c.moe_backend, dt, name="moe")(
+                          c.norm_topk_prob, c.moe_backend, dt, c.routing, c.capacity_factor,
+                          c.mesh, c.ep_capacity_factor, name="moe")(
                               h, valid_BL, budget_BL, k_max)
         return x_BLD + y, aux
 
