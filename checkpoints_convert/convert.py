@@ -124,23 +124,26 @@ def read_params(hf_dir: str, config, dtype: str | None = None, progress: bool = 
             raise ValueError(f"missing tensor(s) in {hf_dir!r}: {missing[:5]}"
                              f"{' ...' if len(missing) > 5 else ''}")
         params: dict = {}
-        bar = tqdm(total=len(wanted), desc="converting", unit="tensor", disable=not progress)
+        bar = tqdm(total=len(rules), desc="converting", unit="tensor", disable=not progress)
         for rule in rules:
             target = _get_path(shapes, rule.path)
-            leaf = np.empty(target, out_dt)
+            leaf = np.empty(target, np.float32 if rule.float32 else out_dt)
             for e, key in enumerate(rule.hf_keys(config.num_experts)):
                 t = reader.read(key)
+                if rule.rows is not None:
+                    t = t[rule.rows[0]:rule.rows[1]]
                 t = t.T if rule.transpose else t
                 want = target[1:] if rule.per_expert else target
                 if tuple(t.shape) != tuple(want):
+                    part = "" if rule.rows is None else f" rows {rule.rows[0]}:{rule.rows[1]}"
                     hf_want = tuple(reversed(want)) if rule.transpose else tuple(want)
-                    raise ValueError(f"tensor {key!r} has shape {tuple(reader.shape(key))}, "
-                                     f"expected {hf_want}")
+                    raise ValueError(f"tensor {key!r}{part} has shape "
+                                     f"{tuple(reader.shape(key))}, expected {hf_want}")
                 if rule.per_expert:
                     leaf[e] = t
                 else:
                     leaf[...] = t
-                bar.update(1)
+            bar.update(1)
             _set_path(params, rule.path, leaf)
         bar.close()
         return params, dtype
@@ -160,12 +163,30 @@ def _get_path(tree, path):
 
 
 def iter_hf_tensors(params, config):
-    """(hf_key, array) pairs of a jmoe params tree, in key-table order."""
+    """(hf_key, array) pairs of a jmoe params tree, in key-table order.
+
+    Row-sliced rules (a fused projection) are concatenated back into one tensor.
+    """
+    pending: dict[str, list] = {}
     for rule in rules_for(config):
         leaf = np.asarray(_get_path(params, rule.path))
         for e, key in enumerate(rule.hf_keys(config.num_experts)):
             t = leaf[e] if rule.per_expert else leaf
-            yield key, np.ascontiguousarray(t.T if rule.transpose else t)
+            t = t.T if rule.transpose else t
+            if rule.rows is None:
+                yield key, np.ascontiguousarray(t)
+                continue
+            pending.setdefault(key, []).append((rule.rows, t))
+            parts = sorted(pending[key], key=lambda p: p[0])
+            if sum(b - a for (a, b), _ in parts) == _fused_rows(config, key):
+                yield key, np.ascontiguousarray(np.concatenate([p for _, p in parts]))
+                del pending[key]
+
+
+def _fused_rows(config, key: str) -> int:
+    if key.endswith("query_key_value.weight"):
+        return (config.num_heads + 2 * config.num_kv_heads) * config.head_dim
+    raise ValueError(f"no fused layout known for {key!r}")
 
 
 @contextlib.contextmanager

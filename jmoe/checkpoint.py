@@ -14,11 +14,14 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jmoe.config import OlmoeConfig, read_hf_config
+from jmoe.config import LLaDA2Config, OlmoeConfig, read_hf_config
 from jmoe.model import Model, abstract_params
 
-CONFIG_CLASSES = {"olmoe": OlmoeConfig}
-HF_MODEL_TYPES = {"olmoe": "olmoe", "llada": "olmoe", "lladamoe": "olmoe", "llada_moe": "olmoe"}
+# the small trained model shipped inside the package (see its README.md)
+DEFAULT_MODEL_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "default_model")
+CONFIG_CLASSES = {"olmoe": OlmoeConfig, "llada2": LLaDA2Config}
+HF_MODEL_TYPES = {"olmoe": "olmoe", "llada": "olmoe", "lladamoe": "olmoe", "llada_moe": "olmoe",
+                  "llada2_moe": "llada2"}
 # generation_config.json keys the sampler understands, and HF names mapped onto them
 GENERATION_KEYS = ("gen_length", "block_length", "steps", "temperature", "cfg_scale",
                    "remasking", "threshold")
@@ -58,7 +61,8 @@ def config_from_hf_dir(hf_dir: str, **overrides):
     config = CONFIG_CLASSES[family].from_hf_config(hf)
     gen = generation_defaults(hf_dir)
     if gen and "generation" not in overrides:
-        overrides = dict(overrides, generation=gen)
+        # the folder's generation_config.json refines the family's defaults
+        overrides = dict(overrides, generation={**(config.generation or {}), **gen})
     return config.replace(**overrides) if overrides else config
 
 
@@ -78,13 +82,22 @@ def save_checkpoint(folder: str, config, params) -> None:
     ckptr.wait_until_finished()
 
 
-def _restore_params(folder: str, config):
+def _restore_params(folder: str, config, mesh=None):
     target = abstract_params(config, as_struct=True)
+    if mesh is not None:  # restore each leaf straight into its shards (no full host copy)
+        from jmoe.sharding import param_shardings
+
+        target = jax.tree.map(lambda t, s: jax.ShapeDtypeStruct(t.shape, t.dtype, sharding=s),
+                              target, param_shardings(target, mesh))
     ckptr = _orbax().StandardCheckpointer()
     return ckptr.restore(os.path.abspath(os.path.join(folder, "params")), target)
 
 
 def _load_tokenizer(folder: str):
+    from jmoe.tokenizer import FILENAME, CharTokenizer
+
+    if os.path.isfile(os.path.join(folder, FILENAME)):
+        return CharTokenizer.load(folder)
     names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
     if not any(os.path.isfile(os.path.join(folder, n)) for n in names):
         return None
@@ -93,25 +106,40 @@ def _load_tokenizer(folder: str):
     return AutoTokenizer.from_pretrained(folder)
 
 
+# leaves that stay float32 whatever the model dtype
+FLOAT32_LEAVES = ("expert_bias",)
+
+
 def cast_params(params, dtype: str):
     dt = jnp.dtype(dtype)
-    return jax.tree.map(lambda a: a.astype(dt) if jnp.issubdtype(a.dtype, jnp.floating) else a,
-                        params)
+
+    def cast(path, a):
+        name = getattr(path[-1], "key", None)
+        if name in FLOAT32_LEAVES or not jnp.issubdtype(a.dtype, jnp.floating):
+            return a
+        return a.astype(dt)
+
+    return jax.tree_util.tree_map_with_path(cast, params)
 
 
 def load(path: str | os.PathLike | None = None, *, tokenizer: bool = True,
          **config_overrides: Any) -> Model:
-    """Open a jmoe checkpoint, or an HF folder (converted in memory).
+    """Open a jmoe checkpoint, or an HF folder (converted in memory); no path: the
+    small trained default model shipped with jmoe.
 
     ``config_overrides`` replace config fields for this load (an unknown field is
     a ValueError), e.g. ``causal=False``, ``mask_token_id=...``, ``dtype=...``,
-    ``moe_backend=...``.
+    ``moe_backend=...``. ``mesh=jmoe.make_mesh(...)`` returns params already placed
+    on it (routed experts on ``expert``, the rest replicated) and runs the MoE
+    layers expert-parallel; ``ep_capacity_factor`` sets its buffer policy.
 
     Example:
         model = jmoe.load("ckpt/olmoe", dtype="float32")
     """
     if path is None:
-        raise FileNotFoundError("jmoe.load() needs a path: no default model is shipped yet")
+        path = DEFAULT_MODEL_DIR
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise FileNotFoundError(f"the shipped default model is missing from {path!r}")
     path = os.fspath(path)
     cfg_path = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_path):
@@ -121,18 +149,27 @@ def load(path: str | os.PathLike | None = None, *, tokenizer: bool = True,
         raw = json.load(f)
     if "family" in raw:
         config = config_from_dict(raw)
-        params = _restore_params(path, config)
+        params = _restore_params(path, config, config_overrides.get("mesh"))
     else:
         from checkpoints_convert.convert import read_params
 
         config = config_from_hf_dir(path)
         params, dtype = read_params(path, config, config_overrides.get("dtype"), progress=False)
         config = config.replace(dtype=dtype)
-        params = jax.tree.map(jnp.asarray, params)
+        if config_overrides.get("mesh") is not None:  # host arrays straight into their shards
+            from jmoe.sharding import shard_params
+
+            params = shard_params(params, config_overrides["mesh"])
+        else:
+            params = jax.tree.map(jnp.asarray, params)
     if config_overrides:
         new = config.replace(**config_overrides)
         if new.dtype != config.dtype:
             params = cast_params(params, new.dtype)
         config = new
+    if config.mesh is not None:
+        from jmoe.sharding import shard_params
+
+        params = shard_params(params, config.mesh)  # a no-op for leaves already placed
     tok = _load_tokenizer(path) if tokenizer else None
     return Model(config, params, tok)

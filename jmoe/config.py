@@ -24,15 +24,8 @@ def _check(cond: bool, field: str, value: Any, expected: str) -> None:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class OlmoeConfig:
-    """The OLMoE architecture: causal OLMoE-1B-7B, or bidirectional LLaDA-MoE-7B.
-
-    Every layer is attention + a sparse MoE of SwiGLU experts with a softmax router.
-    ``qk_norm`` says where the q/k RMSNorm acts: ``"whole"`` normalises the full
-    q and k projections before the head split (OLMoE; norm weights of size
-    ``num_heads*head_dim`` and ``num_kv_heads*head_dim``), ``"per_head"``
-    normalises each head (LLaDA-MoE; weights of size ``head_dim``).
-    """
+class MoEConfig:
+    """Fields shared by every jmoe model family (see the family configs)."""
 
     vocab_size: int
     hidden_size: int
@@ -43,9 +36,7 @@ class OlmoeConfig:
     moe_intermediate_size: int
     num_experts: int
     num_experts_per_tok: int
-    norm_topk_prob: bool = False
     qk_norm: str = "whole"
-    clip_qkv: float | None = None
     rope_theta: float = 10000.0
     rotary_fraction: float = 1.0
     rms_norm_eps: float = 1e-5
@@ -61,13 +52,20 @@ class OlmoeConfig:
     routing: str = "token_choice"
     capacity_factor: float = 1.0
     generation: Mapping[str, Any] | None = None
+    # runtime placement, not saved: a jax Mesh (hashable, so the config stays a jit
+    # static arg); an ``expert`` axis > 1 runs the MoE layers expert-parallel (jmoe.sharding)
+    mesh: Any = dataclasses.field(default=None, repr=False)
+    # expert-parallel buffer policy: None = worst-case buffers (never drops); a float f =
+    # f x the balanced load per buffer, overflow dropped and counted in aux["ep_dropped"]
+    ep_capacity_factor: float | None = None
 
-    family = "olmoe"
+    family = "base"
+    _positive_ints = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
+                      "head_dim", "moe_intermediate_size", "num_experts", "num_experts_per_tok",
+                      "max_position_embeddings")
 
     def __post_init__(self):
-        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
-                     "head_dim", "moe_intermediate_size", "num_experts", "num_experts_per_tok",
-                     "max_position_embeddings"):
+        for name in self._positive_ints:
             v = getattr(self, name)
             _check(isinstance(v, int) and not isinstance(v, bool) and v > 0, name, v,
                    "a positive int")
@@ -86,15 +84,19 @@ class OlmoeConfig:
         rot = int(self.head_dim * self.rotary_fraction)
         _check(rot % 2 == 0 and rot > 0, "rotary_fraction", self.rotary_fraction,
                f"a fraction giving an even rotary dim of head_dim={self.head_dim}")
-        _check(self.clip_qkv is None or self.clip_qkv > 0, "clip_qkv", self.clip_qkv,
-               "None or > 0")
         _check(self.rms_norm_eps > 0, "rms_norm_eps", self.rms_norm_eps, "> 0")
         for name in ("mask_token_id", "eos_token_id", "pad_token_id"):
             v = getattr(self, name)
             _check(v is None or (isinstance(v, int) and 0 <= v < self.vocab_size), name, v,
                    f"None or a token id in [0, {self.vocab_size})")
+        _check(self.ep_capacity_factor is None or self.ep_capacity_factor > 0,
+               "ep_capacity_factor", self.ep_capacity_factor, "None or > 0")
+        if self.mesh is not None:
+            from jmoe.sharding import check_experts_divisible
+
+            check_experts_divisible(self.num_experts, self.mesh)
         if self.generation is not None:
-            # stored as a sorted tuple of pairs so the config stays hashable (a jit static arg)
+            # a read-only, hashable mapping so the config stays a valid jit static arg
             object.__setattr__(self, "generation", _FrozenDict(self.generation))
 
     @property
@@ -105,15 +107,38 @@ class OlmoeConfig:
     def moe_layers(self) -> tuple[int, ...]:
         return tuple(range(self.num_layers))
 
-    def replace(self, **overrides) -> "OlmoeConfig":
+    def replace(self, **overrides):
         """A copy with fields replaced; an unknown field is a ValueError naming it."""
         return replace_fields(self, overrides)
 
     def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
+        d = dataclasses.asdict(dataclasses.replace(self, mesh=None))
+        del d["mesh"]  # placement is chosen at load time, not stored
         d["generation"] = dict(self.generation) if self.generation is not None else None
         d["family"] = self.family
         return d
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class OlmoeConfig(MoEConfig):
+    """The OLMoE architecture: causal OLMoE-1B-7B, or bidirectional LLaDA-MoE-7B.
+
+    Every layer is attention + a sparse MoE of SwiGLU experts with a softmax router.
+    ``qk_norm`` says where the q/k RMSNorm acts: ``"whole"`` normalises the full
+    q and k projections before the head split (OLMoE; norm weights of size
+    ``num_heads*head_dim`` and ``num_kv_heads*head_dim``), ``"per_head"``
+    normalises each head (LLaDA-MoE; weights of size ``head_dim``).
+    """
+
+    norm_topk_prob: bool = False
+    clip_qkv: float | None = None
+
+    family = "olmoe"
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check(self.clip_qkv is None or self.clip_qkv > 0, "clip_qkv", self.clip_qkv,
+               "None or > 0")
 
     @classmethod
     def from_hf_config(cls, hf: Mapping[str, Any] | str | os.PathLike, **overrides) -> "OlmoeConfig":
@@ -209,7 +234,6 @@ def _common_fields(hf: Mapping[str, Any]) -> dict:
         head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
         num_experts=hf["num_experts"],
         num_experts_per_tok=hf["num_experts_per_tok"],
-        clip_qkv=hf.get("clip_qkv"),
         rope_theta=float(hf.get("rope_theta", rope.get("rope_theta", 10000.0))),
         rotary_fraction=float(hf.get("partial_rotary_factor", 1.0) or 1.0),
         rms_norm_eps=float(hf.get("rms_norm_eps", 1e-5)),
@@ -223,6 +247,7 @@ def _common_fields(hf: Mapping[str, Any]) -> dict:
 
 def _olmoe_fields(hf) -> dict:
     return dict(_common_fields(hf), moe_intermediate_size=hf["intermediate_size"],
+                clip_qkv=hf.get("clip_qkv"),
                 norm_topk_prob=bool(hf.get("norm_topk_prob", False)), qk_norm="whole",
                 causal=True)
 
@@ -242,6 +267,7 @@ def _llada_moe_fields(hf) -> dict:
     hf.setdefault("eos_token_id", 156892)
     return dict(
         _common_fields(hf),
+        clip_qkv=hf.get("clip_qkv"),
         moe_intermediate_size=hf.get("expert_intermediate_size") or hf["intermediate_size"],
         # the published modeling file hard-codes norm_topk_prob = False
         norm_topk_prob=False,
@@ -270,3 +296,101 @@ LLADA_MOE_7B = OlmoeConfig(
     rms_norm_eps=1e-5, max_position_embeddings=8192, tie_word_embeddings=False,
     causal=False, mask_token_id=156895, eos_token_id=156892, pad_token_id=156892,
     router_aux_loss_coef=0.01, dtype="bfloat16")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LLaDA2Config(MoEConfig):
+    """LLaDA2-MoE (LLaDA2.0-mini / -flash): a block-diffusion MoE language model.
+
+    Differences from OLMoE: the first ``first_k_dense_replace`` layers use a dense
+    SwiGLU MLP (``intermediate_size``); MoE layers add ``num_shared_experts``
+    always-on SwiGLU experts; the router is sigmoid, group-limited (``n_group``
+    groups, the ``topk_group`` best by the sum of their top-2 biased scores), selects
+    by ``score + expert_bias`` and weights by the unbiased scores, normalised over
+    the kept experts and scaled by ``routed_scaling_factor``; q/k RMSNorm is per
+    head and rotary covers ``rotary_fraction`` of each head.
+    ``attention_block_length``: None is full bidirectional attention; an int makes
+    attention block-causal (a position in block j sees blocks <= j, blocks aligned
+    to absolute positions from 0), as the reference ``generate`` runs it.
+    """
+
+    intermediate_size: int
+    num_shared_experts: int = 1
+    first_k_dense_replace: int = 1
+    n_group: int = 1
+    topk_group: int = 1
+    routed_scaling_factor: float = 1.0
+    qk_norm: str = "per_head"
+    causal: bool = False
+    attention_block_length: int | None = None
+
+    family = "llada2"
+    _positive_ints = MoEConfig._positive_ints + ("intermediate_size", "n_group", "topk_group")
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check(0 <= self.first_k_dense_replace <= self.num_layers, "first_k_dense_replace",
+               self.first_k_dense_replace, f"in [0, num_layers={self.num_layers}]")
+        _check(self.num_shared_experts >= 0, "num_shared_experts", self.num_shared_experts, ">= 0")
+        _check(self.num_experts % self.n_group == 0, "n_group", self.n_group,
+               f"a divisor of num_experts={self.num_experts}")
+        _check(self.num_experts // self.n_group >= 2, "n_group", self.n_group,
+               "at most num_experts/2 (a group's score sums its top-2 experts)")
+        _check(self.topk_group <= self.n_group, "topk_group", self.topk_group,
+               f"<= n_group={self.n_group}")
+        _check(self.num_experts_per_tok <= self.topk_group * self.num_experts // self.n_group,
+               "num_experts_per_tok", self.num_experts_per_tok,
+               "<= the experts in the topk_group kept groups")
+        _check(self.attention_block_length is None or self.attention_block_length > 0,
+               "attention_block_length", self.attention_block_length, "None or > 0")
+        _check(not self.causal, "causal", self.causal,
+               "False (LLaDA2 is bidirectional or block-causal: set attention_block_length)")
+
+    @property
+    def moe_layers(self) -> tuple[int, ...]:
+        return tuple(range(self.first_k_dense_replace, self.num_layers))
+
+    @classmethod
+    def from_hf_config(cls, hf, **overrides) -> "LLaDA2Config":
+        """Build from an HF ``config.json`` of ``model_type`` ``llada2_moe``."""
+        hf = read_hf_config(hf)
+        if hf.get("model_type") != "llada2_moe":
+            raise ValueError(f"config.json model_type={hf.get('model_type')!r}: expected "
+                             "'llada2_moe' for LLaDA2Config")
+        if hf.get("score_function", "sigmoid") != "sigmoid":
+            raise ValueError(f"config.json score_function={hf['score_function']!r}: expected "
+                             "'sigmoid'")
+        for flag in ("use_qkv_bias", "use_bias"):
+            if hf.get(flag):
+                raise ValueError(f"config.json {flag}=True: jmoe's LLaDA2 has no linear biases")
+        hf = dict(hf)
+        hf.setdefault("mask_token_id", 156895)  # LLaDA2's tokenizer; configs may omit it
+        hf.setdefault("eos_token_id", 156892)
+        fields = _common_fields(hf)
+        fields.update(
+            intermediate_size=hf["intermediate_size"],
+            moe_intermediate_size=hf["moe_intermediate_size"],
+            num_shared_experts=hf.get("num_shared_experts") or 0,
+            first_k_dense_replace=hf.get("first_k_dense_replace", 0),
+            n_group=hf.get("n_group") or 1, topk_group=hf.get("topk_group") or 1,
+            routed_scaling_factor=float(hf.get("routed_scaling_factor", 1.0)),
+            qk_norm="per_head" if hf.get("use_qk_norm", True) else "none",
+            mask_token_id=_token_id(hf, "mask_token_id"),
+            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            generation=dict(LLADA2_GENERATION),
+        )
+        return replace_fields(cls(**fields), overrides)
+
+
+# The reference ``generate`` defaults of LLaDA2 (modeling_llada2_moe.py).
+LLADA2_GENERATION = {"block_length": 32, "steps": 32, "threshold": 0.95, "temperature": 0.0}
+
+# inclusionAI/LLaDA2.0-mini, config.json as published (model_type llada2_moe).
+LLADA2_MINI = LLaDA2Config(
+    vocab_size=157184, hidden_size=2048, num_layers=20, num_heads=16, num_kv_heads=4,
+    head_dim=128, intermediate_size=5120, moe_intermediate_size=512, num_experts=256,
+    num_experts_per_tok=8, num_shared_experts=1, first_k_dense_replace=1, n_group=8,
+    topk_group=4, routed_scaling_factor=2.5, rotary_fraction=0.5, rope_theta=600000.0,
+    rms_norm_eps=1e-6, max_position_embeddings=32768, tie_word_embeddings=False,
+    mask_token_id=156895, eos_token_id=156892, pad_token_id=156892, dtype="bfloat16",
+    generation=LLADA2_GENERATION)

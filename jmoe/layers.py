@@ -66,6 +66,19 @@ def attention_bias(key_valid_BS, causal: bool, q_len: int | None = None):
     return jnp.where(allowed, 0.0, NEG_INF).astype(jnp.float32)
 
 
+def block_causal_bias(q_pos_BL, k_pos_BS, key_valid_BS, block_length: int):
+    """Additive mask ``[B, 1, L, S]`` for block-causal attention.
+
+    Blocks are aligned to absolute positions: a query at position p sees every
+    valid key whose block ``pos // block_length`` is not after its own, so it is
+    bidirectional inside a block and causal across blocks.
+    """
+    qb = q_pos_BL // block_length
+    kb = k_pos_BS // block_length
+    allowed = (kb[:, None, :] <= qb[:, :, None]) & key_valid_BS[:, None, :]
+    return jnp.where(allowed, 0.0, NEG_INF).astype(jnp.float32)[:, None]
+
+
 def dot_attention(q_BLHK, k_BSNK, v_BSNK, bias_B1LS):
     """Softmax attention with GQA; logits and softmax in float32."""
     b, l, h, kd = q_BLHK.shape

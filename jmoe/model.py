@@ -36,6 +36,10 @@ def model_module(config):
         from jmoe.models.olmoe import OlmoeModel
 
         return OlmoeModel(config)
+    if config.family == "llada2":
+        from jmoe.models.llada2 import LLaDA2Model
+
+        return LLaDA2Model(config)
     raise ValueError(f"unknown model family {config.family!r}")
 
 
@@ -73,6 +77,8 @@ def _forward(params, tokens_BL, valid_BL, budget_BL, *, config, k_max, capture):
         "load_balancing_loss": routing_lib.load_balancing_loss(layer_aux["lb_f"],
                                                                layer_aux["lb_p"]),
     }
+    if "ep_dropped" in layer_aux:  # expert-parallel capacity mode: assignments dropped
+        aux["ep_dropped"] = layer_aux["ep_dropped"].sum()
     if capture:
         for name in ("router_logits", "expert_ids", "expert_weights"):
             aux[name] = layer_aux[name]

@@ -1,0 +1,153 @@
+"""LLaDA2-MoE (LLaDA2.0-mini / -flash) as a pure-functional Flax model.
+
+Shape letters: B batch, L sequence, D model dim, F ffn dim, V vocab, E routed
+experts, K experts per token. Diffusion terms: *block* (``attention_block_length``
+positions aligned from position 0; attention is block-causal across blocks),
+*budget* (a token's number of routed experts; the shared expert always runs).
+
+It reuses the shared layers (``Attention`` with per-head q/k norm and partial
+rotary, ``RMSNorm``, ``SwiGLU``), the ``Routing`` assignment list and the expert
+backends of ``jmoe.moe``; what differs from OLMoE is the router
+(``routing.sigmoid_group_topk``), the shared expert and the dense first layers.
+
+Params tree (what ``checkpoints_convert`` maps the HF keys onto):
+  embed/embedding [V, D]
+  layer_{i}/input_norm/scale, layer_{i}/post_attn_norm/scale [D]
+  layer_{i}/attn/{wq, wk, wv, wo}, layer_{i}/attn/{q_norm,k_norm}/scale [K]
+  layer_{i}/mlp/{w_gate [D, F], w_up [D, F], w_down [F, D]}        (i < first_k_dense_replace)
+  layer_{i}/moe/{router [D, E], expert_bias [E] (float32), w_gate [E, D, F], w_up, w_down}
+  layer_{i}/moe/shared/{w_gate, w_up, w_down}                       (num_shared_experts > 0)
+  final_norm/scale [D], lm_head [D, V]
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+from jmoe import routing as routing_lib
+from jmoe import sharding
+from jmoe.config import LLaDA2Config
+from jmoe.layers import (Attention, RMSNorm, SwiGLU, attention_bias, block_causal_bias,
+                         default_init, rope_tables)
+from jmoe.models.olmoe import positions_from_mask
+from jmoe.moe import expert_compute
+
+
+class LLaDA2MoE(nn.Module):
+    """Routed experts (sigmoid group-limited top-k) plus always-on shared experts."""
+
+    config: LLaDA2Config
+
+    @nn.compact
+    def __call__(self, x_BLD, valid_BL, budget_BL=None, k_max=None):
+        c = self.config
+        dt = jnp.dtype(c.dtype)
+        b, l, d = x_BLD.shape
+        e, f = c.num_experts, c.moe_intermediate_size
+        k_max = k_max or c.num_experts_per_tok
+        router_DE = self.param("router", default_init, (d, e), dt)
+        # the selection bias stays float32: it is tuned in small steps during training
+        bias_E = self.param("expert_bias", nn.initializers.zeros, (e,), jnp.float32)
+        w_gate = self.param("w_gate", default_init, (e, d, f), dt)
+        w_up = self.param("w_up", default_init, (e, d, f), dt)
+        w_down = self.param("w_down", default_init, (e, f, d), dt)
+
+        x_TD = x_BLD.reshape(b * l, d)
+        valid_T = valid_BL.reshape(-1)
+        logits_TE = x_TD.astype(jnp.float32) @ router_DE.astype(jnp.float32)
+        budget_T = None if budget_BL is None else jnp.broadcast_to(budget_BL, (b, l)).reshape(-1)
+        if c.routing != "token_choice":
+            raise ValueError(f"routing={c.routing!r}: LLaDA2 supports 'token_choice' here")
+        r = routing_lib.sigmoid_group_topk(
+            logits_TE, bias_E, k_max=k_max, n_group=c.n_group, topk_group=c.topk_group,
+            scaling=c.routed_scaling_factor, normalize=c.num_experts_per_tok > 1,
+            budget_T=budget_T, valid_T=valid_T)
+        ep = sharding.expert_parallel_active(c.mesh)
+        if ep:
+            route_fn = lambda lg, v, k, p: routing_lib.sigmoid_group_topk(
+                lg, p["expert_bias"], k_max=k_max, n_group=c.n_group, topk_group=c.topk_group,
+                scaling=c.routed_scaling_factor, normalize=c.num_experts_per_tok > 1,
+                budget_T=None if k is None else k.reshape(-1), valid_T=v.reshape(-1))
+            y_BLD, dropped = sharding.expert_parallel_moe(
+                c.mesh, x_BLD, logits_TE.reshape(b, l, e), valid_BL, budget_BL, w_gate, w_up,
+                w_down, route_fn=route_fn, route_params={"expert_bias": bias_E},
+                backend=c.moe_backend, capacity_factor=c.ep_capacity_factor)
+            y_TD = y_BLD.reshape(b * l, d)
+        else:
+            y_TD = expert_compute(c.moe_backend, x_TD, r, w_gate, w_up, w_down)
+        y_BLD = y_TD.reshape(b, l, d).astype(x_BLD.dtype)
+        if c.num_shared_experts:
+            y_BLD = y_BLD + SwiGLU(f * c.num_shared_experts, dt, name="shared")(x_BLD)
+        aux = {
+            "router_logits": logits_TE.reshape(b, l, e),
+            "expert_ids": r.expert_A.reshape(b, l, k_max),
+            "expert_weights": r.weight_A.reshape(b, l, k_max),
+            "expert_counts": r.expert_counts(),
+            "routed_pairs": r.live_A.sum(),
+            "unrouted_tokens": r.unrouted_tokens(valid_T),
+        }
+        aux["lb_f"], aux["lb_p"] = routing_lib.load_balancing_stats(
+            logits_TE, c.num_experts_per_tok, valid_T)
+        if ep:
+            aux["ep_dropped"] = dropped
+        return y_BLD, aux
+
+
+class LLaDA2Layer(nn.Module):
+    config: LLaDA2Config
+    dense: bool
+
+    @nn.compact
+    def __call__(self, x_BLD, cos, sin, bias, valid_BL, budget_BL, k_max):
+        c = self.config
+        dt = jnp.dtype(c.dtype)
+        h = RMSNorm(c.rms_norm_eps, dt, name="input_norm")(x_BLD)
+        x_BLD = x_BLD + Attention(c.num_heads, c.num_kv_heads, c.head_dim, c.qk_norm,
+                                  c.rms_norm_eps, None, dt, name="attn")(h, cos, sin, bias)
+        h = RMSNorm(c.rms_norm_eps, dt, name="post_attn_norm")(x_BLD)
+        if self.dense:
+            return x_BLD + SwiGLU(c.intermediate_size, dt, name="mlp")(h), None
+        y, aux = LLaDA2MoE(c, name="moe")(h, valid_BL, budget_BL, k_max)
+        return x_BLD + y, aux
+
+
+class LLaDA2Model(nn.Module):
+    """``apply(params, tokens_BL, valid_BL, budget_BL, k_max) -> (logits_BLV, aux)``.
+
+    aux stacks the MoE layers' aux over a leading axis (dense layers have none).
+    """
+
+    config: LLaDA2Config
+
+    @nn.compact
+    def __call__(self, tokens_BL, valid_BL=None, budget_BL=None, k_max=None):
+        c = self.config
+        dt = jnp.dtype(c.dtype)
+        if valid_BL is None:
+            valid_BL = jnp.ones(tokens_BL.shape, bool)
+        embed = nn.Embed(c.vocab_size, c.hidden_size, dtype=dt, param_dtype=dt,
+                         embedding_init=default_init, name="embed")
+        x = embed(tokens_BL)
+        pos = positions_from_mask(valid_BL)
+        cos, sin = rope_tables(pos, c.rotary_dim, c.rope_theta)
+        if c.attention_block_length:
+            bias = block_causal_bias(pos, pos, valid_BL, c.attention_block_length)
+        else:
+            bias = attention_bias(valid_BL, causal=False)
+        auxes = []
+        for i in range(c.num_layers):
+            x, aux = LLaDA2Layer(c, dense=i < c.first_k_dense_replace, name=f"layer_{i}")(
+                x, cos, sin, bias, valid_BL, budget_BL, k_max)
+            if aux is not None:
+                auxes.append(aux)
+        x = RMSNorm(c.rms_norm_eps, dt, name="final_norm")(x)
+        if c.tie_word_embeddings:
+            logits = embed.attend(x)
+        else:
+            logits = x @ self.param("lm_head", default_init, (c.hidden_size, c.vocab_size), dt)
+        if not auxes:
+            raise ValueError("LLaDA2 config has no MoE layer (first_k_dense_replace == num_layers)")
+        aux = jax.tree.map(lambda *a: jnp.stack(a), *auxes)
+        return logits.astype(jnp.float32), aux
