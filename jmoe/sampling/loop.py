@@ -1,0 +1,170 @@
+"""The compiled sampler: a ``step`` function and one ``lax.while_loop`` over all blocks.
+
+Shape letters: B batch, L internal sequence (a bucketed prompt region of P_b
+positions, then G generated ones), G generated positions, V vocab, S model calls
+(trace length). Diffusion terms: *mask* (the mask token on a position not yet
+generated), *block* (``block_length`` generated positions decoded together),
+*step* (one model call), *commit* (write a sampled token for good), *remask*
+(a masked position left masked by a step), *budget* (experts per token).
+
+The step composes small strategies picked once at trace time from the static
+options: a sampler (greedy or Gumbel), a confidence (remasking rule), a commit
+count (fixed schedule or threshold), a block-end rule and a budget update.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+
+from jmoe.model import model_module
+from jmoe.sampling import budgets as budgets_lib
+from jmoe.sampling import remasking as rm
+from jmoe.sampling import schedules
+from jmoe.sampling.state import SamplerOptions, SamplerState
+
+
+def model_logits(params, tokens_BL, valid_BL, prompt_BL, budget_BL, cfg_scale, *, config,
+                 opts: SamplerOptions):
+    """Logits of the generated region ``[B, G, V]`` and the call's routed pairs.
+
+    With guidance both halves (the prompt masked in the second) go through one
+    model call: ``un + (cfg_scale + 1) * (cond - un)``.
+    """
+    b = tokens_BL.shape[0]
+    k_max = opts.adaptive.maximum if opts.adaptive else config.num_experts_per_tok
+    budget = budget_BL if opts.adaptive else None
+    if opts.guided:
+        uncond_BL = jnp.where(prompt_BL, opts.mask_id, tokens_BL)
+        tokens_BL = jnp.concatenate([tokens_BL, uncond_BL])
+        valid_BL = jnp.concatenate([valid_BL, valid_BL])
+        budget = None if budget is None else jnp.concatenate([budget, budget])
+    logits, aux = model_module(config).apply({"params": params}, tokens_BL, valid_BL, budget,
+                                             k_max)
+    logits = logits[:, -opts.gen_length:]
+    if opts.guided:
+        cond, un = logits[:b], logits[b:]
+        logits = un + (cfg_scale + 1.0) * (cond - un)
+    return logits, aux["routed_pairs"].sum().astype(jnp.int32)
+
+
+def _strategies(opts: SamplerOptions):
+    sample = rm.sample_gumbel if opts.sampled else rm.sample_greedy
+    unconfident = (opts.eos_id,) if opts.confidence_eos_eot_inf else ()
+    confidence = partial(rm.CONFIDENCES[opts.remasking], unconfident_ids=unconfident)
+    count = rm.count_threshold(opts.threshold_floor) if opts.thresholded else rm.count_fixed
+    return sample, confidence, count
+
+
+def _block_over(opts: SamplerOptions, step, still_masked_BG):
+    """Fixed steps: after ``steps_per_block`` calls; threshold: when no mask is left."""
+    if opts.thresholded:
+        return ~still_masked_BG.any()
+    return step + 1 >= opts.steps_per_block
+
+
+def _early_stop(opts: SamplerOptions, gen_BG, active_B, block):
+    """At a block's end: rows with a committed EOS stop; their later positions become EOS."""
+    if not opts.early_stop or opts.eos_id is None:
+        return gen_BG, active_B
+    upto_G = schedules.before_block_end_G(block, opts.block_length, opts.gen_length)
+    stop_B = active_B & ((gen_BG == opts.eos_id) & upto_G).any(-1)
+    fill = stop_B[:, None] & (gen_BG == opts.mask_id)
+    return jnp.where(fill, opts.eos_id, gen_BG), active_B & ~stop_B
+
+
+def _record(trace, nfe, committed_BG, budget_BG, remask_BG, block):
+    put = lambda a, v: jax.lax.dynamic_update_index_in_dim(a, v.astype(a.dtype), nfe, 0)
+    return {"committed_SBG": put(trace["committed_SBG"], committed_BG),
+            "budget_SBG": put(trace["budget_SBG"], budget_BG),
+            "remask_SBG": put(trace["remask_SBG"], remask_BG),
+            "block_S": put(trace["block_S"], block)}
+
+
+def step(s: SamplerState, params, valid_BL, prompt_BL, key, knobs, *, config,
+         opts: SamplerOptions) -> SamplerState:
+    """One model call and its commits, budget update and block bookkeeping."""
+    g = opts.gen_length
+    sample, confidence, count = _strategies(opts)
+    call_valid_BL = valid_BL & s.active_B[:, None]  # stopped rows cost no expert work
+    logits, pairs = model_logits(params, s.tokens_BL, call_valid_BL, prompt_BL, s.budget_BL,
+                                 knobs["cfg_scale"], config=config, opts=opts)
+    # the mask token is never a prediction (so a block always empties; dInfer does the same)
+    forbidden = (opts.mask_id,) + ((opts.eos_id,) if opts.logits_eos_inf else ())
+    logits = rm.forbid_tokens(logits, forbidden)
+    noise_keys, rand_keys = rm.step_keys(key, s.nfe, logits.shape[0])
+    x0_BG = sample(logits, knobs["temperature"], noise_keys)
+    conf_BG = confidence(logits, x0_BG, rand_keys)
+
+    gen_BG = s.tokens_BL[:, -g:]
+    window_G = schedules.block_window_G(s.block, opts.block_length, g)
+    cand_BG = (gen_BG == opts.mask_id) & window_G & s.active_B[:, None]
+    sched = schedules.schedule_count(opts.block_length, opts.steps_per_block, s.step)
+    n_B = count(conf_BG, cand_BG, jnp.full(cand_BG.shape[:1], sched, jnp.int32),
+                knobs["threshold"])
+    commit_BG = rm.commit_mask(conf_BG, cand_BG, n_B)
+    gen_BG = jnp.where(commit_BG, x0_BG, gen_BG)
+    still_BG = cand_BG & ~commit_BG
+
+    nfe = s.nfe + 1
+    budget_BG, remask_BG = s.budget_BL[:, -g:], s.remask_BG
+    if opts.adaptive:
+        budget_BG, remask_BG = budgets_lib.update_budgets(opts.adaptive, nfe, budget_BG,
+                                                          remask_BG, still_BG)
+    trace = s.trace
+    if opts.return_trace:
+        trace = _record(trace, s.nfe, commit_BG, s.budget_BL[:, -g:], remask_BG, s.block)
+
+    over = _block_over(opts, s.step, still_BG)
+    stopped_gen_BG, stopped_active_B = _early_stop(opts, gen_BG, s.active_B, s.block)
+    gen_BG = jnp.where(over, stopped_gen_BG, gen_BG)
+    active_B = jnp.where(over, stopped_active_B, s.active_B)
+    return SamplerState(
+        tokens_BL=s.tokens_BL.at[:, -g:].set(gen_BG),
+        budget_BL=s.budget_BL.at[:, -g:].set(budget_BG),
+        remask_BG=remask_BG, active_B=active_B,
+        block=s.block + over.astype(jnp.int32),
+        step=jnp.where(over, 0, s.step + 1),
+        nfe=nfe, work_S=s.work_S.at[s.nfe].set(pairs), trace=trace)
+
+
+def initial_state(tokens_BL, prompt_region_BL, *, config, opts: SamplerOptions) -> SamplerState:
+    b, _ = tokens_BL.shape
+    g, n = opts.gen_length, opts.max_calls
+    if opts.adaptive:
+        budget_BL = budgets_lib.initial_budgets_BL(opts.adaptive, prompt_region_BL)
+    else:
+        budget_BL = jnp.full(tokens_BL.shape, config.num_experts_per_tok, jnp.int32)
+    trace = None
+    if opts.return_trace:
+        trace = {"committed_SBG": jnp.zeros((n, b, g), bool),
+                 "budget_SBG": jnp.zeros((n, b, g), jnp.int32),
+                 "remask_SBG": jnp.zeros((n, b, g), jnp.int32),
+                 "block_S": jnp.zeros((n,), jnp.int32)}
+    zero = jnp.zeros((), jnp.int32)
+    return SamplerState(tokens_BL=tokens_BL, budget_BL=budget_BL,
+                        remask_BG=jnp.zeros((b, g), jnp.int32), active_B=jnp.ones((b,), bool),
+                        block=zero, step=zero, nfe=zero, work_S=jnp.zeros((n,), jnp.int32),
+                        trace=trace)
+
+
+@partial(jax.jit, static_argnames=("config", "opts"))
+def run(params, tokens_BL, valid_BL, prompt_BL, key, knobs, *, config,
+        opts: SamplerOptions) -> SamplerState:
+    """The whole generation, all blocks and steps, as one compiled ``lax.while_loop``.
+
+    ``tokens_BL`` holds the left-padded prompts then ``gen_length`` mask tokens;
+    ``valid_BL`` marks real tokens; ``prompt_BL`` the real prompt tokens.
+    """
+    prompt_region_BL = jnp.arange(tokens_BL.shape[1]) < tokens_BL.shape[1] - opts.gen_length
+    s0 = initial_state(tokens_BL, jnp.broadcast_to(prompt_region_BL, tokens_BL.shape),
+                       config=config, opts=opts)
+
+    def cond(s):
+        return (s.block < opts.num_blocks) & s.active_B.any() & (s.nfe < opts.max_calls)
+
+    body = partial(step, params=params, valid_BL=valid_BL, prompt_BL=prompt_BL, key=key,
+                   knobs=knobs, config=config, opts=opts)
+    return jax.lax.while_loop(cond, body, s0)

@@ -1,0 +1,118 @@
+"""Sampling, confidence and commit rules of one diffusion step.
+
+Shape letters: B batch, G generated positions, V vocab. Terms: a *masked*
+position holds the mask token; *committing* it writes its sampled token; the
+*confidence* ranks the masked positions of the current block, the rest are
+*remasked* (stay masked) for a later step.
+
+Random stream (shared with the test's reference loop): model call ``nfe``
+(0-based) uses ``k_noise, k_rand = split(fold_in(key(seed), nfe))`` and row ``b``
+draws from ``fold_in(k_noise, b)`` (Gumbel uniforms ``[G, V]``) and
+``fold_in(k_rand, b)`` (random confidences ``[G]``), so a row's stream does not
+depend on the prompt bucket.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+REMASKINGS = ("low_confidence", "random")
+THRESHOLD_FLOORS = ("one", "schedule")
+_TINY = float(jnp.finfo(jnp.float32).tiny)
+
+
+def step_keys(key, nfe, batch: int):
+    """Per-row ``(noise_B, rand_B)`` keys of model call ``nfe``."""
+    k_noise, k_rand = jax.random.split(jax.random.fold_in(key, nfe))
+    rows = jnp.arange(batch)
+    per_row = jax.vmap(jax.random.fold_in, in_axes=(None, 0))
+    return per_row(k_noise, rows), per_row(k_rand, rows)
+
+
+def uniforms(key, shape):
+    """Uniforms in ``[tiny, 1)`` so that ``log(-log u)`` stays finite."""
+    return jax.random.uniform(key, shape, jnp.float32, minval=_TINY, maxval=1.0)
+
+
+def forbid_tokens(logits_BGV, ids):
+    """Set the logits of ``ids`` (static ints; None skipped) to -inf."""
+    for i in ids:
+        if i is not None:
+            logits_BGV = logits_BGV.at[..., i].set(-jnp.inf)
+    return logits_BGV
+
+
+def sample_greedy(logits_BGV, temperature, noise_keys_B):
+    del temperature, noise_keys_B
+    return jnp.argmax(logits_BGV, axis=-1).astype(jnp.int32)
+
+
+def sample_gumbel(logits_BGV, temperature, noise_keys_B):
+    """Gumbel-max: LLaDA's ``argmax exp(l) / (-log u)**T``, in log space.
+
+    ``log(exp(l) / (-log u)**T) = l - T log(-log u)``: the same argmax without
+    overflowing ``exp`` in float32 (LLaDA needs float64 for that).
+    """
+    g, v = logits_BGV.shape[1:]
+    u_BGV = jax.vmap(lambda k: uniforms(k, (g, v)))(noise_keys_B)
+    noisy = logits_BGV - temperature * jnp.log(-jnp.log(u_BGV))
+    return jnp.argmax(noisy, axis=-1).astype(jnp.int32)
+
+
+def confidence_low(logits_BGV, x0_BG, rand_keys_B, *, unconfident_ids=()):
+    """Softmax probability of the sampled token (``low_confidence`` remasking).
+
+    ``unconfident_ids`` get a -inf logit in this softmax only, so a sampled EOS/EOT
+    has confidence 0 and is committed last (LLaDA's ``confidence_eos_eot_inf``).
+    """
+    del rand_keys_B
+    p_BGV = jax.nn.softmax(forbid_tokens(logits_BGV, unconfident_ids), axis=-1)
+    return jnp.take_along_axis(p_BGV, x0_BG[..., None], axis=-1)[..., 0]
+
+
+def confidence_random(logits_BGV, x0_BG, rand_keys_B, *, unconfident_ids=()):
+    """Uniform random confidences (``random`` remasking)."""
+    del x0_BG, unconfident_ids
+    g = logits_BGV.shape[1]
+    return jax.vmap(lambda k: uniforms(k, (g,)))(rand_keys_B)
+
+
+CONFIDENCES = {"low_confidence": confidence_low, "random": confidence_random}
+
+
+def top_n(conf_BG, n_B):
+    """``[B, G]`` bool: the ``n_b`` most confident positions of each row.
+
+    Ties go to the lower index (a stable sort), like ``torch.topk`` on CPU.
+    """
+    rank_BG = jnp.argsort(jnp.argsort(-conf_BG, axis=-1, stable=True), axis=-1, stable=True)
+    return rank_BG < n_B[:, None]
+
+
+def count_fixed(conf_BG, candidates_BG, schedule_B, threshold):
+    """LLaDA: commit the schedule's count."""
+    del conf_BG, threshold
+    return jnp.minimum(schedule_B, candidates_BG.sum(-1))
+
+
+def count_threshold(floor: str):
+    """Threshold parallel decoding: every candidate with ``conf >= threshold``, at least a floor.
+
+    The floor is 1 (dInfer, Fast-dLLM) or the step's schedule count (LLaDA2).
+    """
+    if floor not in THRESHOLD_FLOORS:
+        raise ValueError(f"threshold_floor={floor!r}: expected one of {THRESHOLD_FLOORS}")
+
+    def count(conf_BG, candidates_BG, schedule_B, threshold):
+        confident_B = (candidates_BG & (conf_BG >= threshold)).sum(-1)
+        least_B = jnp.ones_like(schedule_B) if floor == "one" else schedule_B
+        return jnp.minimum(jnp.maximum(confident_B, least_B), candidates_BG.sum(-1))
+
+    return count
+
+
+def commit_mask(conf_BG, candidates_BG, n_B):
+    """Commit the ``n_b`` most confident candidates of each row."""
+    conf_BG = jnp.where(candidates_BG, conf_BG, -jnp.inf)
+    return top_n(conf_BG, n_B) & candidates_BG

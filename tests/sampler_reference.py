@@ -1,0 +1,149 @@
+"""A plain Python-loop reference of LLaDA generation, written from the spec.
+
+SEEDS.md §3 (LLaDA ``generate``), §1 (adaptive budgets), the issue's threshold
+and early-stop rules. NumPy float64 for everything after the model call; one
+``jmoe.forward`` per step on the batch left-padded to its longest prompt (no
+bucketing). Only the random stream is shared with the library, as a documented
+convention: call ``nfe`` uses ``split(fold_in(key(seed), nfe))`` -> (noise, rand)
+keys, row ``b`` draws ``uniform(fold_in(noise, b), [G, V])`` for the Gumbel noise
+and ``uniform(fold_in(rand, b), [G])`` for random confidences, both in
+``[float32 tiny, 1)``. The mask token is never predicted (its logit is -inf).
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+
+import jmoe
+
+TINY = float(np.finfo(np.float32).tiny)
+
+
+def _uniform(key, shape):
+    return np.asarray(jax.random.uniform(key, shape, minval=TINY, maxval=1.0), np.float64)
+
+
+def _softmax(x):
+    x = x - x.max(-1, keepdims=True)
+    e = np.exp(x)
+    return e / e.sum(-1, keepdims=True)
+
+
+def _grow(adaptive, r):
+    k = adaptive.initial + r if adaptive.growth == "linear" else adaptive.initial * 2 ** r
+    return min(k, adaptive.maximum)
+
+
+def _schedule(n, steps, i):
+    if i >= steps:
+        return n
+    return n // steps + (1 if i < n % steps else 0)
+
+
+def reference_generate(model, rows, *, gen_length, block_length, steps, temperature=0.0,
+                       cfg_scale=0.0, remasking="low_confidence", threshold=None,
+                       threshold_floor="one", adaptive=None, mask_id, eos_id=None,
+                       logits_eos_inf=False, confidence_eos_eot_inf=False, early_stop=True,
+                       seed=0, pad_id=0):
+    cfg = model.config
+    B, P, G = len(rows), max(len(r) for r in rows), gen_length
+    x = np.full((B, P + G), pad_id, np.int64)
+    valid = np.zeros((B, P + G), bool)
+    x[:, P:] = mask_id
+    valid[:, P:] = True
+    for b, r in enumerate(rows):
+        x[b, P - len(r):P] = r
+        valid[b, P - len(r):P] = True
+    prompt = valid.copy()
+    prompt[:, P:] = False
+    k_max = adaptive.maximum if adaptive else cfg.num_experts_per_tok
+    budget = np.full((B, P + G), k_max, np.int64)
+    if adaptive:
+        budget[:, P:] = adaptive.initial
+    remask = np.zeros((B, G), np.int64)
+    active = np.ones(B, bool)
+    key = jax.random.key(seed)
+    nfe, work = 0, 0
+    trace = {"committed": [], "experts_per_token": [], "remask_count": [], "block": []}
+    num_blocks = G // block_length
+    spb = steps // num_blocks
+    for blk in range(num_blocks):
+        if not active.any():
+            break
+        lo, hi = blk * block_length, (blk + 1) * block_length  # in generated coordinates
+        i = 0
+        while True:
+            cand = np.zeros((B, G), bool)
+            cand[:, lo:hi] = x[:, P + lo:P + hi] == mask_id
+            cand &= active[:, None]
+            if threshold is None and i == spb:
+                break
+            if threshold is not None and not cand.any():
+                break
+            call_valid = valid & active[:, None]
+            xs, vs, bs = x, call_valid, budget
+            if cfg_scale > 0:
+                un = np.where(prompt, mask_id, x)
+                xs, vs, bs = (np.concatenate([x, un]), np.concatenate([call_valid] * 2),
+                              np.concatenate([budget] * 2))
+            logits, aux = jmoe.forward(model, xs, attention_mask=vs,
+                                       experts_per_token=bs if adaptive else None,
+                                       max_experts=k_max if adaptive else None)
+            work += int(aux["routed_pairs"])
+            logits = np.asarray(logits, np.float64)[:, P:]
+            if cfg_scale > 0:
+                cond, unc = logits[:B], logits[B:]
+                logits = unc + (cfg_scale + 1) * (cond - unc)
+            logits[..., mask_id] = -np.inf
+            if logits_eos_inf:
+                logits[..., eos_id] = -np.inf
+            k_noise, k_rand = jax.random.split(jax.random.fold_in(key, nfe))
+            committed = np.zeros((B, G), bool)
+            for b in range(B):
+                lg = logits[b]
+                if temperature > 0:
+                    u = _uniform(jax.random.fold_in(k_noise, b), lg.shape)
+                    x0 = np.argmax(np.exp(lg) / (-np.log(u)) ** temperature, -1)
+                else:
+                    x0 = np.argmax(lg, -1)
+                if remasking == "low_confidence":
+                    lc = lg.copy()
+                    if confidence_eos_eot_inf:
+                        lc[:, eos_id] = -np.inf
+                    c = _softmax(lc)[np.arange(G), x0]
+                else:
+                    c = _uniform(jax.random.fold_in(k_rand, b), (G,))
+                conf = np.where(cand[b], c, -np.inf)
+                sched = _schedule(block_length, spb, i)
+                if threshold is None:
+                    n = sched
+                else:
+                    floor = 1 if threshold_floor == "one" else sched
+                    n = max(int((conf >= threshold).sum()), floor)
+                n = min(n, int(cand[b].sum()))
+                for g in np.argsort(-conf, kind="stable")[:n]:
+                    x[b, P + g] = x0[g]
+                    committed[b, g] = True
+            trace["committed"].append(committed)
+            trace["experts_per_token"].append(budget[:, P:].copy())
+            trace["block"].append(blk)
+            nfe += 1
+            if adaptive and nfe % adaptive.update_interval == 0:
+                for b, g in zip(*np.nonzero(cand & ~committed)):
+                    remask[b, g] += 1
+                    budget[b, P + g] = _grow(adaptive, remask[b, g])
+            trace["remask_count"].append(remask.copy())
+            i += 1
+        if early_stop and eos_id is not None:
+            for b in np.nonzero(active)[0]:
+                if (x[b, P:P + hi] == eos_id).any():
+                    active[b] = False
+                    tail = x[b, P + hi:]
+                    tail[tail == mask_id] = eos_id
+    budget = np.where(valid, budget, 0) if adaptive else np.where(valid, k_max, 0)
+    rem = np.zeros((B, P + G), np.int64)
+    rem[:, P:] = remask
+    x = np.where(valid, x, pad_id)
+    return dict(tokens=x, nfe=nfe, expert_work=work, experts_per_token=budget, remask_count=rem,
+                trace={k: np.asarray(v) for k, v in trace.items()})
