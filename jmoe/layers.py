@@ -126,7 +126,10 @@ class Attention(nn.Module):
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x_BLD, cos_BLR, sin_BLR, bias_B1LS):
+    def __call__(self, x_BLD, cos_BLR, sin_BLR, bias_B1LS, kv_cache=None, offset=None):
+        """``kv_cache=(k_BSNK, v_BSNK)``: write this call's keys/values into the buffers
+        at position ``offset`` (a traced int), attend over the whole buffers (``bias``
+        is then ``[B, 1, L, S]``) and return ``(out, (k_BSNK, v_BSNK))``."""
         b, l, d = x_BLD.shape
         h, n, k = self.num_heads, self.num_kv_heads, self.head_dim
         wq = self.param("wq", default_init, (d, h * k), self.dtype)
@@ -144,5 +147,10 @@ class Attention(nn.Module):
         if self.clip_qkv is not None:
             q, kk, v = (jnp.clip(t, -self.clip_qkv, self.clip_qkv) for t in (q, kk, v))
         q, kk = apply_rope(q, cos_BLR, sin_BLR), apply_rope(kk, cos_BLR, sin_BLR)
-        out = dot_attention(q, kk, v, bias_B1LS)
-        return out.reshape(b, l, h * k) @ wo
+        if kv_cache is None:
+            return dot_attention(q, kk, v, bias_B1LS).reshape(b, l, h * k) @ wo
+        put = lambda buf, new: jax.lax.dynamic_update_slice_in_dim(
+            buf, new.astype(buf.dtype), offset, axis=1)
+        k_BSNK, v_BSNK = put(kv_cache[0], kk), put(kv_cache[1], v)
+        out = dot_attention(q, k_BSNK, v_BSNK, bias_B1LS)
+        return out.reshape(b, l, h * k) @ wo, (k_BSNK, v_BSNK)

@@ -100,29 +100,42 @@ class LLaDA2Layer(nn.Module):
     dense: bool
 
     @nn.compact
-    def __call__(self, x_BLD, cos, sin, bias, valid_BL, budget_BL, k_max):
+    def __call__(self, x_BLD, cos, sin, bias, valid_BL, budget_BL, k_max, kv_cache=None,
+                 offset=None):
+        """``(x_BLD, aux)``; with ``kv_cache`` also the updated ``(k_BSNK, v_BSNK)``."""
         c = self.config
         dt = jnp.dtype(c.dtype)
         h = RMSNorm(c.rms_norm_eps, dt, name="input_norm")(x_BLD)
-        x_BLD = x_BLD + Attention(c.num_heads, c.num_kv_heads, c.head_dim, c.qk_norm,
-                                  c.rms_norm_eps, None, dt, name="attn")(h, cos, sin, bias)
+        attn = Attention(c.num_heads, c.num_kv_heads, c.head_dim, c.qk_norm, c.rms_norm_eps,
+                         None, dt, name="attn")(h, cos, sin, bias, kv_cache, offset)
+        attn, kv = attn if kv_cache is not None else (attn, None)
+        x_BLD = x_BLD + attn
         h = RMSNorm(c.rms_norm_eps, dt, name="post_attn_norm")(x_BLD)
         if self.dense:
-            return x_BLD + SwiGLU(c.intermediate_size, dt, name="mlp")(h), None
-        y, aux = LLaDA2MoE(c, name="moe")(h, valid_BL, budget_BL, k_max)
-        return x_BLD + y, aux
+            out = x_BLD + SwiGLU(c.intermediate_size, dt, name="mlp")(h), None
+        else:
+            y, aux = LLaDA2MoE(c, name="moe")(h, valid_BL, budget_BL, k_max)
+            out = x_BLD + y, aux
+        return out if kv_cache is None else out + (kv,)
 
 
 class LLaDA2Model(nn.Module):
     """``apply(params, tokens_BL, valid_BL, budget_BL, k_max) -> (logits_BLV, aux)``.
 
     aux stacks the MoE layers' aux over a leading axis (dense layers have none).
+    With ``cache`` (``{"k", "v"}``: ``[layers, B, S, N, K]`` buffers over absolute
+    positions ``0..S-1``, see ``empty_kv_cache``) the call is a *cached block call*:
+    ``tokens_BL`` sit at absolute positions ``offset .. offset + L - 1`` (no padding),
+    their keys/values are written into the buffers there, queries attend
+    block-causally to buffer positions ``< offset + L``, and the call returns
+    ``(logits_BLV, aux, cache)``. Keys/values of earlier blocks are read, not recomputed.
     """
 
     config: LLaDA2Config
 
     @nn.compact
-    def __call__(self, tokens_BL, valid_BL=None, budget_BL=None, k_max=None):
+    def __call__(self, tokens_BL, valid_BL=None, budget_BL=None, k_max=None, cache=None,
+                 offset=None):
         c = self.config
         dt = jnp.dtype(c.dtype)
         if valid_BL is None:
@@ -130,16 +143,25 @@ class LLaDA2Model(nn.Module):
         embed = nn.Embed(c.vocab_size, c.hidden_size, dtype=dt, param_dtype=dt,
                          embedding_init=default_init, name="embed")
         x = embed(tokens_BL)
-        pos = positions_from_mask(valid_BL)
-        cos, sin = rope_tables(pos, c.rotary_dim, c.rope_theta)
-        if c.attention_block_length:
-            bias = block_causal_bias(pos, pos, valid_BL, c.attention_block_length)
+        if cache is not None:
+            pos, bias = _cached_block_geometry(c, tokens_BL.shape, cache["k"].shape[2], offset)
         else:
-            bias = attention_bias(valid_BL, causal=False)
-        auxes = []
+            pos = positions_from_mask(valid_BL)
+            if c.attention_block_length:
+                bias = block_causal_bias(pos, pos, valid_BL, c.attention_block_length)
+            else:
+                bias = attention_bias(valid_BL, causal=False)
+        cos, sin = rope_tables(pos, c.rotary_dim, c.rope_theta)
+        auxes, ks, vs = [], [], []
         for i in range(c.num_layers):
-            x, aux = LLaDA2Layer(c, dense=i < c.first_k_dense_replace, name=f"layer_{i}")(
-                x, cos, sin, bias, valid_BL, budget_BL, k_max)
+            layer = LLaDA2Layer(c, dense=i < c.first_k_dense_replace, name=f"layer_{i}")
+            if cache is None:
+                x, aux = layer(x, cos, sin, bias, valid_BL, budget_BL, k_max)
+            else:
+                x, aux, (k_i, v_i) = layer(x, cos, sin, bias, valid_BL, budget_BL, k_max,
+                                           (cache["k"][i], cache["v"][i]), offset)
+                ks.append(k_i)
+                vs.append(v_i)
             if aux is not None:
                 auxes.append(aux)
         x = RMSNorm(c.rms_norm_eps, dt, name="final_norm")(x)
@@ -150,4 +172,26 @@ class LLaDA2Model(nn.Module):
         if not auxes:
             raise ValueError("LLaDA2 config has no MoE layer (first_k_dense_replace == num_layers)")
         aux = jax.tree.map(lambda *a: jnp.stack(a), *auxes)
+        if cache is not None:
+            return logits.astype(jnp.float32), aux, {"k": jnp.stack(ks), "v": jnp.stack(vs)}
         return logits.astype(jnp.float32), aux
+
+
+def _cached_block_geometry(c: LLaDA2Config, shape_BL, s: int, offset):
+    """Positions ``[B, L]`` and block-causal bias ``[B, 1, L, S]`` of a cached block call."""
+    if not c.attention_block_length:
+        raise ValueError("a cached block call needs block-causal attention: set "
+                         "attention_block_length (got None)")
+    b, l = shape_BL
+    q_pos_BL = jnp.broadcast_to(offset + jnp.arange(l, dtype=jnp.int32), (b, l))
+    k_pos_BS = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+    # buffer slots past this block hold nothing yet (or stale values): never visible
+    bias = block_causal_bias(q_pos_BL, k_pos_BS, k_pos_BS < offset + l, c.attention_block_length)
+    return q_pos_BL, bias
+
+
+def empty_kv_cache(config: LLaDA2Config, batch: int, length: int):
+    """Zero K/V buffers ``{"k", "v"}: [layers, B, S, N, K]`` for cached block calls."""
+    shape = (config.num_layers, batch, length, config.num_kv_heads, config.head_dim)
+    z = jnp.zeros(shape, jnp.dtype(config.dtype))
+    return {"k": z, "v": z}

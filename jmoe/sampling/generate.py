@@ -1,4 +1,5 @@
-"""``jmoe.generate``: masked-diffusion generation (LLaDA) with adaptive expert budgets.
+"""``jmoe.generate``: masked-diffusion generation (LLaDA and LLaDA2 conventions) with
+adaptive expert budgets and, for LLaDA2, an exact K/V cache of finished blocks.
 
 Shape letters: B batch, P the batch's longest prompt, G generated positions
 (``gen_length``), L = P + G, S model calls. Host-side work only: resolve options,
@@ -94,19 +95,54 @@ def _default(value, generation, names, fallback):
     return fallback
 
 
+CONVENTIONS = ("llada", "llada2")
+
+
+def resolve_convention(config, convention, cache) -> tuple[str, bool]:
+    """``convention`` defaults to the family's (llada2 for LLaDA2 models); ``cache``
+    (the exact K/V cache of finished blocks) defaults to on for llada2."""
+    if convention is None:
+        convention = "llada2" if config.family == "llada2" else "llada"
+    if convention not in CONVENTIONS:
+        raise ValueError(f"convention={convention!r}: expected one of {CONVENTIONS}")
+    if convention == "llada2" and config.family != "llada2":
+        raise ValueError(f"convention='llada2' needs block-causal attention, which the "
+                         f"{config.family!r} family does not have: use convention='llada'")
+    if cache is None:
+        cache = convention == "llada2"
+    if cache and convention != "llada2":
+        raise ValueError(f"cache=True needs convention='llada2' (got convention="
+                         f"{convention!r}): the LLaDA convention has no block-causal attention")
+    return convention, bool(cache)
+
+
 def resolve_options(config, *, gen_length, block_length, steps, temperature, cfg_scale,
                     remasking, threshold, threshold_floor, adaptive, mask_id, eos_id,
                     logits_eos_inf, confidence_eos_eot_inf, early_stop,
-                    return_trace) -> SamplerOptions:
-    """Fill ``None`` options from the model's generation defaults, then the library's."""
+                    return_trace, convention="llada", cache=False) -> SamplerOptions:
+    """Fill ``None`` options from the model's generation defaults, then the library's.
+
+    For ``convention="llada2"`` ``steps`` counts per block and ``gen_length`` need not
+    be a multiple of ``block_length`` (the canvas is padded to whole blocks).
+    """
     gen = config.generation
     gen_length = int(_default(gen_length, gen, ("gen_length", "max_new_tokens"),
                               DEFAULT_GEN_LENGTH))
     block_length = int(_default(block_length, gen, ("block_length",),
                                 min(DEFAULT_BLOCK_LENGTH, gen_length)))
-    steps = int(_default(steps, gen, ("steps",), gen_length))
-    check_lengths(gen_length, block_length, steps)
+    steps = int(_default(steps, gen, ("steps",),
+                         block_length if convention == "llada2" else gen_length))
+    if convention == "llada2":
+        check_lengths(block_length, block_length, steps)  # positive ints
+        check_lengths(gen_length, 1, gen_length)
+    else:
+        check_lengths(gen_length, block_length, steps)
     threshold = _default(threshold, gen, ("threshold",), None)
+    if threshold_floor is None:
+        threshold_floor = "schedule" if convention == "llada2" else "one"
+    if cache and float(cfg_scale) > 0:
+        raise ValueError(f"cfg_scale={cfg_scale!r} is not supported with cache=True: pass "
+                         "cache=False for classifier-free guidance")
     if remasking not in rm.REMASKINGS:
         raise ValueError(f"remasking={remasking!r}: expected one of {rm.REMASKINGS}")
     if threshold_floor not in rm.THRESHOLD_FLOORS:
@@ -136,7 +172,8 @@ def resolve_options(config, *, gen_length, block_length, steps, temperature, cfg
         thresholded=threshold is not None, threshold_floor=threshold_floor, adaptive=adaptive,
         mask_id=int(mask_id), eos_id=None if eos_id is None else int(eos_id),
         logits_eos_inf=bool(logits_eos_inf), confidence_eos_eot_inf=bool(confidence_eos_eot_inf),
-        early_stop=bool(early_stop), return_trace=bool(return_trace))
+        early_stop=bool(early_stop), return_trace=bool(return_trace), convention=convention,
+        cached=bool(cache))
 
 
 def _pad_id(config) -> int:
@@ -163,10 +200,10 @@ def _layout(rows, p_b: int, opts: SamplerOptions, pad_id: int):
 
 def generate(model, prompts, *, gen_length=None, block_length=None, steps=None,
              temperature=0.0, cfg_scale=0.0, remasking="low_confidence", threshold=None,
-             threshold_floor="one", adaptive=None, mask_id=None, eos_id=None,
+             threshold_floor=None, adaptive=None, mask_id=None, eos_id=None,
              logits_eos_inf=False, confidence_eos_eot_inf=False, early_stop=True, seed=0,
-             return_trace=False) -> GenerateOutput:
-    """Generate by masked diffusion (LLaDA), all steps in one compiled loop.
+             return_trace=False, convention=None, cache=None) -> GenerateOutput:
+    """Generate by masked diffusion (LLaDA or LLaDA2), all steps in one compiled loop.
 
     ``threshold`` switches to threshold parallel decoding: each step commits every
     masked position of the block with confidence >= threshold, at least
@@ -174,20 +211,32 @@ def generate(model, prompts, *, gen_length=None, block_length=None, steps=None,
     step's schedule count as LLaDA2). ``adaptive`` gives per-token expert budgets
     that grow while a position stays masked. See SEEDS.md §1, §3.
 
+    ``convention`` (default: the model family's): ``"llada"`` prompt-relative blocks
+    and ``steps`` over the whole generation; ``"llada2"`` LLaDA2's generate: blocks
+    aligned to absolute positions (the first may hold the prompt's tail), block-causal
+    attention, ``steps`` per block, threshold strictly greater with the schedule as
+    floor, stop after a block holding EOS. ``cache`` (llada2, default on for LLaDA2
+    models): keys/values of the prompt and of each finished block are computed once
+    and each step runs the model on the current block only (same tokens).
+
     Example:
         out = jmoe.generate(model, ["Hello", "Hi"], gen_length=64, block_length=32,
                             adaptive=jmoe.AdaptiveExperts(growth="linear", maximum=8))
         print(out.texts, out.nfe, out.expert_work)
     """
     config = model.config
+    convention, cache = resolve_convention(config, convention, cache)
     opts = resolve_options(
         config, gen_length=gen_length, block_length=block_length, steps=steps,
         temperature=temperature, cfg_scale=cfg_scale, remasking=remasking, threshold=threshold,
         threshold_floor=threshold_floor, adaptive=adaptive, mask_id=mask_id, eos_id=eos_id,
         logits_eos_inf=logits_eos_inf, confidence_eos_eot_inf=confidence_eos_eot_inf,
-        early_stop=early_stop, return_trace=return_trace)
+        early_stop=early_stop, return_trace=return_trace, convention=convention, cache=cache)
     rows = _encode(model, prompts)
     _check_tokens(rows, config.vocab_size)
+    if convention == "llada2":
+        return _generate_llada2(model, rows, opts, seed=seed, temperature=temperature,
+                                cfg_scale=cfg_scale, threshold=threshold)
     p = max(len(r) for r in rows)
     if p + opts.gen_length > config.max_position_embeddings:
         raise ValueError(f"prompt length {p} + gen_length {opts.gen_length} = "
@@ -203,7 +252,68 @@ def generate(model, prompts, *, gen_length=None, block_length=None, steps=None,
     return _output(model, s, valid, p_b - p, opts, pad_id)
 
 
-def _output(model, s, valid, cut: int, opts: SamplerOptions, pad_id: int) -> GenerateOutput:
+def _knobs(temperature, cfg_scale, threshold):
+    return {"temperature": jnp.float32(temperature), "cfg_scale": jnp.float32(cfg_scale),
+            "threshold": jnp.float32(threshold if threshold is not None else 1.0)}
+
+
+def _generate_llada2(model, rows, opts: SamplerOptions, *, seed, temperature, cfg_scale,
+                     threshold) -> GenerateOutput:
+    """LLaDA2's layout: a canvas of whole aligned blocks, prompt at position 0.
+
+    The loop's generated region (``G'``) starts at block ``P // block_length``; the
+    output is the canvas cut to ``P + gen_length`` as LLaDA2's generate returns it.
+    """
+    config = model.config
+    p, g = len(rows[0]), opts.gen_length
+    if any(len(r) != p for r in rows):
+        raise ValueError(f"convention='llada2' needs prompts of equal length (LLaDA2's blocks "
+                         f"are aligned to absolute positions); got lengths "
+                         f"{sorted({len(r) for r in rows})}")
+    bl = opts.block_length
+    if threshold is None and config.generation:
+        threshold = config.generation.get("threshold")
+    l = -(-(p + g) // bl) * bl
+    if l > config.max_position_embeddings:
+        raise ValueError(f"prompt length {p} + gen_length {g} padded to whole blocks = {l} "
+                         f"exceeds the model's max_position_embeddings="
+                         f"{config.max_position_embeddings}")
+    inner = dataclasses.replace(opts, gen_length=l - (p // bl) * bl)
+    tokens = np.full((len(rows), l), opts.mask_id, np.int32)
+    tokens[:, :p] = np.asarray(rows, np.int32).reshape(len(rows), p)
+    valid = np.ones(tokens.shape, bool)
+    prompt = np.broadcast_to(np.arange(l) < p, tokens.shape)
+    loop_config = config.replace(attention_block_length=bl)
+    s = loop.run(model.params, jnp.asarray(tokens), jnp.asarray(valid), jnp.asarray(prompt),
+                 jax.random.key(seed), _knobs(temperature, cfg_scale, threshold),
+                 config=loop_config, opts=inner)
+    return _output(model, s, valid, 0, inner, _pad_id(config), keep=p + g, gen_length=g)
+
+
+def _output(model, s, valid, cut: int, opts: SamplerOptions, pad_id: int, keep=None,
+            gen_length=None) -> GenerateOutput:
+    """``keep``/``gen_length`` (llada2): canvas positions returned and generated."""
+    out = _raw_output(model, s, valid, cut, opts, pad_id)
+    if keep is None:
+        return out
+    k, g_int = keep, opts.gen_length
+    pad = lambda a: np.concatenate([np.zeros(a.shape[:-1] + (out.tokens.shape[-1] - g_int,),
+                                             a.dtype), a], -1)[..., :k]
+    trace = out.trace
+    if trace is not None:
+        trace = dict(trace, **{n: pad(trace[n]) for n in ("committed", "experts_per_token",
+                                                          "remask_count")})
+    texts = None
+    if model.tokenizer is not None:
+        texts = [model.tokenizer.decode(_cut_eos(r[k - gen_length:k], opts.eos_id))
+                 for r in out.tokens.tolist()]
+    return dataclasses.replace(out, tokens=out.tokens[:, :k], texts=texts,
+                               experts_per_token=out.experts_per_token[:, :k],
+                               remask_count=out.remask_count[:, :k], trace=trace)
+
+
+def _raw_output(model, s, valid, cut: int, opts: SamplerOptions,
+                pad_id: int) -> GenerateOutput:
     s = jax.device_get(s)
     valid = valid[:, cut:]
     tokens = np.where(valid, np.asarray(s.tokens_BL)[:, cut:], pad_id)

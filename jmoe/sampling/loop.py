@@ -10,6 +10,15 @@ generated), *block* (``block_length`` generated positions decoded together),
 The step composes small strategies picked once at trace time from the static
 options: a sampler (greedy or Gumbel), a confidence (remasking rule), a commit
 count (fixed schedule or threshold), a block-end rule and a budget update.
+
+LLaDA2 convention (``opts.convention == "llada2"``): L is the canvas of whole aligned
+blocks and the generated region G starts at the block holding the prompt's tail.
+With ``opts.cached`` the carry holds K/V buffers ``[layers, B, L, N, K]``: the whole
+prompt blocks are written once before the loop (``prefill``), each step runs the model
+on the current block only (``block_call``: queries = block, keys = buffer + block),
+and a finished block is run once more with its final tokens to store its K/V
+(``_finish_block``). Block-causal attention makes this exact: a block's keys/values
+never depend on later blocks.
 """
 
 from __future__ import annotations
@@ -50,27 +59,71 @@ def model_logits(params, tokens_BL, valid_BL, prompt_BL, budget_BL, cfg_scale, *
     return logits, aux["routed_pairs"].sum().astype(jnp.int32)
 
 
+def block_call(params, tokens_BL, budget_BL, active_B, cache, block, *, config,
+               opts: SamplerOptions):
+    """Cached llada2: run the model on block ``block`` only, keys = cache + block.
+
+    Returns logits ``[B, block_length, V]``, the call's routed pairs and the K/V
+    buffers with this block's keys/values written in.
+    """
+    from jmoe.models.llada2 import LLaDA2Model
+
+    bl, l = opts.block_length, tokens_BL.shape[1]
+    p0 = l - opts.gen_length + block * bl  # absolute position of the block's start
+    tok_BK = jax.lax.dynamic_slice_in_dim(tokens_BL, p0, bl, axis=1)
+    budget = None
+    if opts.adaptive:
+        budget = jax.lax.dynamic_slice_in_dim(budget_BL, p0, bl, axis=1)
+    k_max = opts.adaptive.maximum if opts.adaptive else config.num_experts_per_tok
+    valid_BK = jnp.broadcast_to(active_B[:, None], tok_BK.shape)
+    logits, aux, cache = LLaDA2Model(config).apply({"params": params}, tok_BK, valid_BK, budget,
+                                                   k_max, cache=cache, offset=p0)
+    return logits, aux["routed_pairs"].sum().astype(jnp.int32), cache
+
+
+def prefill(params, tokens_BL, budget_BL, cache, *, config, opts: SamplerOptions):
+    """Cached llada2: K/V of the whole prompt blocks before the first generated block."""
+    from jmoe.models.llada2 import LLaDA2Model
+
+    p = tokens_BL.shape[1] - opts.gen_length
+    k_max = opts.adaptive.maximum if opts.adaptive else config.num_experts_per_tok
+    budget = budget_BL[:, :p] if opts.adaptive else None
+    _, aux, cache = LLaDA2Model(config).apply(
+        {"params": params}, tokens_BL[:, :p], jnp.ones((tokens_BL.shape[0], p), bool), budget,
+        k_max, cache=cache, offset=0)
+    return cache, aux["routed_pairs"].sum().astype(jnp.int32)
+
+
 def _strategies(opts: SamplerOptions):
     sample = rm.sample_gumbel if opts.sampled else rm.sample_greedy
     unconfident = (opts.eos_id,) if opts.confidence_eos_eot_inf else ()
     confidence = partial(rm.CONFIDENCES[opts.remasking], unconfident_ids=unconfident)
-    count = rm.count_threshold(opts.threshold_floor) if opts.thresholded else rm.count_fixed
+    count = rm.count_fixed
+    if opts.thresholded:
+        count = rm.count_threshold(opts.threshold_floor, strict=opts.convention == "llada2")
     return sample, confidence, count
 
 
 def _block_over(opts: SamplerOptions, step, still_masked_BG):
-    """Fixed steps: after ``steps_per_block`` calls; threshold: when no mask is left."""
+    """Fixed steps: after ``steps_per_block`` calls; threshold: when no mask is left;
+    llada2: whichever comes first."""
+    spent = step + 1 >= opts.steps_per_block
+    if opts.convention == "llada2":
+        return spent | ~still_masked_BG.any()
     if opts.thresholded:
         return ~still_masked_BG.any()
-    return step + 1 >= opts.steps_per_block
+    return spent
 
 
-def _early_stop(opts: SamplerOptions, gen_BG, active_B, block):
-    """At a block's end: rows with a committed EOS stop; their later positions become EOS."""
+def _early_stop(opts: SamplerOptions, gen_BG, active_B, block, prompt_BG):
+    """At a block's end: rows with a committed EOS stop; their later positions become EOS.
+
+    Prompt positions (llada2's first block may hold the prompt's tail) never count.
+    """
     if not opts.early_stop or opts.eos_id is None:
         return gen_BG, active_B
     upto_G = schedules.before_block_end_G(block, opts.block_length, opts.gen_length)
-    stop_B = active_B & ((gen_BG == opts.eos_id) & upto_G).any(-1)
+    stop_B = active_B & ((gen_BG == opts.eos_id) & upto_G & ~prompt_BG).any(-1)
     fill = stop_B[:, None] & (gen_BG == opts.mask_id)
     return jnp.where(fill, opts.eos_id, gen_BG), active_B & ~stop_B
 
@@ -83,20 +136,63 @@ def _record(trace, nfe, committed_BG, budget_BG, remask_BG, block):
             "block_S": put(trace["block_S"], block)}
 
 
-def step(s: SamplerState, params, valid_BL, prompt_BL, key, knobs, *, config,
-         opts: SamplerOptions) -> SamplerState:
-    """One model call and its commits, budget update and block bookkeeping."""
-    g = opts.gen_length
-    sample, confidence, count = _strategies(opts)
-    call_valid_BL = valid_BL & s.active_B[:, None]  # stopped rows cost no expert work
-    logits, pairs = model_logits(params, s.tokens_BL, call_valid_BL, prompt_BL, s.budget_BL,
-                                 knobs["cfg_scale"], config=config, opts=opts)
+def _sample(logits, s: SamplerState, key, knobs, opts: SamplerOptions):
+    sample, confidence, _ = _strategies(opts)
     # the mask token is never a prediction (so a block always empties; dInfer does the same)
     forbidden = (opts.mask_id,) + ((opts.eos_id,) if opts.logits_eos_inf else ())
     logits = rm.forbid_tokens(logits, forbidden)
     noise_keys, rand_keys = rm.step_keys(key, s.nfe, logits.shape[0])
-    x0_BG = sample(logits, knobs["temperature"], noise_keys)
-    conf_BG = confidence(logits, x0_BG, rand_keys)
+    x0 = sample(logits, knobs["temperature"], noise_keys)
+    return x0, confidence(logits, x0, rand_keys)
+
+
+def _predict(s: SamplerState, params, valid_BL, prompt_BL, key, knobs, *, config,
+             opts: SamplerOptions):
+    """Sampled tokens and confidences ``[B, G]`` (only the current block matters)."""
+    g, b = opts.gen_length, s.tokens_BL.shape[0]
+    if opts.cached:
+        logits, pairs, cache = block_call(params, s.tokens_BL, s.budget_BL, s.active_B, s.cache,
+                                          s.block, config=config, opts=opts)
+        x0_BK, conf_BK = _sample(logits, s, key, knobs, opts)
+        at = s.block * opts.block_length
+        x0_BG = jax.lax.dynamic_update_slice_in_dim(jnp.zeros((b, g), jnp.int32), x0_BK, at, 1)
+        conf_BG = jax.lax.dynamic_update_slice_in_dim(
+            jnp.full((b, g), -jnp.inf, jnp.float32), conf_BK.astype(jnp.float32), at, 1)
+        return x0_BG, conf_BG, pairs
+    call_valid_BL = valid_BL & s.active_B[:, None]  # stopped rows cost no expert work
+    if opts.convention == "llada2":
+        # block-causal: later blocks cannot change this block, so they are left out
+        # (as the reference runs ``x[:, :window_end]``) and cost no expert work
+        l = s.tokens_BL.shape[1]
+        end = l - g + (s.block + 1) * opts.block_length
+        call_valid_BL = call_valid_BL & (jnp.arange(l) < end)
+    logits, pairs = model_logits(params, s.tokens_BL, call_valid_BL, prompt_BL, s.budget_BL,
+                                 knobs["cfg_scale"], config=config, opts=opts)
+    x0_BG, conf_BG = _sample(logits, s, key, knobs, opts)
+    return x0_BG, conf_BG, pairs
+
+
+def _finish_block(s: SamplerState, params, over, tokens_BL, budget_BL, active_B, *, config,
+                  opts: SamplerOptions):
+    """Cached llada2: at a block's end, K/V of its final tokens go into the cache once."""
+    if not opts.cached:
+        return s.cache, jnp.zeros((), jnp.int32)
+
+    def fill(cache):
+        _, pairs, cache = block_call(params, tokens_BL, budget_BL, active_B, cache, s.block,
+                                     config=config, opts=opts)
+        return cache, pairs
+
+    return jax.lax.cond(over, fill, lambda c: (c, jnp.zeros((), jnp.int32)), s.cache)
+
+
+def step(s: SamplerState, params, valid_BL, prompt_BL, key, knobs, *, config,
+         opts: SamplerOptions) -> SamplerState:
+    """One model call and its commits, budget update and block bookkeeping."""
+    g = opts.gen_length
+    _, _, count = _strategies(opts)
+    x0_BG, conf_BG, pairs = _predict(s, params, valid_BL, prompt_BL, key, knobs, config=config,
+                                     opts=opts)
 
     gen_BG = s.tokens_BL[:, -g:]
     window_G = schedules.block_window_G(s.block, opts.block_length, g)
@@ -118,19 +214,24 @@ def step(s: SamplerState, params, valid_BL, prompt_BL, key, knobs, *, config,
         trace = _record(trace, s.nfe, commit_BG, s.budget_BL[:, -g:], remask_BG, s.block)
 
     over = _block_over(opts, s.step, still_BG)
-    stopped_gen_BG, stopped_active_B = _early_stop(opts, gen_BG, s.active_B, s.block)
+    tokens_BL = s.tokens_BL.at[:, -g:].set(gen_BG)
+    budget_BL = s.budget_BL.at[:, -g:].set(budget_BG)
+    cache, fill_pairs = _finish_block(s, params, over, tokens_BL, budget_BL, s.active_B,
+                                      config=config, opts=opts)
+    stopped_gen_BG, stopped_active_B = _early_stop(opts, gen_BG, s.active_B, s.block,
+                                                   prompt_BL[:, -g:])
     gen_BG = jnp.where(over, stopped_gen_BG, gen_BG)
     active_B = jnp.where(over, stopped_active_B, s.active_B)
     return SamplerState(
-        tokens_BL=s.tokens_BL.at[:, -g:].set(gen_BG),
-        budget_BL=s.budget_BL.at[:, -g:].set(budget_BG),
+        tokens_BL=tokens_BL.at[:, -g:].set(gen_BG), budget_BL=budget_BL,
         remask_BG=remask_BG, active_B=active_B,
         block=s.block + over.astype(jnp.int32),
         step=jnp.where(over, 0, s.step + 1),
-        nfe=nfe, work_S=s.work_S.at[s.nfe].set(pairs), trace=trace)
+        nfe=nfe, work_S=s.work_S.at[s.nfe].add(pairs + fill_pairs), trace=trace, cache=cache)
 
 
-def initial_state(tokens_BL, prompt_region_BL, *, config, opts: SamplerOptions) -> SamplerState:
+def initial_state(tokens_BL, prompt_region_BL, *, config, opts: SamplerOptions,
+                  params=None) -> SamplerState:
     b, _ = tokens_BL.shape
     g, n = opts.gen_length, opts.max_calls
     if opts.adaptive:
@@ -144,10 +245,18 @@ def initial_state(tokens_BL, prompt_region_BL, *, config, opts: SamplerOptions) 
                  "remask_SBG": jnp.zeros((n, b, g), jnp.int32),
                  "block_S": jnp.zeros((n,), jnp.int32)}
     zero = jnp.zeros((), jnp.int32)
+    work_S = jnp.zeros((n,), jnp.int32)
+    cache = None
+    if opts.cached:
+        from jmoe.models.llada2 import empty_kv_cache
+
+        cache = empty_kv_cache(config, b, tokens_BL.shape[1])
+        if tokens_BL.shape[1] > g:  # whole prompt blocks before the first generated one
+            cache, pairs = prefill(params, tokens_BL, budget_BL, cache, config=config, opts=opts)
+            work_S = work_S.at[0].add(pairs)
     return SamplerState(tokens_BL=tokens_BL, budget_BL=budget_BL,
                         remask_BG=jnp.zeros((b, g), jnp.int32), active_B=jnp.ones((b,), bool),
-                        block=zero, step=zero, nfe=zero, work_S=jnp.zeros((n,), jnp.int32),
-                        trace=trace)
+                        block=zero, step=zero, nfe=zero, work_S=work_S, trace=trace, cache=cache)
 
 
 @partial(jax.jit, static_argnames=("config", "opts"))
@@ -158,9 +267,10 @@ def run(params, tokens_BL, valid_BL, prompt_BL, key, knobs, *, config,
     ``tokens_BL`` holds the left-padded prompts then ``gen_length`` mask tokens;
     ``valid_BL`` marks real tokens; ``prompt_BL`` the real prompt tokens.
     """
-    prompt_region_BL = jnp.arange(tokens_BL.shape[1]) < tokens_BL.shape[1] - opts.gen_length
-    s0 = initial_state(tokens_BL, jnp.broadcast_to(prompt_region_BL, tokens_BL.shape),
-                       config=config, opts=opts)
+    # llada2's generated region may start with the prompt's tail: prompt budgets there too
+    prompt_region_BL = (jnp.arange(tokens_BL.shape[1]) < tokens_BL.shape[1] - opts.gen_length
+                        ) | prompt_BL
+    s0 = initial_state(tokens_BL, prompt_region_BL, config=config, opts=opts, params=params)
 
     def cond(s):
         return (s.block < opts.num_blocks) & s.active_B.any() & (s.nfe < opts.max_calls)

@@ -96,8 +96,9 @@ def count_fixed(conf_BG, candidates_BG, schedule_B, threshold):
     return jnp.minimum(schedule_B, candidates_BG.sum(-1))
 
 
-def count_threshold(floor: str):
-    """Threshold parallel decoding: every candidate with ``conf >= threshold``, at least a floor.
+def count_threshold(floor: str, strict: bool = False):
+    """Threshold parallel decoding: every candidate with ``conf >= threshold`` (``strict``:
+    ``>``, as LLaDA2's generate), at least a floor.
 
     The floor is 1 (dInfer, Fast-dLLM) or the step's schedule count (LLaDA2).
     """
@@ -105,7 +106,8 @@ def count_threshold(floor: str):
         raise ValueError(f"threshold_floor={floor!r}: expected one of {THRESHOLD_FLOORS}")
 
     def count(conf_BG, candidates_BG, schedule_B, threshold):
-        confident_B = (candidates_BG & (conf_BG >= threshold)).sum(-1)
+        above_BG = conf_BG > threshold if strict else conf_BG >= threshold
+        confident_B = (candidates_BG & above_BG).sum(-1)
         least_B = jnp.ones_like(schedule_B) if floor == "one" else schedule_B
         return jnp.minimum(jnp.maximum(confident_B, least_B), candidates_BG.sum(-1))
 

@@ -37,6 +37,12 @@ class SamplerOptions:
     confidence_eos_eot_inf: bool
     early_stop: bool
     return_trace: bool
+    # "llada": prompt-relative blocks, ``steps`` over the whole generation.
+    # "llada2": the generated region starts at the aligned block holding the prompt's
+    # tail (its prompt positions stay fixed), ``steps`` per block, threshold strictly
+    # greater, a block ends when ``steps`` are spent or it has no mask left.
+    convention: str = "llada"
+    cached: bool = False  # llada2: K/V of finished blocks cached, block-sized model calls
 
     @property
     def num_blocks(self) -> int:
@@ -44,12 +50,16 @@ class SamplerOptions:
 
     @property
     def steps_per_block(self) -> int:
+        if self.convention == "llada2":
+            return self.steps
         return self.steps // self.num_blocks
 
     @property
     def max_calls(self) -> int:
         """Fixed steps make exactly ``steps`` calls; threshold decoding commits at
         least one token per call, so at most ``gen_length``."""
+        if self.convention == "llada2":
+            return self.num_blocks * self.steps
         if self.thresholded:
             return max(self.gen_length, self.steps) if self.threshold_floor == "one" else self.steps
         return self.steps
@@ -66,3 +76,4 @@ class SamplerState:
     nfe: jax.Array           # int32 model calls so far
     work_S: jax.Array        # int32 routed token-expert pairs of each model call
     trace: dict | None = None  # with return_trace: committed_SBG, budget_SBG, remask_SBG, block_S
+    cache: dict | None = None  # cached llada2: {"k", "v"} [layers, B, L, N, K] K/V buffers
