@@ -1,12 +1,157 @@
-"""The ``jmoe`` command line: ``jmoe forward``, ``jmoe convert`` (more subcommands as they land).
+"""The ``jmoe`` command line.
 
-Bad options and bad inputs end in a one-line ``error: ...`` and exit code 2, not a traceback.
+``jmoe generate`` (default: the shipped model), ``jmoe routing`` (router statistics),
+``jmoe train``, ``jmoe bench``, ``jmoe convert``, ``jmoe forward``. Bad options and
+bad inputs end in a one-line ``error: ...`` and exit code 2, not a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+import time
+
+
+def _load(path):
+    import jmoe
+
+    return jmoe.load(path)
+
+
+def _prompts(args) -> list[str]:
+    prompts = list(args.prompt or [])
+    if args.prompts_file:
+        try:
+            with open(args.prompts_file) as f:
+                prompts += [line.rstrip("\n") for line in f if line.strip()]
+        except OSError as e:
+            raise FileNotFoundError(f"cannot read --prompts-file {args.prompts_file!r}: "
+                                    f"{e.strerror}") from None
+    if not prompts:
+        raise ValueError("no prompt: give one or more prompts, or --prompts-file FILE")
+    return prompts
+
+
+def _adaptive(args):
+    if args.adaptive is None:
+        return None
+    import jmoe
+
+    return jmoe.AdaptiveExperts(growth=args.adaptive, initial=args.adaptive_initial,
+                                maximum=args.adaptive_maximum,
+                                update_interval=args.update_interval)
+
+
+def _show_steps(out, model, prompt_len: int, delay: float = 0.08) -> None:
+    """Redraw each row's denoising in place: committed tokens appear step by step."""
+    import numpy as np
+
+    committed = np.asarray(out.trace["committed"])  # [nfe, B, G]
+    gen = np.asarray(out.tokens)[:, -committed.shape[-1]:]
+    done = np.zeros(committed.shape[1:], bool)
+    tok = model.tokenizer
+    rows = committed.shape[1]
+    for s in range(committed.shape[0]):
+        done |= committed[s]
+        if s:
+            sys.stdout.write(f"\x1b[{rows + 1}F")  # back to the first line of the frame
+        sys.stdout.write(f"step {s + 1}/{committed.shape[0]}\x1b[K\n")
+        for b in range(rows):
+            cells = [tok.decode([t]) if tok and d else ("_" if not d else str(t))
+                     for t, d in zip(gen[b], done[b])]
+            sys.stdout.write(("" if tok else " ").join(c or "." for c in cells) + "\x1b[K\n")
+        sys.stdout.flush()
+        time.sleep(delay)
+
+
+def _generate(args) -> int:
+    import numpy as np
+
+    import jmoe
+
+    model = _load(args.model)
+    prompts = _prompts(args)
+    kw = dict(gen_length=args.gen_length, block_length=args.block_length, steps=args.steps,
+              temperature=args.temperature, cfg_scale=args.cfg_scale, remasking=args.remasking,
+              threshold=args.threshold, threshold_floor=args.threshold_floor,
+              adaptive=_adaptive(args), mask_id=args.mask_id, eos_id=args.eos_id,
+              logits_eos_inf=args.logits_eos_inf,
+              confidence_eos_eot_inf=args.confidence_eos_eot_inf,
+              early_stop=not args.no_early_stop, seed=args.seed,
+              convention=args.convention, cache=args.cache,
+              return_trace=args.show_steps)
+    if model.tokenizer is None:
+        prompts = [[int(t) for t in p.split()] for p in prompts]  # token ids, space separated
+    out = jmoe.generate(model, prompts, **kw)
+    if args.show_steps and not args.json:
+        _show_steps(out, model, out.tokens.shape[1])
+    # without a tokenizer, show the whole rows as ids
+    texts = out.texts if out.texts is not None else [
+        " ".join(map(str, r)) for r in np.asarray(out.tokens)]
+    if args.json:
+        print(json.dumps({"prompts": prompts,
+                          "texts": texts, "nfe": int(out.nfe),
+                          "expert_work": int(out.expert_work),
+                          "tokens": np.asarray(out.tokens).tolist()}))
+    else:
+        for p, t in zip(prompts, texts):
+            print(f"{p if isinstance(p, str) else ' '.join(map(str, p))}{t}")
+    return 0
+
+
+def _routing(args) -> int:
+    import jmoe
+
+    model = _load(args.model)
+    logits = jmoe.get_router_logits(model, [args.text])
+    if not logits:
+        print("the model has no MoE layers")
+        return 0
+    stats = jmoe.analysis.analyze_expert_usage(logits, args.top_k or model.config.num_experts_per_tok)
+    print(f"{'layer':>5} {'tokens':>7} {'experts':>7} {'used':>5} {'max/mean':>9} {'cv':>6} "
+          f"{'entropy':>8} {'usage H / log E':>16}")
+    for layer, s in stats.items():
+        used = int((s["counts"] > 0).sum())
+        print(f"{layer:>5} {s['num_tokens']:>7} {s['num_experts']:>7} {used:>5} "
+              f"{s['max_over_mean']:>9.2f} {s['cv']:>6.2f} {s['entropy']:>8.3f} "
+              f"{s['usage_entropy']:>7.3f} / {s['max_entropy']:.3f}")
+    return 0
+
+
+def _train(args) -> int:
+    from jmoe.train import run_from_file
+
+    run_from_file(args.config, out=args.out, steps=args.steps)
+    print(f"wrote {args.out or 'the config out folder'}")
+    return 0
+
+
+def _bench(args) -> int:
+    import numpy as np
+
+    import jmoe
+
+    model = _load(args.model)
+    prompts = ["123+456=", "7+8=", "999+1=", "40+2="] * (args.batch // 4 or 1)
+    rows = []
+    for name, adaptive in (("fixed top-k", None),
+                           ("adaptive linear", jmoe.AdaptiveExperts(
+                               initial=1, maximum=model.config.num_experts_per_tok,
+                               update_interval=1))):
+        jmoe.generate(model, prompts, adaptive=adaptive)  # compile
+        t0 = time.perf_counter()
+        for _ in range(args.repeats):
+            out = jmoe.generate(model, prompts, adaptive=adaptive)
+        dt = (time.perf_counter() - t0) / args.repeats
+        prompt_len = max(len(model.tokenizer.encode(p)) for p in prompts)
+        gen = np.asarray(out.tokens).shape[1] - prompt_len
+        rows.append((name, dt, out.nfe, out.expert_work, len(prompts) * gen / dt))
+    print(f"{'':18}{'ms/call':>9}{'nfe':>5}{'expert_work':>13}{'tokens/s':>13}")
+    for name, dt, nfe, work, tps in rows:
+        print(f"{name:18}{dt * 1e3:9.1f}{nfe:5d}{work:13d}{tps:13.0f}")
+    print(f"expert_work adaptive / fixed: {rows[1][3] / rows[0][3]:.2f}")
+    return 0
 
 
 def _forward(args) -> int:
@@ -14,47 +159,86 @@ def _forward(args) -> int:
 
     import jmoe
 
-    if args.model:
-        model = jmoe.load(args.model)
-    else:
-        config = jmoe.OlmoeConfig(vocab_size=256, hidden_size=64, num_layers=2, num_heads=4,
-                                  num_kv_heads=2, head_dim=16, moe_intermediate_size=32,
-                                  num_experts=8, num_experts_per_tok=2)
-        model = jmoe.random_model(config, seed=args.seed)
-        print("no --model given: using a small random OLMoE (2 layers, 8 experts, top-2)")
-    if model.tokenizer is not None and args.text is not None:
+    model = _load(args.model)
+    if model.tokenizer is not None:
         tokens = np.asarray([model.tokenizer.encode(args.text)])
     else:
-        text = args.text if args.text is not None else "hello, mixture of experts"
-        tokens = np.asarray([[b % model.config.vocab_size for b in text.encode()]])
+        tokens = np.asarray([[b % model.config.vocab_size for b in args.text.encode()]])
     logits, aux = jmoe.forward(model, tokens, capture_router_logits=True)
     print(f"tokens {tokens.shape} -> logits {tuple(logits.shape)} ({logits.dtype}), "
           f"backend {aux['moe_backend']}")
-    print(f"next-token argmax: {int(np.asarray(logits)[0, -1].argmax())}")
-    counts = np.asarray(aux["expert_counts"])
-    for layer, c in enumerate(counts):
+    for layer, c in enumerate(np.asarray(aux["expert_counts"])):
         print(f"layer {layer}: expert token counts {c.tolist()}")
     return 0
 
 
-def _convert(args) -> int:
-    from checkpoints_convert.cli import run
+def _add_sampler_options(g) -> None:
+    g.add_argument("prompt", nargs="*", help="prompt text(s) (token ids, space separated, "
+                   "for a model without tokenizer)")
+    g.add_argument("--prompts-file", help="a file with one prompt per line")
+    g.add_argument("--model", help="jmoe checkpoint or HF folder (default: the shipped model)")
+    g.add_argument("--gen-length", type=int, help="tokens to generate (model default)")
+    g.add_argument("--block-length", type=int, help="block size (model default)")
+    g.add_argument("--steps", type=int, help="denoising steps (default: gen-length)")
+    g.add_argument("--temperature", type=float, default=0.0, help="Gumbel temperature, 0 = argmax")
+    g.add_argument("--cfg-scale", type=float, default=0.0, help="classifier-free guidance scale")
+    g.add_argument("--remasking", choices=("low_confidence", "random"), default="low_confidence")
+    g.add_argument("--threshold", type=float, help="confidence-threshold parallel decoding")
+    g.add_argument("--threshold-floor", choices=("one", "schedule"),
+                   help="least commits per step in threshold mode (default: the convention's)")
+    g.add_argument("--convention", choices=("llada", "llada2"),
+                   help="block convention (default: the model family's)")
+    g.add_argument("--cache", action=argparse.BooleanOptionalAction, default=None,
+                   help="exact KV cache of finished blocks (llada2; default on there)")
+    g.add_argument("--adaptive", choices=("linear", "exponential"),
+                   help="adaptive per-token expert budgets with this growth")
+    g.add_argument("--adaptive-initial", type=int, default=1, help="initial budget")
+    g.add_argument("--adaptive-maximum", type=int, default=8, help="maximum budget")
+    g.add_argument("--update-interval", type=int, default=8, help="model calls between growths")
+    g.add_argument("--mask-id", type=int, help="mask token id (model default)")
+    g.add_argument("--eos-id", type=int, help="EOS token id (model default)")
+    g.add_argument("--logits-eos-inf", action="store_true", help="forbid EOS")
+    g.add_argument("--confidence-eos-eot-inf", action="store_true", help="never commit EOS early")
+    g.add_argument("--no-early-stop", action="store_true", help="generate every block")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--show-steps", action="store_true", help="redraw the denoising in place")
+    g.add_argument("--json", action="store_true", help="print one JSON object")
 
-    return run(args)
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2, as for every other bad input
+        self.exit(2, f"error: {message} (see '{self.prog} --help')\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="jmoe", description="JAX/Flax MoE diffusion language models.")
-    sub = p.add_subparsers(dest="command", required=True)
+    p = _Parser(prog="jmoe", description="JAX/Flax MoE diffusion language models.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    g = sub.add_parser("generate", help="masked-diffusion generation")
+    _add_sampler_options(g)
+    g.set_defaults(func=_generate)
+    r = sub.add_parser("routing", help="router statistics per layer for a text")
+    r.add_argument("text")
+    r.add_argument("--model", help="jmoe checkpoint or HF folder (default: the shipped model)")
+    r.add_argument("--top-k", type=int, help="k for the usage counts (default: the model's)")
+    r.set_defaults(func=_routing)
+    t = sub.add_parser("train", help="train a model from a JSON spec")
+    t.add_argument("--config", required=True, help="JSON with model, train, task, out")
+    t.add_argument("--out", help="output folder (overrides the spec's out)")
+    t.add_argument("--steps", type=int, help="override the number of steps")
+    t.set_defaults(func=_train)
+    b = sub.add_parser("bench", help="time generation, fixed vs adaptive budgets")
+    b.add_argument("--model", help="jmoe checkpoint (default: the shipped model)")
+    b.add_argument("--batch", type=int, default=8)
+    b.add_argument("--repeats", type=int, default=3)
+    b.set_defaults(func=_bench)
     f = sub.add_parser("forward", help="one forward pass; prints shapes and expert usage")
-    f.add_argument("text", nargs="?", help="input text (bytes as tokens without a tokenizer)")
-    f.add_argument("--model", help="jmoe checkpoint or HF folder (default: a small random model)")
-    f.add_argument("--seed", type=int, default=0, help="seed of the random model")
+    f.add_argument("text", nargs="?", default="123+456=", help="input text")
+    f.add_argument("--model", help="jmoe checkpoint or HF folder (default: the shipped model)")
     f.set_defaults(func=_forward)
     from checkpoints_convert.cli import add_arguments
 
     c = add_arguments(sub.add_parser("convert", help="convert HF checkpoints to jmoe and back"))
-    c.set_defaults(func=_convert)
+    c.set_defaults(func=lambda a: __import__("checkpoints_convert.cli").cli.run(a))
     return p
 
 

@@ -1,0 +1,28 @@
+"""The shipped default model: offline load, its own generation defaults, and a held-out
+accuracy floor measured when it was trained (jmoe/default_model/README.md)."""
+
+import json
+import os
+
+import jmoe
+from jmoe import tasks
+from jmoe.checkpoint import DEFAULT_MODEL_DIR
+
+
+def test_default_model_adds_with_no_options():
+    model = jmoe.load()
+    assert model.tokenizer is not None and model.config.mask_token_id is not None
+    assert jmoe.generate(model, ["123+456="]).texts == ["579"]
+
+
+def test_held_out_accuracy_floor():
+    with open(os.path.join(DEFAULT_MODEL_DIR, "metrics.json")) as f:
+        floor = json.load(f)["held_out_accuracy"]
+    acc = tasks.addition_accuracy(jmoe.load(), n=200, seed=1234)
+    assert acc >= floor, f"held-out accuracy {acc:.3f} fell below the trained floor {floor:.3f}"
+
+
+def test_shipped_model_is_small():
+    size = sum(os.path.getsize(os.path.join(d, f))
+               for d, _, files in os.walk(DEFAULT_MODEL_DIR) for f in files)
+    assert size < 20 * 2 ** 20
