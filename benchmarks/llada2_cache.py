@@ -69,8 +69,8 @@ def main(argv=None):
     print(f"device {jax.devices()[0].platform}, prefix {args.prompt}, gen {args.gen}, block "
           f"{args.block}, steps/block {args.steps}, batch {args.batch}, d {args.d}, layers "
           f"{args.layers}, experts {args.experts} top-{args.topk}, backend {args.backend}")
-    print(f"| run | model calls | expert work | seconds | tokens/s |")
-    print(f"|---|---|---|---|---|")
+    print("| run | model calls | expert work | seconds | tokens/s |")
+    print("|---|---|---|---|---|")
     for name in runs:
         o = outs[name]
         print(f"| {name} | {o.nfe} | {o.expert_work} | {best[name]:.3f} | "

@@ -154,6 +154,12 @@ def _bench(args) -> int:
     return 0
 
 
+def _convert(args) -> int:
+    from checkpoints_convert.cli import run
+
+    return run(args)
+
+
 def _forward(args) -> int:
     import numpy as np
 
@@ -238,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     from checkpoints_convert.cli import add_arguments
 
     c = add_arguments(sub.add_parser("convert", help="convert HF checkpoints to jmoe and back"))
-    c.set_defaults(func=lambda a: __import__("checkpoints_convert.cli").cli.run(a))
+    c.set_defaults(func=_convert)
     return p
 
 

@@ -14,7 +14,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from jmoe import routing as routing_lib
-from jmoe.config import OlmoeConfig
 from jmoe.moe import resolve_backend
 
 

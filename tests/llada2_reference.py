@@ -5,7 +5,9 @@ a state dict with the checkpoint's real key names. Not imported from anywhere.
 
 from __future__ import annotations
 
+import json
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -147,3 +149,25 @@ def random_checkpoint(cfg, seed=0):
                        f"{pre}.mlp.shared_experts.up_proj.weight": r(fs, d),
                        f"{pre}.mlp.shared_experts.down_proj.weight": r(d, fs)})
     return sd
+
+
+# A tiny config exercising every branch: groups, bias, shared expert, dense first layer,
+# partial rotary, GQA (mask 70, EOS 69).
+TINY = dict(model_type="llada2_moe", vocab_size=71, hidden_size=32, num_hidden_layers=3,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=8, intermediate_size=40,
+            moe_intermediate_size=12, num_experts=8, num_experts_per_tok=3, n_group=4,
+            topk_group=2, num_shared_experts=1, first_k_dense_replace=1,
+            routed_scaling_factor=2.5, partial_rotary_factor=0.5, rope_theta=600000.0,
+            rms_norm_eps=1e-6, max_position_embeddings=64, score_function="sigmoid",
+            use_qk_norm=True, tie_word_embeddings=False, mask_token_id=70, eos_token_id=69,
+            pad_token_id=69)
+
+
+def write_checkpoint(folder, cfg, sd):
+    """Save ``sd`` and ``cfg`` as an HF folder in the real layout (safetensors + config.json)."""
+    from safetensors.torch import save_file
+
+    os.makedirs(folder)
+    save_file({k: v.contiguous() for k, v in sd.items()}, os.path.join(folder, "model.safetensors"))
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(cfg, f)

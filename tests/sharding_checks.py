@@ -190,7 +190,7 @@ def oracle_capacity_drops(logits_TE, budget_T, valid_T, mesh_shape, num_experts,
     """
     dp, s = mesh_shape
     t, e = logits_TE.shape
-    el, t_l, k = e // s, t // (dp * s), int(budget_T.max())
+    el, t_l = e // s, t // (dp * s)
     k_max = 4
     cap = min(t_l * min(k_max, el), math.ceil(cf * t_l * k_max / s))
     w = token_choice_weights(logits_TE, budget_T, valid_T)

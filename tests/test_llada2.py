@@ -2,41 +2,23 @@
 modeling file (tests/llada2_reference.py), router against a NumPy oracle, and the
 conversion of the real checkpoint layout (fused qkv, expert bias, shared experts)."""
 
-import json
-
 import numpy as np
 import pytest
 import torch
 from safetensors.numpy import load_file
-from safetensors.torch import save_file
 
 import jmoe
 from checkpoints_convert.cli import main as convert_main
 from jmoe import routing
 import llada2_reference as ref
 
-TINY = dict(model_type="llada2_moe", vocab_size=71, hidden_size=32, num_hidden_layers=3,
-            num_attention_heads=4, num_key_value_heads=2, head_dim=8, intermediate_size=40,
-            moe_intermediate_size=12, num_experts=8, num_experts_per_tok=3, n_group=4,
-            topk_group=2, num_shared_experts=1, first_k_dense_replace=1,
-            routed_scaling_factor=2.5, partial_rotary_factor=0.5, rope_theta=600000.0,
-            rms_norm_eps=1e-6, max_position_embeddings=64, score_function="sigmoid",
-            use_qk_norm=True, tie_word_embeddings=False, mask_token_id=70, eos_token_id=69,
-            pad_token_id=69)
+TINY = ref.TINY
 VARIANTS = {
     "tiny": {},
     "no_shared_all_moe_mha": dict(num_shared_experts=0, first_k_dense_replace=0,
                                   num_key_value_heads=4, n_group=2, topk_group=1,
                                   num_experts_per_tok=2),
 }
-
-
-def write_checkpoint(folder, cfg, seed=0):
-    folder.mkdir(parents=True)
-    sd = ref.random_checkpoint(cfg, seed)
-    save_file({k: v.contiguous() for k, v in sd.items()}, str(folder / "model.safetensors"))
-    (folder / "config.json").write_text(json.dumps(cfg))
-    return sd
 
 
 def rel_err(a, b):
@@ -47,7 +29,8 @@ def rel_err(a, b):
 @pytest.fixture(params=sorted(VARIANTS))
 def checkpoint(request, tmp_path):
     cfg = dict(TINY, **VARIANTS[request.param])
-    sd = write_checkpoint(tmp_path / "hf", cfg)
+    sd = ref.random_checkpoint(cfg)
+    ref.write_checkpoint(tmp_path / "hf", cfg, sd)
     assert convert_main(["--hf-dir", str(tmp_path / "hf"), "--out", str(tmp_path / "ck"),
                          "--quiet"]) == 0
     return cfg, sd, tmp_path

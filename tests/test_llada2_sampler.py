@@ -12,13 +12,11 @@ One deliberate difference, shared by the reference below and jmoe: the mask toke
 never a prediction (its logit is -inf), so a block always empties.
 """
 
-import json
 
 import jax
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
 
 import jmoe
 import jmoe.models.llada2 as llada2_model
@@ -29,14 +27,7 @@ from jmoe.sampling.generate import resolve_convention
 import llada2_reference as ref
 
 MASK, EOS = 70, 69
-CFG = dict(model_type="llada2_moe", vocab_size=71, hidden_size=32, num_hidden_layers=3,
-           num_attention_heads=4, num_key_value_heads=2, head_dim=8, intermediate_size=40,
-           moe_intermediate_size=12, num_experts=8, num_experts_per_tok=3, n_group=4,
-           topk_group=2, num_shared_experts=1, first_k_dense_replace=1,
-           routed_scaling_factor=2.5, partial_rotary_factor=0.5, rope_theta=600000.0,
-           rms_norm_eps=1e-6, max_position_embeddings=64, score_function="sigmoid",
-           use_qk_norm=True, tie_word_embeddings=False, mask_token_id=MASK, eos_token_id=EOS,
-           pad_token_id=EOS)
+CFG = ref.TINY
 BLOCK = 4
 PROMPTS = {"fills_blocks": [5, 17, 42, 8, 9, 60, 11, 3],  # P = 8: two whole blocks
            "prompt_tail_in_block": [23, 7, 4, 50, 2, 31]}  # P = 6: block 1 holds the tail
@@ -49,9 +40,7 @@ def checkpoint(tmp_path_factory):
     # sharper predictions (confidences reach the threshold) and EOS within reach
     sd["lm_head.weight"] = sd["lm_head.weight"] * 4
     sd["lm_head.weight"][EOS] = sd["lm_head.weight"][EOS] * 2.5
-    (tmp / "hf").mkdir()
-    save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp / "hf" / "model.safetensors"))
-    (tmp / "hf" / "config.json").write_text(json.dumps(CFG))
+    ref.write_checkpoint(tmp / "hf", CFG, sd)
     assert convert_main(["--hf-dir", str(tmp / "hf"), "--out", str(tmp / "ck"), "--quiet"]) == 0
     # the sampler is backend-agnostic; dense compiles fastest on CPU
     return sd, jmoe.load(tmp / "ck", moe_backend="dense")

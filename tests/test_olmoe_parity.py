@@ -28,9 +28,9 @@ def rel_err(a, b):
     return np.abs(a - b).max() / np.abs(b).max()
 
 
-def convert(hf_dir, out):
+def convert(hf_dir, out, **overrides):
     assert convert_main(["--hf-dir", str(hf_dir), "--out", str(out), "--quiet"]) == 0
-    return jmoe.load(out)
+    return jmoe.load(out, **overrides)
 
 
 def torch_logits(model, tokens, **kw):
@@ -50,7 +50,7 @@ def test_causal_logits_match_transformers(hf_olmoe, tmp_path, name):
 @pytest.mark.parametrize("name", ["gqa_raw_topk", "norm_topk_full_kv_clip"])
 def test_bidirectional_matches_full_attention_mask(hf_olmoe, tmp_path, name):
     hf_dir, tm = hf_olmoe(**CONFIGS[name])
-    model = jmoe.load(convert(hf_dir, tmp_path / "ck") and tmp_path / "ck", causal=False)
+    model = convert(hf_dir, tmp_path / "ck", causal=False)
     assert model.config.causal is False
     tokens = np.random.default_rng(1).integers(0, tm.config.vocab_size, (2, 9))
     logits, _ = jmoe.forward(model, tokens)
@@ -65,7 +65,7 @@ def test_bidirectional_matches_full_attention_mask(hf_olmoe, tmp_path, name):
 @pytest.mark.parametrize("causal", [True, False])
 def test_left_padded_batch_equals_each_row_alone(hf_olmoe, tmp_path, causal):
     hf_dir, tm = hf_olmoe()
-    model = jmoe.load(convert(hf_dir, tmp_path / "ck") and tmp_path / "ck", causal=causal)
+    model = convert(hf_dir, tmp_path / "ck", causal=causal)
     rng = np.random.default_rng(2)
     lengths = [10, 6, 3]
     rows = [rng.integers(2, 97, n) for n in lengths]
