@@ -6,7 +6,6 @@ Shape letters: B batch, L sequence, V vocab, E experts, K experts per token.
 from __future__ import annotations
 
 import dataclasses
-from functools import partial
 from typing import Any
 
 import jax
@@ -14,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jmoe import routing as routing_lib
+from jmoe import xla_options
 from jmoe.moe import resolve_backend
 
 
@@ -65,7 +65,7 @@ def random_model(config, seed: int = 0, tokenizer=None) -> Model:
     return Model(config, init_params(config, seed), tokenizer)
 
 
-@partial(jax.jit, static_argnames=("config", "k_max", "capture"))
+@xla_options.jit(static_argnames=("config", "k_max", "capture"))
 def _forward(params, tokens_BL, valid_BL, budget_BL, *, config, k_max, capture):
     logits, layer_aux = model_module(config).apply({"params": params}, tokens_BL, valid_BL,
                                                    budget_BL, k_max)

@@ -25,6 +25,7 @@ import optax
 from tqdm.auto import tqdm
 
 from jmoe import routing as routing_lib
+from jmoe import xla_options
 from jmoe.model import Model, init_params, model_module
 
 
@@ -115,7 +116,7 @@ def train(config, batch_fn: Callable, tc: TrainConfig = TrainConfig(), *, tokeni
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
         state = mngr.restore(start, args=ocp.args.StandardRestore(abstract))
 
-    @jax.jit
+    @xla_options.jit
     def update(state, tokens, valid, answer, key):
         grad_fn = jax.value_and_grad(diffusion_loss, has_aux=True)
         (loss, metrics), grads = grad_fn(state["params"], config, tokens, valid, answer, key,

@@ -28,6 +28,7 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
+from jmoe import xla_options
 from jmoe.model import model_module
 from jmoe.sampling import budgets as budgets_lib
 from jmoe.sampling import remasking as rm
@@ -259,7 +260,7 @@ def initial_state(tokens_BL, prompt_region_BL, *, config, opts: SamplerOptions,
                         block=zero, step=zero, nfe=zero, work_S=work_S, trace=trace, cache=cache)
 
 
-@partial(jax.jit, static_argnames=("config", "opts"))
+@xla_options.jit(static_argnames=("config", "opts"))
 def run(params, tokens_BL, valid_BL, prompt_BL, key, knobs, *, config,
         opts: SamplerOptions) -> SamplerState:
     """The whole generation, all blocks and steps, as one compiled ``lax.while_loop``.

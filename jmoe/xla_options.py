@@ -1,0 +1,61 @@
+"""``jit``: ``jax.jit`` with jmoe's per-platform XLA compiler options.
+
+On CPU, jaxlib 0.10's XLA hands dots to its YNNPACK fusion, whose *batched*
+matmul at expert shapes (``[64, 128, 256] x [64, 256, 128]``) runs ~2.3x slower
+than XLA's own (Eigen) dot emitter; 2-D matmuls are the same either way. jmoe's
+expert compute is batched matmuls, so on CPU its compiled functions switch that
+fusion off (measured in ``benchmarks/forward.py``: the whole forward ~1.3x faster).
+The options go to these compilations only, never to the user's other programs.
+
+The options are probed once: an XLA that no longer knows a flag compiles without
+it rather than failing. ``JMOE_XLA_DEFAULTS=1`` keeps XLA's defaults everywhere.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+
+import jax
+import jax.numpy as jnp
+
+log = logging.getLogger("jmoe")
+
+CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
+
+
+@functools.cache
+def compiler_options(platform: str) -> dict | None:
+    """The options jmoe compiles with on ``platform`` (None: XLA's defaults)."""
+    if platform != "cpu" or os.environ.get("JMOE_XLA_DEFAULTS") == "1":
+        return None
+    try:
+        jax.jit(lambda x: x + 1, compiler_options=CPU_OPTIONS)(jnp.zeros(()))
+    except Exception as err:  # noqa: BLE001 - any rejection means: keep the defaults
+        log.info("jmoe: XLA rejected %s (%s); using XLA's defaults", CPU_OPTIONS, err)
+        return None
+    return dict(CPU_OPTIONS)
+
+
+def jit(fun=None, **jit_kwargs):
+    """Like ``jax.jit`` (same keywords), compiled with ``compiler_options`` of the
+    default backend, decided at the first call (importing jmoe starts no backend)."""
+    if fun is None:
+        return functools.partial(jit, **jit_kwargs)
+    compiled = {}
+
+    def get():
+        platform = jax.default_backend()
+        if platform not in compiled:
+            options = compiler_options(platform)
+            kwargs = dict(jit_kwargs, compiler_options=options) if options else jit_kwargs
+            compiled[platform] = jax.jit(fun, **kwargs)
+        return compiled[platform]
+
+    @functools.wraps(fun)
+    def call(*args, **kwargs):
+        return get()(*args, **kwargs)
+
+    call.lower = lambda *a, **k: get().lower(*a, **k)
+    return call

@@ -1,0 +1,34 @@
+"""jmoe's jit wrapper: per-platform compiler options, applied to jmoe's compilations only."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jmoe import xla_options
+
+
+def _batched_dot(a, b):
+    return jnp.einsum("ECD,EDF->ECF", a, b)
+
+
+def _hlo(fn, *args):
+    return fn.lower(*args).compile().as_text()
+
+
+def test_cpu_options_turn_off_ynn_dot_fusion_for_jmoe_only():
+    if jax.default_backend() != "cpu":
+        return
+    a, b = jnp.ones((4, 8, 16)), jnp.ones((4, 16, 8))
+    assert xla_options.compiler_options("cpu") == xla_options.CPU_OPTIONS
+    ours = _hlo(xla_options.jit(_batched_dot), a, b)
+    theirs = _hlo(jax.jit(_batched_dot), a, b)
+    assert "ynn_fusion" not in ours
+    # plain jax.jit keeps XLA's defaults (if this XLA still fuses dots into YNN at all)
+    assert "ynn_fusion" in theirs or "ynn" not in theirs
+
+
+def test_jit_wrapper_keeps_jax_jit_semantics():
+    f = xla_options.jit(lambda x, *, n: x * n, static_argnames=("n",))
+    np.testing.assert_array_equal(np.asarray(f(jnp.arange(3.0), n=2)), [0.0, 2.0, 4.0])
+    assert f.__name__ == "<lambda>"
+    assert xla_options.compiler_options("gpu") is None
