@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jmoe import moe, routing
+from jmoe import moe, routing, xla_options
 
 
 def timed(fns: dict, repeats: int) -> tuple[dict, dict]:
@@ -68,7 +68,7 @@ def available_backends(slow: bool) -> list[str]:
 
 
 def make_layer(backend, k_max, bias_E):
-    @jax.jit
+    @xla_options.jit  # jmoe's compiler options, as inside jmoe.forward
     def layer(x_TD, router_DE, w_gate_EDF, w_up_EDF, w_down_EFD, budget_T):
         logits_TE = jnp.einsum("TD,DE->TE", x_TD.astype(jnp.float32),
                                router_DE.astype(jnp.float32)) + bias_E

@@ -43,9 +43,13 @@ def model_module(config):
 
 
 def init_params(config, seed: int = 0):
-    """Random params for a config (normal(0.02) weights, unit norms)."""
+    """Random params for a config (normal(0.02) weights, unit norms).
+
+    Compiled as one program (about half the time of running ``init`` op by op;
+    the same values)."""
     tokens = jnp.zeros((1, 4), jnp.int32)
-    return model_module(config).init(jax.random.key(seed), tokens)["params"]
+    init = jax.jit(lambda key: model_module(config).init(key, tokens)["params"])
+    return init(jax.random.key(seed))
 
 
 def abstract_params(config, as_struct: bool = False):

@@ -88,22 +88,31 @@ BUCKET_GROWTH = 1.25  # padding waste <= 25%; each bucket is one more compiled b
 
 def capacity_buckets(num_assignments: int, num_tokens: int, num_experts: int,
                      max_load: int | None = None, growth: float | None = None) -> tuple[int, ...]:
-    """Static capacities: x``growth`` steps (multiples of 8) from 8 up to the dropless worst case.
+    """Static capacities (multiples of 8) from 8 up to the dropless worst case.
 
     A token meets an expert at most once (token choice: distinct top-k; expert
     choice: an expert picks distinct positions), so no expert ever holds more than
     min(T, A) assignments; expert choice bounds it further by B*C (``max_load``).
     The last bucket is that bound, so the largest real load always fits.
+
+    Steps are x``growth``, except between half and twice the mean load A/E, where
+    real loads land: there they are ~1/8 of the mean (a fine step costs a compiled
+    branch, a coarse one pads every expert).
     """
     worst = min(num_tokens, num_assignments)
     if max_load is not None:
         worst = min(worst, max_load)
     worst = max(worst, 1)
     growth = growth or BUCKET_GROWTH
+    mean = num_assignments / num_experts
+    fine = max(8, int(math.ceil(mean / 64)) * 8)
     caps, c = [], 8
     while c < worst:
         caps.append(c)
-        c = max(c + 8, int(math.ceil(c * growth / 8) * 8))
+        if mean / 2 <= c < 2 * mean:
+            c += fine
+        else:
+            c = max(c + 8, int(math.ceil(c * growth / 8) * 8))
     caps.append(worst)
     return tuple(caps)
 
@@ -120,11 +129,11 @@ def _sorted_slots(r):
 
 
 def overflow_buckets(worst: int) -> tuple[int, ...]:
-    """Static overflow capacities: 0 (no overflow, the usual case), then x2 steps to ``worst``."""
+    """Static overflow capacities: 0 (no overflow), steps of 8 to 32, then x2 steps to ``worst``."""
     caps, c = [0], 8
     while c < worst:
         caps.append(c)
-        c *= 2
+        c = c + 8 if c < 32 else c * 2
     caps.append(max(worst, 1))
     return tuple(caps)
 
@@ -152,16 +161,26 @@ def capacity_plan(counts_E, buckets, over_buckets, num_hot: int):
     return i_base, bucket_index(excess, over_buckets), hot_ids[:num_hot]
 
 
-def _slot_compute(x_pad, slot_S, token_sorted, weight_sorted, groups, cap, w_gate, w_up, w_down):
-    """Sorted rows into slots ``slot_S`` (>= groups*cap: not in this buffer), SwiGLU,
-    weighted scatter-add into ``[T+1, D]`` (row T collects the empty slots)."""
+def _slot_compute(x_pad, r, slot_A, groups, cap, w_gate, w_up, w_down):
+    """Assignments into slots ``slot_A`` (>= groups*cap: not in this buffer), SwiGLU on
+    the ``[groups, cap, D]`` buffer, and their weighted outputs summed per token ``[T, D]``.
+
+    Empty slots read the zero row T of ``x_pad``. Token-major routings (token choice)
+    combine with a gather (each token reads its K slots), others with a scatter-add.
+    """
     t1, d = x_pad.shape
-    slot_token = jnp.full((groups * cap,), t1 - 1, jnp.int32).at[slot_S].set(
-        token_sorted, mode="drop")
-    slot_w = jnp.zeros((groups * cap,), jnp.float32).at[slot_S].set(weight_sorted, mode="drop")
+    t = t1 - 1
+    slot_token = jnp.full((groups * cap,), t, jnp.int32).at[slot_A].set(r.token_A, mode="drop")
     y_GCD = swiglu_experts(x_pad[slot_token].reshape(groups, cap, d), w_gate, w_up, w_down)
-    y_SD = y_GCD.reshape(groups * cap, d) * slot_w[:, None].astype(y_GCD.dtype)
-    return jnp.zeros((t1, d), y_SD.dtype).at[slot_token].add(y_SD)
+    y_SD = y_GCD.reshape(groups * cap, d)
+    a = slot_A.shape[0]
+    if r.token_major and a % t == 0:
+        y_SD = jnp.concatenate([y_SD, jnp.zeros((1, d), y_SD.dtype)])  # row for "not here"
+        y_AD = y_SD[jnp.minimum(slot_A, groups * cap)] * r.weight_A[:, None].astype(y_SD.dtype)
+        return y_AD.reshape(t, a // t, d).sum(1)
+    slot_w = jnp.zeros((groups * cap,), jnp.float32).at[slot_A].set(r.weight_A, mode="drop")
+    y_SD = y_SD * slot_w[:, None].astype(y_SD.dtype)
+    return jnp.zeros((t1, d), y_SD.dtype).at[slot_token].add(y_SD)[:t]
 
 
 def bucketed_experts(x_TD, r, w_gate_EDF, w_up_EDF, w_down_EFD, buckets=None, num_hot=None):
@@ -171,42 +190,40 @@ def bucketed_experts(x_TD, r, w_gate_EDF, w_up_EDF, w_down_EFD, buckets=None, nu
     smallest overflow bucket holding the largest load's excess over C (0 when the
     loads are balanced), both picked at run time with ``lax.switch``, so nothing is
     ever dropped and the compute (E*C + H*C_o rows) falls with the budgets and does
-    not blow up when a few experts are hot. After the sort everything scales with
-    the buffers, not with A: gather the slot rows, batched SwiGLU einsums, then a
-    weighted scatter-add into the tokens. Empty slots read a zero row T, carry
-    weight 0, and add into a discarded row T. H defaults to max(1, E // 8).
+    not blow up when a few experts are hot. Each assignment's slot comes from its
+    rank among the assignments of its expert (a stable sort); then gather the slot
+    rows, batched SwiGLU einsums, and combine into the tokens. H defaults to
+    max(1, E // 4) (measured on a random OLMoE router: E*C + H*C_o ~1.3x the real
+    rows, against ~1.5x with E // 8).
     """
     t, d = x_TD.shape
     e = r.num_experts
     a = r.expert_A.shape[0]
     buckets = buckets or capacity_buckets(a, t, e, r.load_bound())
-    h = min(e, num_hot or max(1, e // 8))
+    h = min(e, num_hot or max(1, e // 4))
     over = overflow_buckets(max(buckets[-1] - buckets[0], 1))
-    order, sorted_e, pos, counts = _sorted_slots(r)
-    token_sorted = r.token_A[order]
-    weight_sorted = r.weight_A[order]
-    live = sorted_e < e
+    order, _, pos_sorted, counts = _sorted_slots(r)
+    pos_A = jnp.zeros_like(pos_sorted).at[order].set(pos_sorted)  # rank within its expert
+    live = r.live_A
     x_pad = jnp.concatenate([x_TD, jnp.zeros((1, d), x_TD.dtype)])  # row T reads as zeros
     i_base, i_over, hot_ids = capacity_plan(counts, buckets, over, h)
     cap_base = jnp.asarray(buckets)[i_base]
 
     def run_base(cap):
-        slot = jnp.where(live & (pos < cap), sorted_e * cap + pos, e * cap)
-        return _slot_compute(x_pad, slot, token_sorted, weight_sorted, e, cap,
-                             w_gate_EDF, w_up_EDF, w_down_EFD)
+        slot = jnp.where(live & (pos_A < cap), r.expert_A * cap + pos_A, e * cap)
+        return _slot_compute(x_pad, r, slot, e, cap, w_gate_EDF, w_up_EDF, w_down_EFD)
 
     def run_over(cap):
         if cap == 0:
-            return jnp.zeros((t + 1, d), x_TD.dtype)
+            return jnp.zeros((t, d), x_TD.dtype)
         hot_rank = jnp.full((e + 1,), h, jnp.int32).at[hot_ids].set(jnp.arange(h, dtype=jnp.int32))
-        rank, opos = hot_rank[sorted_e], pos - cap_base
+        rank, opos = hot_rank[r.expert_A], pos_A - cap_base
         slot = jnp.where(live & (opos >= 0) & (rank < h), rank * cap + opos, h * cap)
-        return _slot_compute(x_pad, slot, token_sorted, weight_sorted, h, cap,
+        return _slot_compute(x_pad, r, slot, h, cap,
                              w_gate_EDF[hot_ids], w_up_EDF[hot_ids], w_down_EFD[hot_ids])
 
     y = jax.lax.switch(i_base, [partial(run_base, c) for c in buckets])
-    y = y + jax.lax.switch(i_over, [partial(run_over, c) for c in over]).astype(y.dtype)
-    return y[:t]
+    return y + jax.lax.switch(i_over, [partial(run_over, c) for c in over]).astype(y.dtype)
 
 
 def ragged_experts(x_TD, r, w_gate_EDF, w_up_EDF, w_down_EFD):
