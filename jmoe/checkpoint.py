@@ -129,7 +129,8 @@ def load(path: str | os.PathLike | None = None, *, tokenizer: bool = True,
 
     ``config_overrides`` replace config fields for this load (an unknown field is
     a ValueError), e.g. ``causal=False``, ``mask_token_id=...``, ``dtype=...``,
-    ``moe_backend=...``. ``mesh=jmoe.make_mesh(...)`` returns params already placed
+    ``moe_backend=...``, ``routing="expert_choice"`` with ``capacity_factor=...`` (either
+    family). ``mesh=jmoe.make_mesh(...)`` returns params already placed
     on it (routed experts on ``expert``, the rest replicated) and runs the MoE
     layers expert-parallel; ``ep_capacity_factor`` sets its buffer policy.
 

@@ -309,6 +309,10 @@ class LLaDA2Config(MoEConfig):
     by ``score + expert_bias`` and weights by the unbiased scores, normalised over
     the kept experts and scaled by ``routed_scaling_factor``; q/k RMSNorm is per
     head and rotary covers ``rotary_fraction`` of each head.
+    ``routing="expert_choice"`` instead has each expert pick its top
+    ``ceil(capacity_factor * L * k / E)`` tokens of each sequence by sigmoid score,
+    weighted as token choice weights its kept experts; the group limit and the
+    selection bias do not apply (``routing.sigmoid_expert_choice``).
     ``attention_block_length``: None is full bidirectional attention; an int makes
     attention block-causal (a position in block j sees blocks <= j, blocks aligned
     to absolute positions from 0), as the reference ``generate`` runs it.

@@ -1,5 +1,9 @@
 """Routers and assignment: token-choice top-k, masked per-token top-k, expert choice.
 
+OLMoE scores softmax (``softmax_topk``, ``expert_choice``); LLaDA2 scores sigmoid
+(``sigmoid_group_topk``, ``sigmoid_expert_choice``). Both expert-choice routers
+pick through one ``expert_choice_slots``.
+
 Shape letters: B batch, L sequence, T tokens (flattened B*L), E experts, K experts
 per token (a static bound ``k_max``), C per-expert capacity (a static bound), A
 assignments. Router math is float32 throughout: in bfloat16, ties between close
@@ -163,40 +167,61 @@ def expert_capacities(length: int, k: int, num_experts: int,
                  for n in range(length + 1))
 
 
+def expert_choice_slots(select_BLE, valid_BL, *, k: int, capacity_factor: float):
+    """Each expert's picks within each sequence, the shared core of expert choice.
+
+    In sequence b of real length L_b expert e picks the ``C_b = min(L_b, ceil(cf *
+    L_b * k / E))`` valid positions with the highest ``select_BLE[b, :, e]`` (ties:
+    the earlier position, ``lax.top_k`` order). Returns ``(pos_BEC, live_BEC)``:
+    the picked positions best first, padded to the static bound ``C = C(L)``, and
+    which slots are real (the first C_b). Padding scores -inf, below every finite
+    score, and at most L_b slots are live, so padding is never picked.
+    """
+    b, l, e = select_BLE.shape
+    if valid_BL is None:
+        valid_BL = jnp.ones((b, l), bool)
+    caps = expert_capacities(l, k, e, capacity_factor)
+    score_BEL = jnp.where(valid_BL[:, None, :], jnp.swapaxes(select_BLE, 1, 2), -jnp.inf)
+    _, pos_BEC = jax.lax.top_k(score_BEL, caps[l])
+    c_B = jnp.asarray(caps, jnp.int32)[valid_BL.sum(-1)]
+    live_BEC = jnp.arange(caps[l])[None, None, :] < c_B[:, None, None]
+    return pos_BEC.astype(jnp.int32), live_BEC
+
+
+def expert_major_routing(pos_BEC, live_BEC, weight_BEC, logits_BLE) -> Routing:
+    """The ``Routing`` of expert-choice slots: slot ``(b, e, c)`` at ``(b*E + e)*C + c``."""
+    b, l, e = logits_BLE.shape
+    token_BEC = pos_BEC + (jnp.arange(b, dtype=jnp.int32) * l)[:, None, None]
+    expert_BEC = jnp.where(live_BEC, jnp.arange(e, dtype=jnp.int32)[None, :, None], e)
+    return Routing(token_A=token_BEC.reshape(-1).astype(jnp.int32),
+                   expert_A=expert_BEC.reshape(-1).astype(jnp.int32),
+                   weight_A=jnp.where(live_BEC, weight_BEC, 0.0).reshape(-1),
+                   logits_TE=logits_BLE.reshape(b * l, e), num_experts=e, token_major=False,
+                   max_load=b * pos_BEC.shape[-1])
+
+
 def expert_choice(logits_BLE, *, k: int, capacity_factor: float = 1.0, valid_BL=None) -> Routing:
-    """Expert-choice routing within each sequence (Zhou et al. 2022).
+    """Expert-choice routing within each sequence (Zhou et al. 2022), OLMoE's softmax scores.
 
     Router probabilities are the softmax over experts (float32). In sequence b of
     real length L_b, every expert picks its top ``C_b = min(L_b, ceil(cf * L_b * k /
     E))`` tokens by probability; the combine weight is that probability (not
     renormalised). Experts never pick across sequences, so a sequence's output does
-    not depend on its batch-mates, and padding positions are never picked (their
-    score is below every probability and at most L_b slots are live). A static bound
-    ``C = C(L)`` with a per-sequence slot mask keeps shapes static; masked slots get
-    the sentinel expert id. Ties: the earlier position wins (``lax.top_k`` order).
+    not depend on its batch-mates, and padding positions are never picked. A static
+    bound ``C = C(L)`` with a per-sequence slot mask keeps shapes static; masked
+    slots get the sentinel expert id. Ties: the earlier position wins (``lax.top_k``
+    order). The picking is ``expert_choice_slots``, shared with LLaDA2's
+    ``sigmoid_expert_choice``.
 
     Example:
         r = expert_choice(logits_BLE, k=2, capacity_factor=1.0, valid_BL=mask)
     """
     logits_BLE = logits_BLE.astype(jnp.float32)
-    b, l, e = logits_BLE.shape
-    if valid_BL is None:
-        valid_BL = jnp.ones((b, l), bool)
-    caps = expert_capacities(l, k, e, capacity_factor)
-    c_max = caps[l]
     probs_BLE = jax.nn.softmax(logits_BLE, axis=-1)
-    # padding scores -1 < any probability, so it sorts after every real token
-    score_BEL = jnp.where(valid_BL[:, None, :], jnp.swapaxes(probs_BLE, 1, 2), -1.0)
-    top_p_BEC, top_l_BEC = jax.lax.top_k(score_BEL, c_max)
-    c_B = jnp.asarray(caps, jnp.int32)[valid_BL.sum(-1)]
-    live_BEC = jnp.arange(c_max)[None, None, :] < c_B[:, None, None]
-    token_BEC = top_l_BEC + (jnp.arange(b, dtype=jnp.int32) * l)[:, None, None]
-    expert_BEC = jnp.where(live_BEC, jnp.arange(e, dtype=jnp.int32)[None, :, None], e)
-    weight_BEC = jnp.where(live_BEC, top_p_BEC, 0.0)
-    return Routing(token_A=token_BEC.reshape(-1).astype(jnp.int32),
-                   expert_A=expert_BEC.reshape(-1).astype(jnp.int32),
-                   weight_A=weight_BEC.reshape(-1), logits_TE=logits_BLE.reshape(b * l, e),
-                   num_experts=e, token_major=False, max_load=b * c_max)
+    pos_BEC, live_BEC = expert_choice_slots(probs_BLE, valid_BL, k=k,
+                                            capacity_factor=capacity_factor)
+    weight_BEC = jnp.take_along_axis(jnp.swapaxes(probs_BLE, 1, 2), pos_BEC, axis=2)
+    return expert_major_routing(pos_BEC, live_BEC, weight_BEC, logits_BLE)
 
 
 def load_balancing_stats(logits_TE, k: int, valid_T=None):
@@ -253,3 +278,46 @@ def sigmoid_group_topk(logits_TE, expert_bias_E, *, k_max: int, n_group: int, to
     token_TK = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[:, None], (t, k_max))
     return Routing(token_A=token_TK.reshape(-1), expert_A=expert_TK.reshape(-1),
                    weight_A=w_TK.reshape(-1), logits_TE=logits_TE, num_experts=e)
+
+
+def sigmoid_expert_choice(logits_BLE, *, k: int, capacity_factor: float = 1.0,
+                          scaling: float = 1.0, normalize: bool = True, valid_BL=None) -> Routing:
+    """LLaDA2 expert choice: sigmoid scores, each expert picks its top tokens per sequence.
+
+    Scores are ``s = sigmoid(logits)`` (float32). In sequence b of real length L_b
+    every expert picks its ``C_b = min(L_b, ceil(cf * L_b * k / E))`` valid tokens of
+    highest score: the capacity rule, tie-break (earlier position) and padding rule of
+    OLMoE's ``expert_choice``, through the same ``expert_choice_slots``. A token's
+    weights are the scores of the experts that picked it, normalised over those
+    experts (when ``normalize``; LLaDA2 token choice does so whenever top-k > 1) and
+    times ``scaling``: a token picked by some experts is weighted exactly as token
+    choice would weight that expert set. A token no expert picked gets no routed
+    output (the residual and the shared expert only).
+
+    Two token-choice terms do not apply. The group limit (``n_group`` /
+    ``topk_group``) restricts the experts a *token* may choose; here experts choose.
+    The selection bias ``expert_bias`` adds the same ``bias_e`` to every token's
+    score for expert e, so it cannot change which tokens e ranks highest (expert
+    choice balances load by construction, every expert taking C_b tokens); added in
+    float32 it would only round close scores into ties, so it is not an input.
+    Sigmoid is increasing: tokens are ranked by their logits, the score order without
+    float32 saturation (sigmoid rounds to 1.0 above a logit of about 17).
+
+    Example:
+        r = sigmoid_expert_choice(logits_BLE, k=8, capacity_factor=1.0, scaling=2.5,
+                                  valid_BL=mask)
+    """
+    logits_BLE = logits_BLE.astype(jnp.float32)
+    b, l, e = logits_BLE.shape
+    pos_BEC, live_BEC = expert_choice_slots(logits_BLE, valid_BL, k=k,
+                                            capacity_factor=capacity_factor)
+    scores_BEL = jax.nn.sigmoid(jnp.swapaxes(logits_BLE, 1, 2))
+    s_BEC = jnp.where(live_BEC, jnp.take_along_axis(scores_BEL, pos_BEC, axis=2), 0.0)
+    if normalize:
+        b_idx = jnp.arange(b)[:, None, None]
+        # each (b, e) row picks distinct positions: scatter, then sum the experts in order
+        picked_BEL = jnp.zeros((b, e, l), jnp.float32).at[
+            b_idx, jnp.arange(e)[None, :, None], pos_BEC].add(s_BEC)
+        denom_BEC = picked_BEL.sum(1)[b_idx, pos_BEC]
+        s_BEC = s_BEC / (denom_BEC + 1e-20)
+    return expert_major_routing(pos_BEC, live_BEC, s_BEC * scaling, logits_BLE)

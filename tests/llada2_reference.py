@@ -55,21 +55,56 @@ def gate(sd, pre, x, cfg):
     return idx, w * cfg["routed_scaling_factor"]
 
 
+def expert_choice_gate(sd, pre, x, valid, cfg, capacity_factor):
+    """Expert-choice combine weights ``[B, L, E]``, written from jmoe's spec (issue 5).
+
+    Scores ``sigmoid(logits)``; in sequence b of real length n, expert e picks the
+    ``min(n, ceil(cf * n * k / E))`` real tokens of highest ``score + expert_bias``
+    (stable: the earlier position wins a tie). A token's weights are the unbiased
+    scores of the experts that picked it, normalised over them when k > 1, times
+    ``routed_scaling_factor``. float64: the bias is a constant per expert here, so
+    this ranks exactly as the scores do (jmoe leaves the bias out).
+    """
+    logits = x.double() @ sd[f"{pre}.mlp.gate.weight"].double().T
+    scores = torch.sigmoid(logits)
+    biased = scores + sd[f"{pre}.mlp.gate.expert_bias"].double()
+    b, l, e = scores.shape
+    k = cfg["num_experts_per_tok"]
+    picked = torch.zeros(b, l, e, dtype=torch.bool)
+    for i in range(b):
+        real = torch.nonzero(valid[i])[:, 0]
+        n = len(real)
+        cap = min(n, math.ceil(capacity_factor * n * k / e))
+        for ex in range(e):
+            order = torch.sort(biased[i, real, ex], descending=True, stable=True).indices
+            picked[i, real[order[:cap]], ex] = True
+    w = torch.where(picked, scores, 0.0)
+    if k > 1:
+        w = w / (w.sum(-1, keepdim=True) + 1e-20)
+    return (w * cfg["routed_scaling_factor"]).float()
+
+
 def mlp(sd, pre, x):
     g = x @ sd[f"{pre}.gate_proj.weight"].T
     u = x @ sd[f"{pre}.up_proj.weight"].T
     return (F.silu(g) * u) @ sd[f"{pre}.down_proj.weight"].T
 
 
-def moe(sd, pre, x, cfg):
+def moe(sd, pre, x, cfg, expert_choice=None):
+    """``expert_choice``: None (token choice) or ``(valid [B, L], capacity_factor)``."""
     b, l, d = x.shape
     flat = x.reshape(-1, d)
-    idx, w = gate(sd, pre, flat, cfg)
-    out = torch.zeros_like(flat)
-    for tok in range(flat.shape[0]):
-        for j in range(idx.shape[1]):
-            out[tok] += w[tok, j] * mlp(sd, f"{pre}.mlp.experts.{int(idx[tok, j])}", flat[tok])
-    y = out.view(b, l, d)
+    if expert_choice is not None:
+        w = expert_choice_gate(sd, pre, x, expert_choice[0], cfg, expert_choice[1])
+        y = sum(w[..., ex, None] * mlp(sd, f"{pre}.mlp.experts.{ex}", x)
+                for ex in range(cfg["num_experts"]))
+    else:
+        idx, w = gate(sd, pre, flat, cfg)
+        out = torch.zeros_like(flat)
+        for tok in range(flat.shape[0]):
+            for j in range(idx.shape[1]):
+                out[tok] += w[tok, j] * mlp(sd, f"{pre}.mlp.experts.{int(idx[tok, j])}", flat[tok])
+        y = out.view(b, l, d)
     if cfg.get("num_shared_experts"):
         y = y + mlp(sd, f"{pre}.mlp.shared_experts", x)
     return y
@@ -93,8 +128,12 @@ def attention(sd, pre, x, mask4d, pos, cfg):
     return o @ sd[f"{pre}.attention.dense.weight"].T
 
 
-def forward(sd, cfg, input_ids, mask4d, pos):
-    """logits ``[B, L, V]``; ``mask4d`` additive ``[B, 1, L, L]``; ``pos`` ``[B, L]``."""
+def forward(sd, cfg, input_ids, mask4d, pos, expert_choice=None):
+    """logits ``[B, L, V]``; ``mask4d`` additive ``[B, 1, L, L]``; ``pos`` ``[B, L]``.
+
+    ``expert_choice``: None (the published token choice) or ``(valid [B, L] bool,
+    capacity_factor)`` to route every MoE layer by ``expert_choice_gate``.
+    """
     x = sd["model.word_embeddings.weight"][input_ids]
     eps = cfg["rms_norm_eps"]
     for i in range(cfg["num_hidden_layers"]):
@@ -104,7 +143,7 @@ def forward(sd, cfg, input_ids, mask4d, pos):
         if i < cfg["first_k_dense_replace"]:
             x = x + mlp(sd, f"{pre}.mlp", hs)
         else:
-            x = x + moe(sd, pre, hs, cfg)
+            x = x + moe(sd, pre, hs, cfg, expert_choice)
     x = rms(x, sd["model.norm.weight"], eps)
     return x @ sd["lm_head.weight"].T
 

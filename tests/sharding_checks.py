@@ -374,22 +374,40 @@ def olmoe_model_expert_choice():
     compare_forward(model, tokens_BL=tokens, attention_mask=mask)
 
 
-@check
-def llada2_model_budgets():
-    cfg = jmoe.LLaDA2Config(
-        vocab_size=71, hidden_size=32, num_layers=3, num_heads=4, num_kv_heads=2, head_dim=8,
-        intermediate_size=40, moe_intermediate_size=12, num_experts=8, num_experts_per_tok=3,
-        n_group=4, topk_group=2, num_shared_experts=1, first_k_dense_replace=1,
-        routed_scaling_factor=2.5, rotary_fraction=0.5, mask_token_id=70, eos_token_id=69,
-        pad_token_id=69, moe_backend="bucketed")
-    model = peaked(jmoe.random_model(cfg, seed=2))
+def tiny_llada2(**kw):
+    """The tiny LLaDA2 (tests/llada2_reference.py TINY) with peaked weights and a nonzero
+    expert bias."""
+    base = dict(vocab_size=71, hidden_size=32, num_layers=3, num_heads=4, num_kv_heads=2,
+                head_dim=8, intermediate_size=40, moe_intermediate_size=12, num_experts=8,
+                num_experts_per_tok=3, n_group=4, topk_group=2, num_shared_experts=1,
+                first_k_dense_replace=1, routed_scaling_factor=2.5, rotary_fraction=0.5,
+                mask_token_id=70, eos_token_id=69, pad_token_id=69, moe_backend="bucketed")
+    model = peaked(jmoe.random_model(jmoe.LLaDA2Config(**(base | kw)), seed=2))
     bias = jax.tree_util.tree_map_with_path(
         lambda p, a: a + 0.05 * jnp.arange(a.shape[0]) if p[-1].key == "expert_bias" else a,
         model.params)
-    model = model.replace(params=bias)
+    return model.replace(params=bias)
+
+
+@check
+def llada2_model_budgets():
+    model = tiny_llada2()
     tokens, mask, rng = tokens_and_mask(vocab=71, seed=2)
     compare_forward(model, ((2, 4),), tokens_BL=tokens, attention_mask=mask, max_experts=3,
                     experts_per_token=rng.integers(1, 4, tokens.shape))
+
+
+@check
+def llada2_model_expert_choice():
+    # sigmoid expert choice: each expert picks among the data shard's whole sequences
+    # (a padded batch; capacity 0.25 leaves some tokens unrouted). One dense and one MoE
+    # layer: the programs are compile-bound
+    model = tiny_llada2(routing="expert_choice", capacity_factor=0.25, num_layers=2)
+    tokens, mask, _ = tokens_and_mask(vocab=71, seed=5)
+    compare_forward(model, tokens_BL=tokens, attention_mask=mask)
+    _, aux = jmoe.forward(model, tokens, attention_mask=mask)
+    if not int(np.asarray(aux["unrouted_tokens"]).sum()) > 0:
+        raise AssertionError("capacity 0.25 should leave some tokens unrouted")
 
 
 @check

@@ -8,7 +8,9 @@ positions aligned from position 0; attention is block-causal across blocks),
 It reuses the shared layers (``Attention`` with per-head q/k norm and partial
 rotary, ``RMSNorm``, ``SwiGLU``), the ``Routing`` assignment list and the expert
 backends of ``jmoe.moe``; what differs from OLMoE is the router
-(``routing.sigmoid_group_topk``), the shared expert and the dense first layers.
+(``routing.sigmoid_group_topk``; with ``routing="expert_choice"``
+``routing.sigmoid_expert_choice``, see ``route``), the shared expert and the dense
+first layers.
 
 Params tree (what ``checkpoints_convert`` maps the HF keys onto):
   embed/embedding [V, D]
@@ -35,8 +37,45 @@ from jmoe.models.olmoe import positions_from_mask
 from jmoe.moe import expert_compute
 
 
+def route(config: LLaDA2Config, logits_TE, bias_E, valid_BL, budget_BL, k_max: int):
+    """The ``Routing`` of one LLaDA2 MoE layer under ``config.routing``.
+
+    ``token_choice``: ``routing.sigmoid_group_topk`` (group-limited top-k of the
+    biased sigmoid scores, per-token budgets allowed). ``expert_choice``:
+    ``routing.sigmoid_expert_choice`` within each sequence with k = ``k_max`` and
+    ``config.capacity_factor``; the group limit and the expert bias do not apply
+    (see there), weights keep token choice's normalisation and
+    ``routed_scaling_factor``. Per-token budgets are a ValueError there.
+    """
+    c = config
+    b, l = valid_BL.shape
+    normalize = c.num_experts_per_tok > 1  # as the reference: renormalise when top-k > 1
+    if c.routing == "expert_choice":
+        if budget_BL is not None:
+            raise ValueError("per-token experts_per_token budgets apply to routing="
+                             "'token_choice'; LLaDA2 with routing='expert_choice' takes a "
+                             "scalar k only")
+        return routing_lib.sigmoid_expert_choice(
+            logits_TE.reshape(b, l, -1), k=k_max, capacity_factor=c.capacity_factor,
+            scaling=c.routed_scaling_factor, normalize=normalize, valid_BL=valid_BL)
+    if c.routing != "token_choice":
+        raise ValueError(f"routing={c.routing!r}: expected 'token_choice' or 'expert_choice'")
+    budget_T = None if budget_BL is None else jnp.broadcast_to(budget_BL, (b, l)).reshape(-1)
+    return routing_lib.sigmoid_group_topk(
+        logits_TE, bias_E, k_max=k_max, n_group=c.n_group, topk_group=c.topk_group,
+        scaling=c.routed_scaling_factor, normalize=normalize, budget_T=budget_T,
+        valid_T=valid_BL.reshape(-1))
+
+
 class LLaDA2MoE(nn.Module):
-    """Routed experts (sigmoid group-limited top-k) plus always-on shared experts."""
+    """Routed experts plus always-on shared experts.
+
+    Routing (``route``): token choice is sigmoid group-limited top-k; expert choice
+    has each expert pick its top ``C = ceil(capacity_factor * L * k / E)`` tokens of
+    each sequence by sigmoid score. The shared experts run on every token either way.
+    aux as ``jmoe.moe.MoEBlock``: ``expert_ids``/``expert_weights`` ``[B, L, K]`` with
+    K = k_max for token choice and K = E for expert choice.
+    """
 
     config: LLaDA2Config
 
@@ -57,33 +96,26 @@ class LLaDA2MoE(nn.Module):
         x_TD = x_BLD.reshape(b * l, d)
         valid_T = valid_BL.reshape(-1)
         logits_TE = x_TD.astype(jnp.float32) @ router_DE.astype(jnp.float32)
-        budget_T = None if budget_BL is None else jnp.broadcast_to(budget_BL, (b, l)).reshape(-1)
-        if c.routing != "token_choice":
-            raise ValueError(f"routing={c.routing!r}: LLaDA2 supports 'token_choice' here")
-        r = routing_lib.sigmoid_group_topk(
-            logits_TE, bias_E, k_max=k_max, n_group=c.n_group, topk_group=c.topk_group,
-            scaling=c.routed_scaling_factor, normalize=c.num_experts_per_tok > 1,
-            budget_T=budget_T, valid_T=valid_T)
+        r = route(c, logits_TE, bias_E, valid_BL, budget_BL, k_max)
         ep = sharding.expert_parallel_active(c.mesh)
         if ep:
-            route_fn = lambda lg, v, k, p: routing_lib.sigmoid_group_topk(
-                lg, p["expert_bias"], k_max=k_max, n_group=c.n_group, topk_group=c.topk_group,
-                scaling=c.routed_scaling_factor, normalize=c.num_experts_per_tok > 1,
-                budget_T=None if k is None else k.reshape(-1), valid_T=v.reshape(-1))
+            route_fn = lambda lg, v, k, p: route(c, lg, p["expert_bias"], v, k, k_max)
             y_BLD, dropped = sharding.expert_parallel_moe(
                 c.mesh, x_BLD, logits_TE.reshape(b, l, e), valid_BL, budget_BL, w_gate, w_up,
                 w_down, route_fn=route_fn, route_params={"expert_bias": bias_E},
-                backend=c.moe_backend, capacity_factor=c.ep_capacity_factor)
+                backend=c.moe_backend, expert_choice=c.routing == "expert_choice",
+                capacity_factor=c.ep_capacity_factor)
             y_TD = y_BLD.reshape(b * l, d)
         else:
             y_TD = expert_compute(c.moe_backend, x_TD, r, w_gate, w_up, w_down)
         y_BLD = y_TD.reshape(b, l, d).astype(x_BLD.dtype)
         if c.num_shared_experts:
             y_BLD = y_BLD + SwiGLU(f * c.num_shared_experts, dt, name="shared")(x_BLD)
+        ids_TK, w_TK = r.per_token()
         aux = {
             "router_logits": logits_TE.reshape(b, l, e),
-            "expert_ids": r.expert_A.reshape(b, l, k_max),
-            "expert_weights": r.weight_A.reshape(b, l, k_max),
+            "expert_ids": ids_TK.reshape(b, l, -1),
+            "expert_weights": w_TK.reshape(b, l, -1),
             "expert_counts": r.expert_counts(),
             "routed_pairs": r.live_A.sum(),
             "unrouted_tokens": r.unrouted_tokens(valid_T),
@@ -129,6 +161,9 @@ class LLaDA2Model(nn.Module):
     their keys/values are written into the buffers there, queries attend
     block-causally to buffer positions ``< offset + L``, and the call returns
     ``(logits_BLV, aux, cache)``. Keys/values of earlier blocks are read, not recomputed.
+    A cached call needs ``routing="token_choice"``: under expert choice a token's
+    experts depend on the whole sequence, so it is a ValueError (generate with
+    ``cache=False``).
     """
 
     config: LLaDA2Config
@@ -144,6 +179,11 @@ class LLaDA2Model(nn.Module):
                          embedding_init=default_init, name="embed")
         x = embed(tokens_BL)
         if cache is not None:
+            if c.routing == "expert_choice":
+                raise ValueError(
+                    "routing='expert_choice' cannot run a cached block call: each expert "
+                    "picks among the whole sequence's tokens, which a call on one block "
+                    "does not see; generate with cache=False (jmoe.generate(..., cache=False))")
             pos, bias = _cached_block_geometry(c, tokens_BL.shape, cache["k"].shape[2], offset)
         else:
             pos = positions_from_mask(valid_BL)
