@@ -38,24 +38,34 @@ def compiler_options(platform: str) -> dict | None:
     return dict(CPU_OPTIONS)
 
 
+class _Jit:
+    """A ``jax.jit`` built at the first call for the default backend; every other
+    attribute (``lower``, ``trace``, ``_cache_size``, ...) is the jitted function's."""
+
+    def __init__(self, fun, jit_kwargs):
+        functools.update_wrapper(self, fun)
+        self._fun, self._jit_kwargs, self._by_platform = fun, jit_kwargs, {}
+
+    def _jitted(self):
+        platform = jax.default_backend()
+        if platform not in self._by_platform:
+            options = compiler_options(platform)
+            kwargs = dict(self._jit_kwargs, compiler_options=options) if options else self._jit_kwargs
+            self._by_platform[platform] = jax.jit(self._fun, **kwargs)
+        return self._by_platform[platform]
+
+    def __call__(self, *args, **kwargs):
+        return self._jitted()(*args, **kwargs)
+
+    def __getattr__(self, name):
+        if name.startswith("__") or name in ("_fun", "_jit_kwargs", "_by_platform"):
+            raise AttributeError(name)
+        return getattr(self._jitted(), name)
+
+
 def jit(fun=None, **jit_kwargs):
     """Like ``jax.jit`` (same keywords), compiled with ``compiler_options`` of the
     default backend, decided at the first call (importing jmoe starts no backend)."""
     if fun is None:
         return functools.partial(jit, **jit_kwargs)
-    compiled = {}
-
-    def get():
-        platform = jax.default_backend()
-        if platform not in compiled:
-            options = compiler_options(platform)
-            kwargs = dict(jit_kwargs, compiler_options=options) if options else jit_kwargs
-            compiled[platform] = jax.jit(fun, **kwargs)
-        return compiled[platform]
-
-    @functools.wraps(fun)
-    def call(*args, **kwargs):
-        return get()(*args, **kwargs)
-
-    call.lower = lambda *a, **k: get().lower(*a, **k)
-    return call
+    return _Jit(fun, jit_kwargs)

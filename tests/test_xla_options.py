@@ -32,3 +32,10 @@ def test_jit_wrapper_keeps_jax_jit_semantics():
     np.testing.assert_array_equal(np.asarray(f(jnp.arange(3.0), n=2)), [0.0, 2.0, 4.0])
     assert f.__name__ == "<lambda>"
     assert xla_options.compiler_options("gpu") is None
+
+
+def test_jit_wrapper_exposes_the_jitted_function():
+    f = xla_options.jit(lambda x: x + 1)
+    f(jnp.zeros(2))
+    assert f._cache_size() == 1
+    assert "add" in f.lower(jnp.zeros(2)).as_text()
