@@ -5,9 +5,10 @@ and early-stop rules. NumPy float64 for everything after the model call; one
 ``jmoe.forward`` per step on the batch left-padded to its longest prompt (no
 bucketing). Only the random stream is shared with the library, as a documented
 convention: call ``nfe`` uses ``split(fold_in(key(seed), nfe))`` -> (noise, rand)
-keys, row ``b`` draws ``uniform(fold_in(noise, b), [G, V])`` for the Gumbel noise
-and ``uniform(fold_in(rand, b), [G])`` for random confidences, both in
-``[float32 tiny, 1)``. The mask token is never predicted (its logit is -inf).
+keys, generated position ``g`` of row ``b`` draws ``uniform(fold_in(fold_in(noise, b),
+g), [V])`` for the Gumbel noise and ``uniform(fold_in(fold_in(rand, b), g), [])`` for a
+random confidence, both in ``[float32 tiny, 1)``. The mask token is never predicted
+(its logit is -inf).
 """
 
 from __future__ import annotations
@@ -22,6 +23,12 @@ TINY = float(np.finfo(np.float32).tiny)
 
 def _uniform(key, shape):
     return np.asarray(jax.random.uniform(key, shape, minval=TINY, maxval=1.0), np.float64)
+
+
+def _position_uniforms(key, b, shape, positions):
+    """Row ``b``'s draws, one key per generated position: ``[len(positions), *shape]``."""
+    row = jax.random.fold_in(key, b)
+    return np.stack([_uniform(jax.random.fold_in(row, g), shape) for g in positions])
 
 
 def _softmax(x):
@@ -103,7 +110,7 @@ def reference_generate(model, rows, *, gen_length, block_length, steps, temperat
             for b in range(B):
                 lg = logits[b]
                 if temperature > 0:
-                    u = _uniform(jax.random.fold_in(k_noise, b), lg.shape)
+                    u = _position_uniforms(k_noise, b, lg.shape[-1:], range(G))
                     x0 = np.argmax(np.exp(lg) / (-np.log(u)) ** temperature, -1)
                 else:
                     x0 = np.argmax(lg, -1)
@@ -113,7 +120,7 @@ def reference_generate(model, rows, *, gen_length, block_length, steps, temperat
                         lc[:, eos_id] = -np.inf
                     c = _softmax(lc)[np.arange(G), x0]
                 else:
-                    c = _uniform(jax.random.fold_in(k_rand, b), (G,))
+                    c = _position_uniforms(k_rand, b, (), range(G))
                 conf = np.where(cand[b], c, -np.inf)
                 sched = _schedule(block_length, spb, i)
                 if threshold is None:

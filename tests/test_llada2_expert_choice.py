@@ -246,18 +246,19 @@ def test_cached_call_is_an_error(checkpoint):
             {"params": model.params}, jnp.zeros((1, 4), jnp.int32), None, None, 3,
             cache=cache, offset=0))
     with pytest.raises(ValueError, match=r"routing='expert_choice'.*cache=False"):
-        jmoe.generate(model, [[5, 17, 42, 8]], gen_length=4, block_length=4, steps=4)
+        jmoe.generate(model, [[5, 17, 42, 8]], gen_length=4, block_length=4, steps=4,
+                      cache=True)
 
 
 def test_uncached_generate_matches_reference_loop(checkpoint):
     """LLaDA2's generate, one prompt block + one generated block, 4 steps, one commit a
     step (threshold 1.0 is never exceeded, so the schedule count decides). Uncached, the
-    model runs on the whole 8-position canvas, so experts pick among all of it."""
+    model runs on the whole 8-position canvas, so experts pick among all of it; uncached
+    is the default under expert choice."""
     sd, ck = checkpoint
     model = jmoe.load(ck, routing="expert_choice", moe_backend="dense")
     prompt = [5, 17, 42, 8]
-    out = jmoe.generate(model, [prompt], gen_length=4, block_length=4, steps=4, threshold=1.0,
-                        cache=False)
+    out = jmoe.generate(model, [prompt], gen_length=4, block_length=4, steps=4, threshold=1.0)
     x = torch.full((8,), MASK, dtype=torch.long)
     x[:4] = torch.as_tensor(prompt)
     for _ in range(4):

@@ -144,6 +144,64 @@ def test_batch_rows_match_single_prompts(checkpoint):
         assert _answer(both.tokens[i], 6, 10) == _answer(one.tokens[0], 6, 10)
 
 
+def test_mixed_prompt_lengths_match_each_prompt_alone(checkpoint):
+    """Rows of different lengths in one batch: each row as LLaDA2's generate alone.
+
+    P = 3 (tail in block 0, stops at an EOS in block 1), 8 (fills blocks 0-1), 21 (tail in
+    block 5): the rows' regions start in blocks 0, 2 and 5, the long prompt's blocks 0-4
+    are prompt only (cached: stored by block fills, not the prefill) and block 4 holds no
+    row's masks at all.
+    """
+    sd, model = checkpoint
+    prompts = [[1, 2, 3], PROMPTS["fills_blocks"], list(range(30, 51))]
+    g, pmax = 6, 21
+    kw = dict(gen_length=g, block_length=BLOCK, steps=3)
+    for threshold in (None, 0.3):
+        want = [reference_generate(sd, p, threshold=threshold, **kw)[0] for p in prompts]
+        outs = {c: generate(model, prompts, threshold=threshold or 1.0, cache=c,
+                            return_trace=True, **kw) for c in (False, True)}
+        for cache, out in outs.items():
+            assert out.tokens.shape == (3, pmax + g)
+            for i, p in enumerate(prompts):  # left-padded to the longest prompt
+                np.testing.assert_array_equal(out.tokens[i, :pmax - len(p)], EOS)  # pad id
+                np.testing.assert_array_equal(out.tokens[i, pmax - len(p):pmax], p)
+                assert _answer(out.tokens[i], pmax, g) == want[i], (threshold, cache, i)
+            assert 4 not in out.trace["block"]  # the empty block made no model call
+            assert not out.trace["committed"][:, :, :pmax].any()  # prompts never change
+        assert EOS in want[0] and EOS not in want[1] + want[2]
+        np.testing.assert_array_equal(outs[True].trace["committed"],
+                                      outs[False].trace["committed"])
+        assert outs[True].nfe == outs[False].nfe
+
+
+def test_cached_guidance_and_sampling_equal_uncached(checkpoint, monkeypatch):
+    """Cached CFG (the prompt-masked copies in their own K/V rows) and sampled runs give
+    the uncached tokens; the random stream does not depend on the call's shape."""
+    _, model = checkpoint
+    prompts = [PROMPTS["prompt_tail_in_block"], [9, 8, 7, 6, 5, 4, 3, 2, 1]]  # P = 6, 9
+    seen = []
+    real = llada2_model.rope_tables
+    monkeypatch.setattr(llada2_model, "rope_tables",
+                        lambda pos, *a: seen.append(pos.shape) or real(pos, *a))
+    jax.clear_caches()  # trace afresh so the shapes are recorded
+    kw = dict(gen_length=10, block_length=BLOCK, steps=3, threshold=0.3)
+    # sampled: Gumbel noise and random confidences, both drawn per position
+    cases = {"cfg": dict(cfg_scale=1.5),
+             "sampled": dict(temperature=1.0, remasking="random", seed=5)}
+    for name, extra in cases.items():
+        seen[:] = []
+        plain = generate(model, prompts, cache=False, **kw, **extra)
+        uncached_shapes, seen[:] = set(seen), []
+        cached = generate(model, prompts, cache=True, **kw, **extra)
+        b = 4 if name == "cfg" else 2  # guidance: both halves in one call, 2B rows
+        # canvas 20; cached: block 0 (prefill: the prompts share no more), then blocks
+        assert uncached_shapes == {(b, 20)} and set(seen) == {(b, BLOCK)}, name
+        np.testing.assert_array_equal(cached.tokens, plain.tokens, err_msg=name)
+        assert cached.nfe == plain.nfe, name
+    other = generate(model, prompts, cache=True, **kw, **dict(extra, seed=6))
+    assert not np.array_equal(other.tokens, cached.tokens)  # the key matters
+
+
 def test_convention_defaults_and_errors(checkpoint):
     _, model = checkpoint
     assert resolve_convention(model.config, None, None) == ("llada2", True)
@@ -156,8 +214,6 @@ def test_convention_defaults_and_errors(checkpoint):
         resolve_convention(olmoe, "llada2", None)
     with pytest.raises(ValueError, match="convention="):
         resolve_convention(olmoe, "dream", None)
-    with pytest.raises(ValueError, match="equal length"):
-        generate(model, [[1, 2, 3], [1, 2]], gen_length=8, block_length=BLOCK)
     with pytest.raises(ValueError, match="cache=True"):
         generate(model, [[1, 2]], gen_length=8, block_length=BLOCK, convention="llada",
                  cache=True)

@@ -3,7 +3,8 @@ adaptive expert budgets and, for LLaDA2, an exact K/V cache of finished blocks.
 
 Shape letters: B batch, P the batch's longest prompt, G generated positions
 (``gen_length``), L = P + G, S model calls. Host-side work only: resolve options,
-tokenise and left-pad the prompts into a length bucket, call the compiled loop
+tokenise and left-pad the prompts into a length bucket (llada2: lay each row out from
+position 0 on a canvas of whole blocks), call the compiled loop
 (``jmoe.sampling.loop.run``) once, and cut the bucket away again.
 """
 
@@ -36,9 +37,10 @@ class GenerateOutput:
     experts_per_token ``[B, P + G]`` final budgets (0 on padding)
     remask_count      ``[B, P + G]`` update rounds each position stayed masked (0 on prompts)
     expert_work       routed token-expert pairs summed over model calls and layers
-    trace             with ``return_trace``, per model call ``[nfe, B, G]`` arrays:
-                      ``committed``, ``experts_per_token`` (the budgets the call used),
-                      ``remask_count`` (after the call); ``block [nfe]``; ``work [nfe]``
+    trace             with ``return_trace``, per model call ``[nfe, B, G]`` arrays (llada2:
+                      ``[nfe, B, P + G]``, the columns of ``tokens``): ``committed``,
+                      ``experts_per_token`` (the budgets the call used), ``remask_count``
+                      (after the call); ``block [nfe]``; ``work [nfe]``
     """
 
     tokens: np.ndarray
@@ -100,7 +102,8 @@ CONVENTIONS = ("llada", "llada2")
 
 def resolve_convention(config, convention, cache) -> tuple[str, bool]:
     """``convention`` defaults to the family's (llada2 for LLaDA2 models); ``cache``
-    (the exact K/V cache of finished blocks) defaults to on for llada2."""
+    (the exact K/V cache of finished blocks) defaults to on for llada2, except under
+    expert-choice routing, which needs the whole sequence in every call."""
     if convention is None:
         convention = "llada2" if config.family == "llada2" else "llada"
     if convention not in CONVENTIONS:
@@ -108,8 +111,13 @@ def resolve_convention(config, convention, cache) -> tuple[str, bool]:
     if convention == "llada2" and config.family != "llada2":
         raise ValueError(f"convention='llada2' needs block-causal attention, which the "
                          f"{config.family!r} family does not have: use convention='llada'")
+    expert_choice = getattr(config, "routing", "token_choice") == "expert_choice"
     if cache is None:
-        cache = convention == "llada2"
+        cache = convention == "llada2" and not expert_choice
+    if cache and expert_choice:
+        raise ValueError("cache=True with routing='expert_choice': each expert picks among "
+                         "the whole sequence's tokens, which a cached call on one block does "
+                         "not see; use cache=False (the default for expert choice)")
     if cache and convention != "llada2":
         raise ValueError(f"cache=True needs convention='llada2' (got convention="
                          f"{convention!r}): the LLaDA convention has no block-causal attention")
@@ -140,9 +148,6 @@ def resolve_options(config, *, gen_length, block_length, steps, temperature, cfg
     threshold = _default(threshold, gen, ("threshold",), None)
     if threshold_floor is None:
         threshold_floor = "schedule" if convention == "llada2" else "one"
-    if cache and float(cfg_scale) > 0:
-        raise ValueError(f"cfg_scale={cfg_scale!r} is not supported with cache=True: pass "
-                         "cache=False for classifier-free guidance")
     if remasking not in rm.REMASKINGS:
         raise ValueError(f"remasking={remasking!r}: expected one of {rm.REMASKINGS}")
     if threshold_floor not in rm.THRESHOLD_FLOORS:
@@ -215,9 +220,11 @@ def generate(model, prompts, *, gen_length=None, block_length=None, steps=None,
     and ``steps`` over the whole generation; ``"llada2"`` LLaDA2's generate: blocks
     aligned to absolute positions (the first may hold the prompt's tail), block-causal
     attention, ``steps`` per block, threshold strictly greater with the schedule as
-    floor, stop after a block holding EOS. ``cache`` (llada2, default on for LLaDA2
+    floor, stop after a block holding EOS; prompts of different lengths in one batch
+    each generate as they would alone. ``cache`` (llada2, default on for LLaDA2
     models): keys/values of the prompt and of each finished block are computed once
-    and each step runs the model on the current block only (same tokens).
+    and each step runs the model on the current block only (same tokens, with
+    ``cfg_scale`` and ``temperature`` too: the random stream is keyed per position).
 
     Example:
         out = jmoe.generate(model, ["Hello", "Hi"], gen_length=64, block_length=32,
@@ -259,61 +266,71 @@ def _knobs(temperature, cfg_scale, threshold):
 
 def _generate_llada2(model, rows, opts: SamplerOptions, *, seed, temperature, cfg_scale,
                      threshold) -> GenerateOutput:
-    """LLaDA2's layout: a canvas of whole aligned blocks, prompt at position 0.
+    """LLaDA2's layout: each row on a canvas of whole aligned blocks from position 0.
 
-    The loop's generated region (``G'``) starts at block ``P // block_length``; the
-    output is the canvas cut to ``P + gen_length`` as LLaDA2's generate returns it.
+    Row ``i`` (prompt length ``P_i``) holds its prompt, then masks up to its own last
+    block ``ceil((P_i + G) / block_length)``, then padding: positions equal canvas
+    columns in every row, so blocks are the same columns for all rows (and the K/V
+    cache offsets too). The loop's generated region (``G'``) starts at the first block
+    holding some row's prompt tail, ``min_i P_i // block_length``; each row's output is
+    its prompt and ``gen_length`` positions, left-padded to the longest prompt.
     """
     config = model.config
-    p, g = len(rows[0]), opts.gen_length
-    if any(len(r) != p for r in rows):
-        raise ValueError(f"convention='llada2' needs prompts of equal length (LLaDA2's blocks "
-                         f"are aligned to absolute positions); got lengths "
-                         f"{sorted({len(r) for r in rows})}")
-    bl = opts.block_length
+    bl, g = opts.block_length, opts.gen_length
+    lens = np.array([len(r) for r in rows])
+    ends = -(-(lens + g) // bl) * bl  # each row's canvas: whole blocks
+    l = int(ends.max())
     if threshold is None and config.generation:
         threshold = config.generation.get("threshold")
-    l = -(-(p + g) // bl) * bl
     if l > config.max_position_embeddings:
-        raise ValueError(f"prompt length {p} + gen_length {g} padded to whole blocks = {l} "
-                         f"exceeds the model's max_position_embeddings="
+        raise ValueError(f"prompt length {int(lens.max())} + gen_length {g} padded to whole "
+                         f"blocks = {l} exceeds the model's max_position_embeddings="
                          f"{config.max_position_embeddings}")
-    inner = dataclasses.replace(opts, gen_length=l - (p // bl) * bl)
-    tokens = np.full((len(rows), l), opts.mask_id, np.int32)
-    tokens[:, :p] = np.asarray(rows, np.int32).reshape(len(rows), p)
-    valid = np.ones(tokens.shape, bool)
-    prompt = np.broadcast_to(np.arange(l) < p, tokens.shape)
+    inner = dataclasses.replace(opts, gen_length=l - int((lens // bl).min()) * bl)
+    pad_id = _pad_id(config)
+    cols = np.arange(l)
+    tokens = np.where(cols < ends[:, None], opts.mask_id, pad_id).astype(np.int32)
+    for i, r in enumerate(rows):
+        tokens[i, :len(r)] = r
+    valid = cols < ends[:, None]
+    prompt = cols < lens[:, None]
     loop_config = config.replace(attention_block_length=bl)
     s = loop.run(model.params, jnp.asarray(tokens), jnp.asarray(valid), jnp.asarray(prompt),
                  jax.random.key(seed), _knobs(temperature, cfg_scale, threshold),
                  config=loop_config, opts=inner)
-    return _output(model, s, valid, 0, inner, _pad_id(config), keep=p + g, gen_length=g)
+    return _output_llada2(model, _output(model, s, valid, 0, inner, pad_id), lens, g, inner,
+                          pad_id)
 
 
-def _output(model, s, valid, cut: int, opts: SamplerOptions, pad_id: int, keep=None,
-            gen_length=None) -> GenerateOutput:
-    """``keep``/``gen_length`` (llada2): canvas positions returned and generated."""
-    out = _raw_output(model, s, valid, cut, opts, pad_id)
-    if keep is None:
-        return out
-    k, g_int = keep, opts.gen_length
-    pad = lambda a: np.concatenate([np.zeros(a.shape[:-1] + (out.tokens.shape[-1] - g_int,),
-                                             a.dtype), a], -1)[..., :k]
+def _output_llada2(model, out: GenerateOutput, lens, g: int, opts: SamplerOptions,
+                   pad_id: int) -> GenerateOutput:
+    """Canvas columns to the output's: row ``i``'s first ``P_i + G`` columns, right-aligned
+    to ``max P + G`` (left-padded as the llada layout). Trace arrays, ``[nfe, B, G']``
+    over the loop's region, come back on the same ``[nfe, B, max P + G]`` columns."""
+    l, g_int = out.tokens.shape[-1], opts.gen_length
+    src_BK = np.arange(int(lens.max()) + g)[None] - (lens.max() - lens)[:, None]
+    inside_BK = src_BK >= 0
+    src_BK = np.maximum(src_BK, 0)
+
+    def relayout(a_L, fill=0):
+        got = np.take_along_axis(a_L, np.broadcast_to(src_BK, a_L.shape[:-2] + src_BK.shape), -1)
+        return np.where(inside_BK, got, fill).astype(a_L.dtype)
+
+    tokens = relayout(out.tokens, pad_id)
     trace = out.trace
-    if trace is not None:
-        trace = dict(trace, **{n: pad(trace[n]) for n in ("committed", "experts_per_token",
-                                                          "remask_count")})
+    if trace is not None:  # the loop's region back on canvas columns, then relaid
+        canvas = lambda a: np.concatenate([np.zeros(a.shape[:-1] + (l - g_int,), a.dtype), a], -1)
+        trace = dict(trace, **{n: relayout(canvas(trace[n]))
+                               for n in ("committed", "experts_per_token", "remask_count")})
     texts = None
     if model.tokenizer is not None:
-        texts = [model.tokenizer.decode(_cut_eos(r[k - gen_length:k], opts.eos_id))
-                 for r in out.tokens.tolist()]
-    return dataclasses.replace(out, tokens=out.tokens[:, :k], texts=texts,
-                               experts_per_token=out.experts_per_token[:, :k],
-                               remask_count=out.remask_count[:, :k], trace=trace)
+        texts = [model.tokenizer.decode(_cut_eos(r[-g:], opts.eos_id)) for r in tokens.tolist()]
+    return dataclasses.replace(out, tokens=tokens, texts=texts,
+                               experts_per_token=relayout(out.experts_per_token),
+                               remask_count=relayout(out.remask_count), trace=trace)
 
 
-def _raw_output(model, s, valid, cut: int, opts: SamplerOptions,
-                pad_id: int) -> GenerateOutput:
+def _output(model, s, valid, cut: int, opts: SamplerOptions, pad_id: int) -> GenerateOutput:
     s = jax.device_get(s)
     valid = valid[:, cut:]
     tokens = np.where(valid, np.asarray(s.tokens_BL)[:, cut:], pad_id)

@@ -6,10 +6,12 @@ position holds the mask token; *committing* it writes its sampled token; the
 *remasked* (stay masked) for a later step.
 
 Random stream (shared with the test's reference loop): model call ``nfe``
-(0-based) uses ``k_noise, k_rand = split(fold_in(key(seed), nfe))`` and row ``b``
-draws from ``fold_in(k_noise, b)`` (Gumbel uniforms ``[G, V]``) and
-``fold_in(k_rand, b)`` (random confidences ``[G]``), so a row's stream does not
-depend on the prompt bucket.
+(0-based) uses ``k_noise, k_rand = split(fold_in(key(seed), nfe))`` and generated
+position ``g`` of row ``b`` draws from ``fold_in(fold_in(k_noise, b), g)`` (Gumbel
+uniforms ``[V]``) and ``fold_in(fold_in(k_rand, b), g)`` (a random confidence). Keys
+per position make the stream independent of the call's shape: a row's draws do not
+depend on the prompt bucket, and a cached block call (``[B, block_length]`` logits)
+draws exactly what the uncached call (``[B, G]``) draws on the block's positions.
 """
 
 from __future__ import annotations
@@ -22,12 +24,16 @@ THRESHOLD_FLOORS = ("one", "schedule")
 _TINY = float(jnp.finfo(jnp.float32).tiny)
 
 
-def step_keys(key, nfe, batch: int):
-    """Per-row ``(noise_B, rand_B)`` keys of model call ``nfe``."""
+def step_keys(key, nfe, batch: int, positions_G):
+    """Per-position ``(noise_BG, rand_BG)`` keys of model call ``nfe``.
+
+    ``positions_G``: the generated-region indices the call's logits cover (all of
+    them uncached, the current block's when cached).
+    """
     k_noise, k_rand = jax.random.split(jax.random.fold_in(key, nfe))
-    rows = jnp.arange(batch)
-    per_row = jax.vmap(jax.random.fold_in, in_axes=(None, 0))
-    return per_row(k_noise, rows), per_row(k_rand, rows)
+    fold = jax.vmap(jax.random.fold_in, in_axes=(None, 0))
+    grid = lambda k: jax.vmap(fold, in_axes=(0, None))(fold(k, jnp.arange(batch)), positions_G)
+    return grid(k_noise), grid(k_rand)
 
 
 def uniforms(key, shape):
@@ -43,39 +49,38 @@ def forbid_tokens(logits_BGV, ids):
     return logits_BGV
 
 
-def sample_greedy(logits_BGV, temperature, noise_keys_B):
-    del temperature, noise_keys_B
+def sample_greedy(logits_BGV, temperature, noise_keys_BG):
+    del temperature, noise_keys_BG
     return jnp.argmax(logits_BGV, axis=-1).astype(jnp.int32)
 
 
-def sample_gumbel(logits_BGV, temperature, noise_keys_B):
+def sample_gumbel(logits_BGV, temperature, noise_keys_BG):
     """Gumbel-max: LLaDA's ``argmax exp(l) / (-log u)**T``, in log space.
 
     ``log(exp(l) / (-log u)**T) = l - T log(-log u)``: the same argmax without
     overflowing ``exp`` in float32 (LLaDA needs float64 for that).
     """
-    g, v = logits_BGV.shape[1:]
-    u_BGV = jax.vmap(lambda k: uniforms(k, (g, v)))(noise_keys_B)
+    v = logits_BGV.shape[-1]
+    u_BGV = jax.vmap(jax.vmap(lambda k: uniforms(k, (v,))))(noise_keys_BG)
     noisy = logits_BGV - temperature * jnp.log(-jnp.log(u_BGV))
     return jnp.argmax(noisy, axis=-1).astype(jnp.int32)
 
 
-def confidence_low(logits_BGV, x0_BG, rand_keys_B, *, unconfident_ids=()):
+def confidence_low(logits_BGV, x0_BG, rand_keys_BG, *, unconfident_ids=()):
     """Softmax probability of the sampled token (``low_confidence`` remasking).
 
     ``unconfident_ids`` get a -inf logit in this softmax only, so a sampled EOS/EOT
     has confidence 0 and is committed last (LLaDA's ``confidence_eos_eot_inf``).
     """
-    del rand_keys_B
+    del rand_keys_BG
     p_BGV = jax.nn.softmax(forbid_tokens(logits_BGV, unconfident_ids), axis=-1)
     return jnp.take_along_axis(p_BGV, x0_BG[..., None], axis=-1)[..., 0]
 
 
-def confidence_random(logits_BGV, x0_BG, rand_keys_B, *, unconfident_ids=()):
+def confidence_random(logits_BGV, x0_BG, rand_keys_BG, *, unconfident_ids=()):
     """Uniform random confidences (``random`` remasking)."""
-    del x0_BG, unconfident_ids
-    g = logits_BGV.shape[1]
-    return jax.vmap(lambda k: uniforms(k, (g,)))(rand_keys_B)
+    del logits_BGV, x0_BG, unconfident_ids
+    return jax.vmap(jax.vmap(lambda k: uniforms(k, ())))(rand_keys_BG)
 
 
 CONFIDENCES = {"low_confidence": confidence_low, "random": confidence_random}

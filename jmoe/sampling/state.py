@@ -38,9 +38,10 @@ class SamplerOptions:
     early_stop: bool
     return_trace: bool
     # "llada": prompt-relative blocks, ``steps`` over the whole generation.
-    # "llada2": the generated region starts at the aligned block holding the prompt's
-    # tail (its prompt positions stay fixed), ``steps`` per block, threshold strictly
-    # greater, a block ends when ``steps`` are spent or it has no mask left.
+    # "llada2": rows laid out from position 0, the generated region starts at the first
+    # aligned block holding some row's prompt tail (prompt positions stay fixed),
+    # ``steps`` per block, threshold strictly greater, a block ends when ``steps`` are
+    # spent or no row has a mask left in it.
     convention: str = "llada"
     cached: bool = False  # llada2: K/V of finished blocks cached, block-sized model calls
 
@@ -77,3 +78,4 @@ class SamplerState:
     work_S: jax.Array        # int32 routed token-expert pairs of each model call
     trace: dict | None = None  # with return_trace: committed_SBG, budget_SBG, remask_SBG, block_S
     cache: dict | None = None  # cached llada2: {"k", "v"} [layers, B, L, N, K] K/V buffers
+    #                            (2B rows with guidance: the prompt-masked copies second)
