@@ -79,8 +79,23 @@ def block_causal_bias(q_pos_BL, k_pos_BS, key_valid_BS, block_length: int):
     return jnp.where(allowed, 0.0, NEG_INF).astype(jnp.float32)[:, None]
 
 
-def dot_attention(q_BLHK, k_BSNK, v_BSNK, bias_B1LS):
-    """Softmax attention with GQA; logits and softmax in float32."""
+def dot_attention(q_BLHK, k_BSNK, v_BSNK, bias_B1LS, causal_chunk: int | None = None):
+    """Softmax attention with GQA; logits and softmax in float32.
+
+    ``causal_chunk``: the mask is causal by index (query i sees keys j <= i) and
+    L == S, so queries go in chunks of this many and chunk c computes only its
+    visible keys ``[0, (c+1)*chunk)``: about (1 + 1/n)/2 of the score work for n
+    chunks, the same values. (A query with no visible key at all, a left pad, is
+    uniform over its chunk's keys instead of all keys: its output is never used.)
+    """
+    l, s = q_BLHK.shape[1], k_BSNK.shape[1]
+    if causal_chunk and l == s and l > causal_chunk:
+        outs = []
+        for lo in range(0, l, causal_chunk):
+            hi = min(lo + causal_chunk, l)
+            outs.append(dot_attention(q_BLHK[:, lo:hi], k_BSNK[:, :hi], v_BSNK[:, :hi],
+                                      bias_B1LS[:, :, lo:hi, :hi]))
+        return jnp.concatenate(outs, axis=1)
     b, l, h, kd = q_BLHK.shape
     n = k_BSNK.shape[2]
     q = q_BLHK.reshape(b, l, n, h // n, kd)
@@ -90,6 +105,11 @@ def dot_attention(q_BLHK, k_BSNK, v_BSNK, bias_B1LS):
     probs = jax.nn.softmax(logits, axis=-1).astype(v_BSNK.dtype)
     out = jnp.einsum("BNGLS,BSNK->BLNGK", probs, v_BSNK)
     return out.reshape(b, l, h, kd)
+
+
+# Query chunk of causal attention without a cache (measured on CPU at L=256: chunks of
+# 128 cut the attention core ~25%; smaller chunks gain less than their overhead).
+CAUSAL_CHUNK = 128
 
 
 class SwiGLU(nn.Module):
@@ -124,6 +144,7 @@ class Attention(nn.Module):
     eps: float
     clip_qkv: float | None = None
     dtype: jnp.dtype = jnp.float32
+    causal: bool = False  # the bias is causal by index: uncached calls skip invisible keys
 
     @nn.compact
     def __call__(self, x_BLD, cos_BLR, sin_BLR, bias_B1LS, kv_cache=None, offset=None):
@@ -148,7 +169,8 @@ class Attention(nn.Module):
             q, kk, v = (jnp.clip(t, -self.clip_qkv, self.clip_qkv) for t in (q, kk, v))
         q, kk = apply_rope(q, cos_BLR, sin_BLR), apply_rope(kk, cos_BLR, sin_BLR)
         if kv_cache is None:
-            return dot_attention(q, kk, v, bias_B1LS).reshape(b, l, h * k) @ wo
+            chunk = CAUSAL_CHUNK if self.causal else None
+            return dot_attention(q, kk, v, bias_B1LS, chunk).reshape(b, l, h * k) @ wo
         put = lambda buf, new: jax.lax.dynamic_update_slice_in_dim(
             buf, new.astype(buf.dtype), offset, axis=1)
         k_BSNK, v_BSNK = put(kv_cache[0], kk), put(kv_cache[1], v)

@@ -120,7 +120,7 @@ def capacity_buckets(num_assignments: int, num_tokens: int, num_experts: int,
 def _sorted_slots(r):
     """Sort assignments by expert; return order, sorted expert ids and rank in group."""
     e = r.num_experts
-    order = jnp.argsort(r.expert_A, stable=True)
+    order = routing_lib.argsort_ids(r.expert_A, e)
     sorted_e = r.expert_A[order]
     counts = r.expert_counts()
     starts = jnp.cumsum(counts) - counts

@@ -53,6 +53,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from jmoe import routing as routing_lib
+
 DATA_AXIS = "data"
 EXPERT_AXIS = "expert"
 # logical axis -> mesh axis; a logical axis without a rule is replicated
@@ -240,7 +242,7 @@ def pack(plan: EPPlan, x_TD, token_A, expert_A, keep_A, cap: int):
     s, el = plan.shards, plan.experts_l
     t, d = x_TD.shape
     dest_A = jnp.where(keep_A, expert_A // el, s)          # s = not sent
-    order = jnp.argsort(dest_A, stable=True)
+    order = routing_lib.argsort_ids(dest_A, s)
     counts = jnp.bincount(dest_A, length=s + 1)
     starts = jnp.cumsum(counts) - counts
     rank_sorted = jnp.arange(dest_A.shape[0]) - starts[dest_A[order]]
@@ -262,7 +264,7 @@ def all_to_all(buf_S):
 
 def local_experts(backend: str, recv_SCD, recv_e_SC, w_gate_EDF, w_up_EDF, w_down_EFD):
     """The local experts on every received row (id El = an empty row), with weight 1."""
-    from jmoe import moe, routing as routing_lib
+    from jmoe import moe
 
     s, cap, d = recv_SCD.shape
     el = w_gate_EDF.shape[0]
@@ -364,8 +366,6 @@ def all_to_all_bytes(config, batch: int, length: int, mesh, k: int | None = None
     with Cs from ``capacity_rows``; a fraction (S-1)/S leaves the device. Expert
     choice adds the all-gathered router logits, ``(S-1) * T_l * (4E + 1)`` bytes.
     """
-    from jmoe import routing as routing_lib
-
     e, k = config.num_experts, k or config.num_experts_per_tok
     ec = config.routing == "expert_choice"
     plan = make_plan(mesh, batch, length, e, expert_choice=ec,

@@ -294,3 +294,10 @@ def test_load_with_expert_choice_matches_transformers_at_full_capacity(hf_olmoe)
     with torch.no_grad():
         want = hf(torch.from_numpy(tokens)).logits.numpy()
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("n,a", [(4, 50), (64, 8192)])
+def test_argsort_ids_is_a_stable_argsort(n, a):
+    ids = np.random.default_rng(a).integers(0, n + 1, a).astype(np.int32)
+    got = np.asarray(routing.argsort_ids(jnp.asarray(ids), n))
+    np.testing.assert_array_equal(got, np.argsort(ids, kind="stable"))

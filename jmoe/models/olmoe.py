@@ -43,7 +43,8 @@ class DecoderLayer(nn.Module):
         dt = jnp.dtype(c.dtype)
         h = RMSNorm(c.rms_norm_eps, dt, name="input_norm")(x_BLD)
         x_BLD = x_BLD + Attention(c.num_heads, c.num_kv_heads, c.head_dim, c.qk_norm,
-                                  c.rms_norm_eps, c.clip_qkv, dt, name="attn")(h, cos, sin, bias)
+                                  c.rms_norm_eps, c.clip_qkv, dt, c.causal,
+                                  name="attn")(h, cos, sin, bias)
         h = RMSNorm(c.rms_norm_eps, dt, name="post_attn_norm")(x_BLD)
         y, aux = MoEBlock(c.num_experts, c.num_experts_per_tok, c.moe_intermediate_size,
                           c.norm_topk_prob, c.moe_backend, dt, c.routing, c.capacity_factor,
