@@ -39,3 +39,15 @@ def test_jit_wrapper_exposes_the_jitted_function():
     f(jnp.zeros(2))
     assert f._cache_size() == 1
     assert "add" in f.lower(jnp.zeros(2)).as_text()
+
+
+def test_env_var_keeps_xla_defaults():
+    import os
+    import subprocess
+    import sys
+
+    code = "from jmoe import xla_options; print(xla_options.compiler_options('cpu'))"
+    env = dict(os.environ, JMOE_XLA_DEFAULTS="1", JAX_PLATFORMS="cpu")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == "None"
