@@ -87,9 +87,13 @@ def dot_attention(q_BLHK, k_BSNK, v_BSNK, bias_B1LS, causal_chunk: int | None = 
     visible keys ``[0, (c+1)*chunk)``: about (1 + 1/n)/2 of the score work for n
     chunks, the same values. (A query with no visible key at all, a left pad, is
     uniform over its chunk's keys instead of all keys: its output is never used.)
+    From ``BLOCKED_MIN_KEYS`` keys on, ``blocked_attention`` computes the same thing.
     """
     l, s = q_BLHK.shape[1], k_BSNK.shape[1]
-    if causal_chunk and l == s and l > causal_chunk:
+    causal = bool(causal_chunk) and l == s
+    if s >= BLOCKED_MIN_KEYS:
+        return blocked_attention(q_BLHK, k_BSNK, v_BSNK, bias_B1LS, causal=causal)
+    if causal and l > causal_chunk:
         outs = []
         for lo in range(0, l, causal_chunk):
             hi = min(lo + causal_chunk, l)
@@ -105,6 +109,57 @@ def dot_attention(q_BLHK, k_BSNK, v_BSNK, bias_B1LS, causal_chunk: int | None = 
 # Query chunk of causal attention without a cache (measured on CPU at L=256: chunks of
 # 128 cut the attention core ~25%; smaller chunks gain less than their overhead).
 CAUSAL_CHUNK = 128
+# From this many keys on, attention runs in key blocks with an online softmax: the
+# float32 scores of a block stay in cache instead of a [B, H, L, S] array (measured on
+# CPU, 4 heads of 64: 1.4-1.9x faster at S=512, 1.7-1.8x at 1024; about even at 256).
+BLOCKED_MIN_KEYS = 512
+Q_BLOCK, K_BLOCK = 128, 256
+
+
+def blocked_attention(q_BLHK, k_BSNK, v_BSNK, bias_B1LS, *, causal: bool = False,
+                      q_block: int = Q_BLOCK, k_block: int = K_BLOCK):
+    """``dot_attention`` in blocks: queries in chunks of ``q_block``, keys in blocks of
+    ``k_block`` folded in with an online (running max and sum) float32 softmax.
+
+    ``bias`` is ``[B, 1, L or 1, S]``. ``causal`` (by index, L == S) skips the key
+    blocks past a query chunk. A row whose keys are all masked is uniform over the
+    keys it visited (a pad: never used).
+    """
+    b, l, h, kd = q_BLHK.shape
+    s, n = k_BSNK.shape[1], k_BSNK.shape[2]
+    g = h // n
+    pad = -s % k_block
+    if pad:
+        k_BSNK, v_BSNK = (jnp.pad(t, ((0, 0), (0, pad), (0, 0), (0, 0))) for t in (k_BSNK, v_BSNK))
+        bias_B1LS = jnp.pad(bias_B1LS, ((0, 0), (0, 0), (0, 0), (0, pad)), constant_values=NEG_INF)
+    slice_keys = lambda t, j, axis: jax.lax.dynamic_slice_in_dim(t, j * k_block, k_block, axis)
+    outs = []
+    for lo in range(0, l, q_block):
+        hi = min(lo + q_block, l)
+        q = q_BLHK[:, lo:hi].reshape(b, hi - lo, n, g, kd) * jnp.asarray(kd ** -0.5, q_BLHK.dtype)
+        bias = bias_B1LS[:, :, lo:hi] if bias_B1LS.shape[2] > 1 else bias_B1LS
+
+        def fold(j, carry, q=q, bias=bias):
+            m, total, acc = carry
+            logits = jnp.einsum("BLNGK,BSNK->BNGLS", q, slice_keys(k_BSNK, j, 1),
+                                preferred_element_type=jnp.float32)
+            logits = logits + slice_keys(bias, j, 3)[:, :, None]
+            m_new = jnp.maximum(m, logits.max(-1))
+            rescale = jnp.exp(m - m_new)
+            p = jnp.exp(logits - m_new[..., None])
+            acc = acc * rescale[..., None] + jnp.einsum(
+                "BNGLS,BSNK->BNGLK", p.astype(v_BSNK.dtype), slice_keys(v_BSNK, j, 1),
+                preferred_element_type=jnp.float32)
+            return m_new, total * rescale + p.sum(-1), acc
+
+        shape = (b, n, g, hi - lo)
+        init = (jnp.full(shape, -jnp.inf, jnp.float32), jnp.zeros(shape, jnp.float32),
+                jnp.zeros(shape + (kd,), jnp.float32))
+        blocks = -(-(hi if causal else s) // k_block)
+        _, total, acc = jax.lax.fori_loop(0, blocks, fold, init)
+        out = (acc / total[..., None]).astype(v_BSNK.dtype)  # [B, N, G, Lc, K]
+        outs.append(jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(b, hi - lo, h, kd))
+    return jnp.concatenate(outs, axis=1)
 
 
 class SwiGLU(nn.Module):

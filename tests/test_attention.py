@@ -41,3 +41,59 @@ def test_dot_attention_matches_oracle(chunk, causal):
     seen = ~np.isnan(want[..., 0, 0])
     assert seen[1, :3].sum() == (0 if causal else 3) and seen[0].all()
     np.testing.assert_allclose(np.asarray(got)[seen], want[seen], rtol=1e-5, atol=1e-5)
+
+
+def oracle_vec(q, k, v, allowed_BLS):
+    """Vectorised float64 softmax attention with GQA; rows with no allowed key are NaN."""
+    h, n = q.shape[2], k.shape[2]
+    kk, vv = (np.repeat(t, h // n, axis=2) for t in (k, v))
+    s = np.einsum("blhd,bshd->bhls", q, kk) / np.sqrt(q.shape[-1])
+    s = np.where(allowed_BLS[:, None], s, -np.inf)
+    with np.errstate(invalid="ignore"):
+        p = np.exp(s - s.max(-1, keepdims=True))
+        p = p / p.sum(-1, keepdims=True)
+    return np.einsum("bhls,bshd->blhd", p, vv)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("length,blocks", [(11, dict(q_block=4, k_block=3)), (520, None)])
+def test_blocked_attention_matches_oracle(causal, length, blocks):
+    """Small blocks through ``blocked_attention``; S=520 (>= BLOCKED_MIN_KEYS, not a
+    multiple of the key block) through ``dot_attention``'s dispatch."""
+    rng = np.random.default_rng(1)
+    b, h, n, d = 2, 4, 2, 8
+    q, k, v = (rng.normal(size=(b, length, hh, d)) for hh in (h, n, n))
+    valid = np.ones((b, length), bool)
+    valid[1, :5] = False
+    bias = layers.attention_bias(jnp.asarray(valid), causal)
+    args = [jnp.asarray(t, jnp.float32) for t in (q, k, v)]
+    if blocks:
+        got = layers.blocked_attention(*args, bias, causal=causal, **blocks)
+    else:
+        assert length >= layers.BLOCKED_MIN_KEYS
+        got = layers.dot_attention(*args, bias, layers.CAUSAL_CHUNK if causal else None)
+    allowed = np.broadcast_to(valid[:, None, :], (b, length, length))
+    if causal:
+        allowed = allowed & np.tril(np.ones((length, length), bool))
+    want = oracle_vec(q, k, v, allowed)
+    seen = allowed.any(-1)
+    np.testing.assert_allclose(np.asarray(got)[seen], want[seen], rtol=2e-5, atol=2e-5)
+
+
+def test_blocked_attention_with_a_cache_shaped_bias():
+    """Few queries over many keys with a ``[B, 1, L, S]`` block-causal bias (the cached
+    sampler's call shape)."""
+    rng = np.random.default_rng(2)
+    b, lq, s, h, n, d, bl = 2, 8, 40, 4, 4, 8, 8
+    q, k, v = (rng.normal(size=(b, ln, h, d)) for ln in (lq, s, s))
+    q_pos = np.broadcast_to(np.arange(16, 24), (b, lq))
+    k_pos = np.broadcast_to(np.arange(s), (b, s))
+    key_valid = np.ones((b, s), bool)
+    key_valid[0, 30:] = False
+    bias = layers.block_causal_bias(jnp.asarray(q_pos), jnp.asarray(k_pos), jnp.asarray(key_valid),
+                                    bl)
+    got = layers.blocked_attention(*(jnp.asarray(t, jnp.float32) for t in (q, k, v)), bias,
+                                   q_block=3, k_block=7)
+    allowed = (k_pos[:, None, :] // bl <= q_pos[:, :, None] // bl) & key_valid[:, None, :]
+    np.testing.assert_allclose(np.asarray(got), oracle_vec(q, k, v, allowed), rtol=2e-5,
+                               atol=2e-5)
