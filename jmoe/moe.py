@@ -140,7 +140,9 @@ def overflow_buckets(worst: int) -> tuple[int, ...]:
 
 def bucket_index(counts_E, buckets):
     """Index of the smallest bucket holding the largest expert load (the last if none does)."""
-    which = jnp.searchsorted(jnp.asarray(buckets), jnp.max(counts_E), side="left")
+    # buckets are sorted: the count of those below the load is its left insertion
+    # index (one vector op; jnp.searchsorted lowers to a while loop on CPU)
+    which = jnp.sum(jnp.asarray(buckets) < jnp.max(counts_E)).astype(jnp.int32)
     return jnp.minimum(which, len(buckets) - 1)
 
 
