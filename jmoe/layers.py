@@ -87,11 +87,13 @@ def dot_attention(q_BLHK, k_BSNK, v_BSNK, bias_B1LS, causal_chunk: int | None = 
     visible keys ``[0, (c+1)*chunk)``: about (1 + 1/n)/2 of the score work for n
     chunks, the same values. (A query with no visible key at all, a left pad, is
     uniform over its chunk's keys instead of all keys: its output is never used.)
-    From ``BLOCKED_MIN_KEYS`` keys on, ``blocked_attention`` computes the same thing.
+    On CPU from ``BLOCKED_MIN_KEYS`` keys on, ``blocked_attention`` computes the same
+    thing (measured on CPU only; on GPU/TPU its loop of small blocks is untested for
+    speed, so they keep the one-shot path).
     """
     l, s = q_BLHK.shape[1], k_BSNK.shape[1]
     causal = bool(causal_chunk) and l == s
-    if s >= BLOCKED_MIN_KEYS:
+    if s >= BLOCKED_MIN_KEYS and jax.default_backend() == "cpu":
         return blocked_attention(q_BLHK, k_BSNK, v_BSNK, bias_B1LS, causal=causal)
     if causal and l > causal_chunk:
         outs = []
