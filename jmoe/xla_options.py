@@ -5,7 +5,10 @@ matmul at expert shapes (``[64, 128, 256] x [64, 256, 128]``) runs ~2.3x slower
 than XLA's own (Eigen) dot emitter; 2-D matmuls are the same either way. jmoe's
 expert compute is batched matmuls, so on CPU its compiled functions switch that
 fusion off (measured in ``benchmarks/forward.py``: the whole forward ~1.3x faster).
-The options go to these compilations only, never to the user's other programs.
+The options go to these compilations only, never to the user's other programs
+(so a jmoe function called inside the user's own ``jax.jit`` compiles with the
+user's options: pass ``compiler_options=xla_options.compiler_options("cpu")`` there
+to keep the speed-up).
 
 The options are probed once: an XLA that no longer knows a flag compiles without
 it rather than failing. ``JMOE_XLA_DEFAULTS=1`` keeps XLA's defaults everywhere.
