@@ -257,6 +257,24 @@ def expert_compute(backend: str, x_TD, r, w_gate_EDF, w_up_EDF, w_down_EFD):
     return EXPERT_BACKENDS[backend](x_TD, r, w_gate_EDF, w_up_EDF, w_down_EFD)
 
 
+def layer_aux(r: routing_lib.Routing, logits_TE, valid_BL, top_k: int) -> dict:
+    """One MoE layer's aux (see ``MoEBlock``): router logits, chosen ids/weights
+    ``[B, L, K]``, expert counts, routed pairs, unrouted tokens, load-balancing stats."""
+    b, l = valid_BL.shape
+    valid_T = valid_BL.reshape(-1)
+    ids_TK, w_TK = r.per_token()
+    aux = {
+        "router_logits": logits_TE.reshape(b, l, -1),
+        "expert_ids": ids_TK.reshape(b, l, -1),
+        "expert_weights": w_TK.reshape(b, l, -1),
+        "expert_counts": r.expert_counts(),
+        "routed_pairs": r.live_A.sum(),
+        "unrouted_tokens": r.unrouted_tokens(valid_T),
+    }
+    aux["lb_f"], aux["lb_p"] = routing_lib.load_balancing_stats(logits_TE, top_k, valid_T)
+    return aux
+
+
 class MoEBlock(nn.Module):
     """Softmax-routed sparse MoE of SwiGLU experts (OLMoE / LLaDA-MoE).
 
@@ -309,7 +327,6 @@ class MoEBlock(nn.Module):
         w_down_EFD = self.param("w_down", default_init, (e, f, d), self.dtype)
 
         x_TD = x_BLD.reshape(b * l, d)
-        valid_T = valid_BL.reshape(-1)
         logits_TE = jnp.einsum("TD,DE->TE", x_TD.astype(jnp.float32),
                                router_DE.astype(jnp.float32))
         r = self.route(logits_TE, valid_BL, budget_BL, k_max)
@@ -324,16 +341,7 @@ class MoEBlock(nn.Module):
             y_TD = y_BLD.reshape(b * l, d)
         else:
             y_TD = expert_compute(self.backend, x_TD, r, w_gate_EDF, w_up_EDF, w_down_EFD)
-        ids_TK, w_TK = r.per_token()
-        aux = {
-            "router_logits": logits_TE.reshape(b, l, e),
-            "expert_ids": ids_TK.reshape(b, l, -1),
-            "expert_weights": w_TK.reshape(b, l, -1),
-            "expert_counts": r.expert_counts(),
-            "routed_pairs": r.live_A.sum(),
-            "unrouted_tokens": r.unrouted_tokens(valid_T),
-        }
-        aux["lb_f"], aux["lb_p"] = routing_lib.load_balancing_stats(logits_TE, self.top_k, valid_T)
+        aux = layer_aux(r, logits_TE, valid_BL, self.top_k)
         if ep:
             aux["ep_dropped"] = dropped
         return y_TD.reshape(b, l, d).astype(x_BLD.dtype), aux

@@ -84,8 +84,8 @@ def test_blocked_attention_with_a_cache_shaped_bias():
     """Few queries over many keys with a ``[B, 1, L, S]`` block-causal bias (the cached
     sampler's call shape)."""
     rng = np.random.default_rng(2)
-    b, lq, s, h, n, d, bl = 2, 8, 40, 4, 4, 8, 8
-    q, k, v = (rng.normal(size=(b, ln, h, d)) for ln in (lq, s, s))
+    b, lq, s, h, n, d, bl = 2, 8, 40, 4, 2, 8, 8
+    q, k, v = (rng.normal(size=(b, ln, hh, d)) for ln, hh in ((lq, h), (s, n), (s, n)))
     q_pos = np.broadcast_to(np.arange(16, 24), (b, lq))
     k_pos = np.broadcast_to(np.arange(s), (b, s))
     key_valid = np.ones((b, s), bool)

@@ -34,7 +34,7 @@ from jmoe.config import LLaDA2Config
 from jmoe.layers import (Attention, RMSNorm, SwiGLU, attention_bias, block_causal_bias,
                          default_init, rope_tables)
 from jmoe.models.olmoe import positions_from_mask
-from jmoe.moe import expert_compute
+from jmoe.moe import expert_compute, layer_aux
 
 
 def route(config: LLaDA2Config, logits_TE, bias_E, valid_BL, budget_BL, k_max: int):
@@ -94,7 +94,6 @@ class LLaDA2MoE(nn.Module):
         w_down = self.param("w_down", default_init, (e, f, d), dt)
 
         x_TD = x_BLD.reshape(b * l, d)
-        valid_T = valid_BL.reshape(-1)
         logits_TE = x_TD.astype(jnp.float32) @ router_DE.astype(jnp.float32)
         r = route(c, logits_TE, bias_E, valid_BL, budget_BL, k_max)
         ep = sharding.expert_parallel_active(c.mesh)
@@ -111,17 +110,7 @@ class LLaDA2MoE(nn.Module):
         y_BLD = y_TD.reshape(b, l, d).astype(x_BLD.dtype)
         if c.num_shared_experts:
             y_BLD = y_BLD + SwiGLU(f * c.num_shared_experts, dt, name="shared")(x_BLD)
-        ids_TK, w_TK = r.per_token()
-        aux = {
-            "router_logits": logits_TE.reshape(b, l, e),
-            "expert_ids": ids_TK.reshape(b, l, -1),
-            "expert_weights": w_TK.reshape(b, l, -1),
-            "expert_counts": r.expert_counts(),
-            "routed_pairs": r.live_A.sum(),
-            "unrouted_tokens": r.unrouted_tokens(valid_T),
-        }
-        aux["lb_f"], aux["lb_p"] = routing_lib.load_balancing_stats(
-            logits_TE, c.num_experts_per_tok, valid_T)
+        aux = layer_aux(r, logits_TE, valid_BL, c.num_experts_per_tok)
         if ep:
             aux["ep_dropped"] = dropped
         return y_BLD, aux
