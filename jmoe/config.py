@@ -14,7 +14,7 @@ from typing import Any, Mapping
 
 _DTYPES = ("float32", "bfloat16")
 _QK_NORMS = ("whole", "per_head", "none")
-MOE_BACKENDS = ("auto", "dense", "ragged", "bucketed", "pallas")
+MOE_BACKENDS = ("auto", "dense", "ragged", "bucketed", "pallas", "cpu_gmm")
 ROUTINGS = ("token_choice", "expert_choice")
 
 

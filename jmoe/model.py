@@ -146,5 +146,5 @@ def forward(model: Model, tokens_BL, *, attention_mask=None, experts_per_token=N
                          "(it sets the capacity C = ceil(capacity_factor * L * k / E))")
     logits, aux = _forward(model.params, jnp.asarray(tokens, jnp.int32), valid, budget,
                            config=config, k_max=k_max, capture=bool(capture_router_logits))
-    aux["moe_backend"] = resolve_backend(config.moe_backend)
+    aux["moe_backend"] = resolve_backend(config.moe_backend, config.dtype)
     return logits, aux

@@ -9,10 +9,12 @@ Expert backends all consume a ``routing.Routing`` and agree in float32:
             einsums; C is picked at run time (``lax.switch``) from static buckets
             by the real loads (the few hottest experts spill into a small overflow
             buffer), so nothing is ever dropped and the compute falls with the
-            budgets. The CPU path.
+            budgets. The GPU path, and the CPU one where ``cpu_gmm`` cannot be built.
   ragged    sorted rows and ``jax.lax.ragged_dot``; native on TPU, dense-expanded
             (slow) by XLA on CPU.
   pallas    ``pallas_kernels.moe_gmm``: a grouped-matmul kernel that skips dropped rows.
+  cpu_gmm   ``jmoe.cpu_gmm``: a compiled C++ grouped-matmul kernel (XLA FFI) in which each
+            expert computes exactly its rows; float32, CPU only. The CPU path.
   auto      per platform (``resolve_backend``), logged once and reported in aux.
 
 Token choice and expert choice give the same ``Routing`` type, so every backend
@@ -30,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
+from jmoe import cpu_gmm
 from jmoe import routing as routing_lib
 from jmoe import sharding
 from jmoe.layers import default_init
@@ -40,21 +43,32 @@ log = logging.getLogger("jmoe")
 _LOGGED_AUTO: set = set()
 
 
-def resolve_backend(backend: str) -> str:
+def resolve_backend(backend: str, dtype=None) -> str:
     """``auto`` -> the fastest backend measured on this platform (see benchmarks).
 
-    The choice is logged once per platform on the ``jmoe`` logger (INFO) and
-    ``jmoe.forward`` reports it as ``aux["moe_backend"]``.
+    TPU: ``ragged``. CPU: ``cpu_gmm`` when its kernel builds here and ``dtype`` (the
+    model's, if given) is float32, else ``bucketed``. GPU: ``bucketed``. The choice is
+    logged once per platform on the ``jmoe`` logger (INFO) and ``jmoe.forward``
+    reports it as ``aux["moe_backend"]``.
     """
     if backend != "auto":
         return backend
     platform = jax.default_backend()
     # ragged_dot is native only on TPU; on CPU and GPU XLA expands it densely.
-    choice = "ragged" if platform == "tpu" else "bucketed"
-    if platform not in _LOGGED_AUTO:
-        _LOGGED_AUTO.add(platform)
+    if platform == "tpu":
+        choice = "ragged"
+    elif platform == "cpu" and _cpu_gmm_dtype_ok(dtype) and cpu_gmm.available():
+        choice = "cpu_gmm"
+    else:
+        choice = "bucketed"
+    if (platform, choice) not in _LOGGED_AUTO:
+        _LOGGED_AUTO.add((platform, choice))
         log.info("jmoe moe_backend=auto picked %r on platform %r", choice, platform)
     return choice
+
+
+def _cpu_gmm_dtype_ok(dtype) -> bool:
+    return dtype is None or jnp.dtype(dtype) == jnp.float32
 
 
 def swiglu_experts(x_ECD, w_gate_EDF, w_up_EDF, w_down_EFD):
@@ -239,21 +253,80 @@ def ragged_experts(x_TD, r, w_gate_EDF, w_up_EDF, w_down_EFD):
     return combine(y_AD, r, t)
 
 
+def cpu_gmm_experts(x_TD, r, w_gate_EDF, w_up_EDF, w_down_EFD):
+    """Sorted rows through ``jmoe.cpu_gmm``'s compiled kernel: each expert computes
+    exactly its live rows, weighted outputs land in assignment order, then combine.
+
+    float32 compute (other dtypes are cast); the gradient is the ``bucketed``
+    backend's (the same function), recomputed in the backward pass.
+    """
+    dtype = x_TD.dtype
+    f32 = lambda a: a.astype(jnp.float32)
+    meta = (r.num_experts, r.token_major, r.max_load)
+    y = _cpu_gmm(meta, f32(x_TD), f32(r.weight_A), f32(w_gate_EDF), f32(w_up_EDF),
+                 f32(w_down_EFD), r.token_A, r.expert_A, r.logits_TE)
+    return y.astype(dtype)
+
+
+def _meta_routing(meta, token_A, expert_A, weight_A, logits_TE):
+    e, token_major, max_load = meta
+    return routing_lib.Routing(token_A=token_A, expert_A=expert_A, weight_A=weight_A,
+                               logits_TE=logits_TE, num_experts=e, token_major=token_major,
+                               max_load=max_load)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _cpu_gmm(meta, x_TD, weight_A, w_gate_EDF, w_up_EDF, w_down_EFD, token_A, expert_A,
+             logits_TE):
+    r = _meta_routing(meta, token_A, expert_A, weight_A, logits_TE)
+    t, _ = x_TD.shape
+    order, _, _, counts = _sorted_slots(r)
+    y_AD = cpu_gmm.grouped_swiglu(x_TD, r.token_A[order], order.astype(jnp.int32),
+                                  r.weight_A[order], counts, w_gate_EDF, w_up_EDF, w_down_EFD)
+    a = y_AD.shape[0]
+    if r.token_major and a % t == 0:
+        return y_AD.reshape(t, a // t, -1).sum(1)
+    return jax.ops.segment_sum(y_AD, r.token_A, num_segments=t)
+
+
+def _cpu_gmm_fwd(meta, *args):
+    return _cpu_gmm(meta, *args), args
+
+
+def _cpu_gmm_bwd(meta, args, g_TD):
+    x_TD, weight_A, w_gate_EDF, w_up_EDF, w_down_EFD, token_A, expert_A, logits_TE = args
+
+    def same_function(x, w_A, wg, wu, wd):
+        r = _meta_routing(meta, token_A, expert_A, w_A, logits_TE)
+        return bucketed_experts(x, r, wg, wu, wd)
+
+    _, vjp = jax.vjp(same_function, x_TD, weight_A, w_gate_EDF, w_up_EDF, w_down_EFD)
+    return vjp(g_TD) + (None, None, None)
+
+
+_cpu_gmm.defvjp(_cpu_gmm_fwd, _cpu_gmm_bwd)
+
+
 EXPERT_BACKENDS = {
     "dense": dense_experts,
     "bucketed": bucketed_experts,
     "ragged": ragged_experts,
+    "cpu_gmm": cpu_gmm_experts,
 }
 
 
 def expert_compute(backend: str, x_TD, r, w_gate_EDF, w_up_EDF, w_down_EFD):
-    backend = resolve_backend(backend)
+    backend = resolve_backend(backend, w_gate_EDF.dtype if backend == "auto" else None)
     if backend == "pallas":
         from pallas_kernels.moe_gmm import api as gmm_api
 
         return gmm_api.moe_experts(x_TD, r, w_gate_EDF, w_up_EDF, w_down_EFD)
     if backend not in EXPERT_BACKENDS:
-        raise ValueError(f"moe_backend={backend!r}: expected one of {sorted(EXPERT_BACKENDS)}")
+        raise ValueError(f"moe_backend={backend!r}: expected one of "
+                         f"{sorted(EXPERT_BACKENDS) + ['auto', 'pallas']}")
+    if backend == "cpu_gmm" and jax.default_backend() != "cpu":
+        raise ValueError(f"moe_backend='cpu_gmm' runs on CPU only, not on platform "
+                         f"{jax.default_backend()!r}; use 'auto'")
     return EXPERT_BACKENDS[backend](x_TD, r, w_gate_EDF, w_up_EDF, w_down_EFD)
 
 

@@ -14,9 +14,11 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from jmoe import moe, routing
+from jmoe import cpu_gmm, moe, routing
 
-BACKENDS = ("dense", "bucketed", "ragged")
+# cpu_gmm wherever its kernel builds (XLA:CPU and a C++ compiler; tests/test_cpu_gmm.py)
+BACKENDS = ("dense", "bucketed", "ragged") + (
+    ("cpu_gmm",) if jax.default_backend() == "cpu" and cpu_gmm.available() else ())
 
 
 def silu(x):
@@ -185,10 +187,12 @@ def test_expert_choice_bucket_bound():
 
 
 def test_auto_backend_reports_platform_choice(caplog):
-    moe._LOGGED_AUTO.discard(jax.default_backend())
+    moe._LOGGED_AUTO.clear()
     with caplog.at_level("INFO", logger="jmoe"):
         choice = moe.resolve_backend("auto")
-    assert choice == ("ragged" if jax.default_backend() == "tpu" else "bucketed")
+    platform = jax.default_backend()
+    cpu_choice = "cpu_gmm" if cpu_gmm.available() else "bucketed"
+    assert choice == {"tpu": "ragged", "cpu": cpu_choice}.get(platform, "bucketed")
     assert f"picked {choice!r}" in caplog.text
     assert moe.resolve_backend("dense") == "dense"
     with pytest.raises(ValueError, match="moe_backend='nope'"):

@@ -1,0 +1,155 @@
+"""The ``cpu_gmm`` expert backend: a compiled grouped-matmul SwiGLU kernel for XLA:CPU.
+
+``jmoe/csrc/grouped_swiglu.cc`` is an XLA FFI custom call: each expert multiplies
+exactly its own rows (no per-expert capacity padding), gate/up, SiLU, down and the
+combine weight in one pass, tiled for AVX-512 or AVX2 and shared across XLA's CPU
+thread pool. The C++ file is compiled on first use with the machine's C++ compiler
+(``$CXX``, else ``c++``/``g++``/``clang++``) for the host CPU (``-march=native``) into
+a cache folder (``$JMOE_CACHE_DIR``, else ``$XDG_CACHE_HOME/jmoe`` or ``~/.cache/jmoe``),
+keyed by the source, flags, compiler, jax version and CPU, and registered with
+``jax.ffi``. The build writes a temporary file and renames it, so an interrupted
+build leaves nothing half-written.
+
+``moe_backend="auto"`` picks this backend on CPU when it builds (and the model is
+float32); ``JMOE_CPU_KERNELS=0`` turns that off. Without a compiler ``auto`` falls
+back to ``bucketed`` with one warning; an explicit ``moe_backend="cpu_gmm"`` then
+raises a ``RuntimeError`` carrying the compiler's message.
+
+Example:
+    if jmoe.cpu_gmm.available():
+        model = jmoe.load(path, moe_backend="cpu_gmm")
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import jax
+
+log = logging.getLogger("jmoe")
+
+SOURCE = Path(__file__).parent / "csrc" / "grouped_swiglu.cc"
+TARGET = "jmoe_grouped_swiglu"
+FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno")
+
+_LOCK = threading.Lock()
+_TARGETS: dict[tuple[str, ...], str] = {}  # extra flags -> registered FFI target name
+_LIBS: list = []  # keep the loaded libraries alive
+_FAILED: dict[tuple[str, ...], str] = {}
+
+
+def compiler() -> str | None:
+    """Path of the C++ compiler to use, or None."""
+    for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def cache_dir() -> Path:
+    if os.environ.get("JMOE_CACHE_DIR"):
+        return Path(os.environ["JMOE_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "jmoe"
+
+
+def _cpu_identity() -> str:
+    # -march=native binaries are only valid on the CPU they were built for
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = [ln for ln in f if ln.startswith(("model name", "flags"))]
+        return "".join(sorted(set(lines)))
+    except OSError:
+        return platform.processor() + platform.machine()
+
+
+def build(extra_flags: tuple[str, ...] = ()) -> Path:
+    """Compile the kernel (once per source/flags/compiler/jax/CPU) and return the library path.
+
+    Raises ``RuntimeError`` with the compiler's output when it cannot be built.
+    """
+    cxx = compiler()
+    if cxx is None:
+        raise RuntimeError("no C++ compiler found ($CXX, c++, g++ or clang++): the cpu_gmm "
+                           "kernel cannot be built; use moe_backend='bucketed'")
+    flags = FLAGS + tuple(extra_flags)
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(b"\0".join([source, " ".join(flags).encode(), cxx.encode(),
+                                     jax.__version__.encode(), _cpu_identity().encode()]))
+    out = cache_dir() / f"grouped_swiglu-{key.hexdigest()[:16]}.so"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+    os.close(fd)
+    cmd = [cxx, *flags, "-isystem", jax.ffi.include_dir(), str(SOURCE), "-o", tmp]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"building the cpu_gmm kernel failed ({' '.join(cmd)}):\n"
+                               f"{proc.stderr.strip()[-4000:]}")
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return out
+
+
+def target(extra_flags: tuple[str, ...] = ()) -> str:
+    """Build and register the kernel; return its FFI target name (``RuntimeError`` if it
+    cannot be built). ``extra_flags`` builds a variant (tests use ``-mno-avx512f`` to run
+    the AVX2 tile on an AVX-512 machine)."""
+    extra_flags = tuple(extra_flags)
+    with _LOCK:
+        if extra_flags in _TARGETS:
+            return _TARGETS[extra_flags]
+        if extra_flags in _FAILED:
+            raise RuntimeError(_FAILED[extra_flags])
+        try:
+            lib = ctypes.CDLL(str(build(extra_flags)))
+        except (RuntimeError, OSError) as err:
+            _FAILED[extra_flags] = str(err)
+            raise RuntimeError(str(err)) from None
+        name = TARGET + ("" if not extra_flags else
+                         "_" + hashlib.sha256(" ".join(extra_flags).encode()).hexdigest()[:8])
+        jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(lib.jmoe_grouped_swiglu),
+                                    platform="cpu")
+        _LIBS.append(lib)
+        _TARGETS[extra_flags] = name
+        return name
+
+
+def available() -> bool:
+    """True when the kernel is enabled (``JMOE_CPU_KERNELS`` is not ``0``) and builds here.
+
+    A failed build is logged once (WARNING on the ``jmoe`` logger) and not retried.
+    """
+    if os.environ.get("JMOE_CPU_KERNELS", "1") == "0":
+        return False
+    failed_before = () in _FAILED
+    try:
+        target()
+        return True
+    except RuntimeError as err:
+        if not failed_before:
+            log.warning("jmoe: the cpu_gmm kernel is unavailable, using 'bucketed' on CPU: %s", err)
+        return False
+
+
+def grouped_swiglu(x_TD, tok_A, dst_A, weight_A, counts_E, w_gate_EDF, w_up_EDF, w_down_EFD,
+                   *, name: str | None = None):
+    """The raw kernel call (all float32 / int32): ``y[A, D]`` with
+    ``y[dst[i]] = weight[i] * SwiGLU_e(x[tok[i]])`` for the ``sum(counts)`` live sorted
+    rows (expert e owns the next ``counts[e]``) and zero rows for the rest."""
+    out = jax.ShapeDtypeStruct((tok_A.shape[0], x_TD.shape[1]), x_TD.dtype)
+    call = jax.ffi.ffi_call(name or target(), out, vmap_method="sequential")
+    return call(x_TD, tok_A, dst_A, weight_A, counts_E, w_gate_EDF, w_up_EDF, w_down_EFD)

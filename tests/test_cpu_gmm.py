@@ -1,0 +1,161 @@
+"""The compiled CPU kernel (``moe_backend="cpu_gmm"``) against the float64 spec oracle.
+
+Shapes are picked to reach every path of the kernel: rows per expert past one task
+(48) and below one register tile, model/ffn dims that are not multiples of the
+vector tile (scalar tail columns), dropped assignments, empty experts, every token
+on one expert, expert choice (not token-major). The AVX-512, AVX2 and plain-loop
+tiles are each built (``-mno-...`` variants) and checked on this machine.
+"""
+
+import logging
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jmoe import cpu_gmm, moe
+from test_backends import make_routing, oracle_moe, reference_moe, weights
+
+pytestmark = pytest.mark.skipif(
+    jax.default_backend() != "cpu" or cpu_gmm.compiler() is None,
+    reason="the cpu_gmm kernel needs XLA:CPU and a C++ compiler")
+
+# the tile each build uses: default (AVX-512 where the CPU has it), AVX2, plain loops
+VARIANTS = {"native": (), "avx2": ("-mno-avx512f",), "plain": ("-mno-avx2", "-mno-avx512f",
+                                                                "-mno-fma")}
+
+
+def run(x, r, ws, name):
+    order, _, _, counts = moe._sorted_slots(r)
+    y_AD = cpu_gmm.grouped_swiglu(x, r.token_A[order], order.astype(jnp.int32),
+                                  r.weight_A[order], counts, *ws, name=name)
+    return jax.ops.segment_sum(y_AD, r.token_A, num_segments=x.shape[0])
+
+
+CASES = {
+    # name: (tokens, experts, k, d, f, routing kind, logit shape)
+    "uneven_dims": (70, 5, 3, 40, 24, "token_choice", "random"),
+    "masked_budgets": (64, 6, 3, 32, 16, "masked", "random"),
+    "empty_experts": (40, 8, 2, 16, 16, "token_choice", "empty_experts"),
+    "one_expert": (130, 4, 1, 24, 8, "token_choice", "one_expert"),  # 130 rows: 3 tasks
+    "expert_choice": (48, 6, 2, 32, 40, "expert_choice", "random"),
+    "single_token": (1, 4, 2, 8, 4, "token_choice", "random"),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_kernel_matches_oracle(case, variant):
+    t, e, k, d, f, kind, shape = CASES[case]
+    rng = np.random.default_rng(len(case))
+    logits = rng.normal(size=(t, e)).astype(np.float32)
+    if shape == "empty_experts":
+        logits[:, : e // 2] -= 1e4
+    elif shape == "one_expert":
+        logits[:, 0] += 50.0
+    valid = jnp.asarray(rng.random(t) < 0.9)
+    budget = jnp.asarray(rng.integers(1, k + 1, t)) if kind == "masked" else None
+    r = make_routing(kind, jnp.asarray(logits), k, budget, valid, batch=1)
+    x = jnp.asarray(rng.normal(size=(t, d)), jnp.float32)
+    ws = weights(rng, e, d, f)
+    got = jax.jit(run, static_argnums=3)(x, r, ws, cpu_gmm.target(VARIANTS[variant]))
+    np.testing.assert_allclose(np.asarray(got), oracle_moe(x, r, *ws), rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("kind", ["token_choice", "masked", "expert_choice"])
+def test_backend_matches_oracle_and_reference_gradients(kind):
+    """Through ``expert_compute``: forward against the oracle; gradients in x, the expert
+    weights and the router logits (through the combine weights) against the
+    per-assignment jnp reference."""
+    rng = np.random.default_rng(3)
+    t, e, k, d, f = 60, 6, 3, 24, 20
+    logits = jnp.asarray(rng.normal(size=(t, e)), jnp.float32)
+    valid = jnp.asarray(np.arange(t) % 7 != 0)
+    budget = jnp.asarray(rng.integers(1, k + 1, t)) if kind == "masked" else None
+    x = jnp.asarray(rng.normal(size=(t, d)), jnp.float32)
+    ws = weights(rng, e, d, f)
+    ct = jnp.asarray(rng.normal(size=(t, d)), jnp.float32)
+
+    def loss(fn):
+        def f_(logits, x, *w):
+            r = make_routing(kind, logits, k, budget, valid, batch=2)
+            return jnp.sum(fn(x, r, *w) * ct)
+        return f_
+
+    backend = lambda x, r, *w: moe.expert_compute("cpu_gmm", x, r, *w)
+    r = make_routing(kind, logits, k, budget, valid, batch=2)
+    y = jax.jit(backend)(x, r, *ws)
+    np.testing.assert_allclose(np.asarray(y), oracle_moe(x, r, *ws), rtol=2e-5, atol=2e-5)
+    grad = lambda fn: jax.jit(jax.grad(loss(fn), argnums=(0, 1, 2, 3, 4)))(logits, x, *ws)
+    for which, g, w in zip(("logits", "x", "w_gate", "w_up", "w_down"), grad(backend),
+                           grad(reference_moe)):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-5,
+                                   err_msg=f"d/d{which}")
+
+
+def test_other_dtypes_compute_in_float32():
+    rng = np.random.default_rng(5)
+    r = make_routing("token_choice", jnp.asarray(rng.normal(size=(16, 4)), jnp.float32), 2)
+    x = jnp.asarray(rng.normal(size=(16, 8)), jnp.bfloat16)
+    ws = [w.astype(jnp.bfloat16) for w in weights(rng, 4, 8, 8)]
+    y = moe.expert_compute("cpu_gmm", x, r, *ws)
+    assert y.dtype == jnp.bfloat16
+    want = oracle_moe(x.astype(jnp.float32), r, *(w.astype(jnp.float32) for w in ws))
+    np.testing.assert_allclose(np.asarray(y, np.float32), want, rtol=1e-2, atol=1e-2)
+
+
+def test_auto_picks_the_kernel_on_cpu_for_float32(caplog):
+    with caplog.at_level("INFO", logger="jmoe"):
+        assert moe.resolve_backend("auto") == "cpu_gmm"
+        assert moe.resolve_backend("auto", "float32") == "cpu_gmm"
+        assert moe.resolve_backend("auto", "bfloat16") == "bucketed"
+
+
+def test_bad_kernel_inputs_are_errors_naming_the_problem():
+    x = jnp.ones((4, 8), jnp.float32)
+    w = jnp.ones((2, 8, 4), jnp.float32)
+    w_down = jnp.ones((2, 4, 8), jnp.float32)
+    idx = jnp.arange(4, dtype=jnp.int32)
+    ones = jnp.ones((4,), jnp.float32)
+    with pytest.raises(Exception, match="counts must be >= 0 and sum to <= A"):
+        cpu_gmm.grouped_swiglu(x, idx, idx, ones, jnp.asarray([3, 3], jnp.int32), w, w,
+                               w_down).block_until_ready()
+    with pytest.raises(Exception, match="tok index out of range"):
+        cpu_gmm.grouped_swiglu(x, idx + 4, idx, ones, jnp.asarray([2, 2], jnp.int32), w, w,
+                               w_down).block_until_ready()
+    with pytest.raises(Exception, match="expert weight shapes disagree"):
+        cpu_gmm.grouped_swiglu(x, idx, idx, ones, jnp.asarray([2, 2], jnp.int32), w, w,
+                               w).block_until_ready()
+
+
+def test_build_is_cached_and_failures_leave_nothing(tmp_path, monkeypatch):
+    monkeypatch.setenv("JMOE_CACHE_DIR", str(tmp_path))
+    path = cpu_gmm.build(("-DJMOE_CACHE_TEST",))
+    stamp = path.stat().st_mtime_ns
+    assert cpu_gmm.build(("-DJMOE_CACHE_TEST",)) == path and path.stat().st_mtime_ns == stamp
+    with pytest.raises(RuntimeError, match="building the cpu_gmm kernel failed"):
+        cpu_gmm.build(("-fno-such-flag-for-jmoe",))
+    assert sorted(os.listdir(tmp_path)) == [path.name]  # no partial library left behind
+
+
+def test_without_a_compiler_auto_falls_back_and_explicit_is_an_error(monkeypatch, caplog):
+    monkeypatch.setattr(cpu_gmm, "compiler", lambda: None)
+    monkeypatch.setattr(cpu_gmm, "_TARGETS", {})
+    monkeypatch.setattr(cpu_gmm, "_FAILED", {})
+    with caplog.at_level(logging.WARNING, logger="jmoe"):
+        assert moe.resolve_backend("auto") == "bucketed"
+    assert "cpu_gmm kernel is unavailable" in caplog.text and "no C++ compiler" in caplog.text
+    r = make_routing("token_choice", jnp.zeros((4, 2), jnp.float32), 1)
+    ws = weights(np.random.default_rng(0), 2, 8, 4)
+    with pytest.raises(RuntimeError, match="no C\\+\\+ compiler found"):
+        moe.expert_compute("cpu_gmm", jnp.ones((4, 8), jnp.float32), r, *ws)
+    monkeypatch.setenv("JMOE_CPU_KERNELS", "0")
+    assert not cpu_gmm.available()
+
+
+def test_compiler_from_cxx(monkeypatch):
+    monkeypatch.setenv("CXX", "g++" if shutil.which("g++") else "c++")
+    assert cpu_gmm.compiler() == shutil.which(os.environ["CXX"])
