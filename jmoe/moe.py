@@ -13,7 +13,7 @@ Expert backends all consume a ``routing.Routing`` and agree in float32:
   ragged    sorted rows and ``jax.lax.ragged_dot``; native on TPU, dense-expanded
             (slow) by XLA on CPU.
   pallas    ``pallas_kernels.moe_gmm``: a grouped-matmul kernel that skips dropped rows.
-  cpu_gmm   ``jmoe.cpu_gmm``: a compiled C++ grouped-matmul kernel (XLA FFI) in which each
+  cpu_gmm   ``jmoe.cpu_kernels``: a compiled C++ grouped-matmul kernel (XLA FFI) in which each
             expert computes exactly its rows; float32, CPU only. The CPU path.
   auto      per platform (``resolve_backend``), logged once and reported in aux.
 
@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
-from jmoe import cpu_gmm
+from jmoe import cpu_kernels
 from jmoe import routing as routing_lib
 from jmoe import sharding
 from jmoe.layers import default_init
@@ -57,7 +57,7 @@ def resolve_backend(backend: str, dtype=None) -> str:
     # ragged_dot is native only on TPU; on CPU and GPU XLA expands it densely.
     if platform == "tpu":
         choice = "ragged"
-    elif platform == "cpu" and _cpu_gmm_dtype_ok(dtype) and cpu_gmm.available():
+    elif platform == "cpu" and _cpu_gmm_dtype_ok(dtype) and cpu_kernels.available():
         choice = "cpu_gmm"
     else:
         choice = "bucketed"
@@ -254,7 +254,7 @@ def ragged_experts(x_TD, r, w_gate_EDF, w_up_EDF, w_down_EFD):
 
 
 def cpu_gmm_experts(x_TD, r, w_gate_EDF, w_up_EDF, w_down_EFD):
-    """Sorted rows through ``jmoe.cpu_gmm``'s compiled kernel: each expert computes
+    """Sorted rows through ``jmoe.cpu_kernels``' compiled kernel: each expert computes
     exactly its live rows, weighted outputs land in assignment order, then combine.
 
     float32 compute (other dtypes are cast); the gradient is the ``bucketed``
@@ -281,7 +281,7 @@ def _cpu_gmm(meta, x_TD, weight_A, w_gate_EDF, w_up_EDF, w_down_EFD, token_A, ex
     r = _meta_routing(meta, token_A, expert_A, weight_A, logits_TE)
     t, _ = x_TD.shape
     order, _, _, counts = _sorted_slots(r)
-    y_AD = cpu_gmm.grouped_swiglu(x_TD, r.token_A[order], order.astype(jnp.int32),
+    y_AD = cpu_kernels.grouped_swiglu(x_TD, r.token_A[order], order.astype(jnp.int32),
                                   r.weight_A[order], counts, w_gate_EDF, w_up_EDF, w_down_EFD)
     a = y_AD.shape[0]
     if r.token_major and a % t == 0:

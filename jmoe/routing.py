@@ -100,6 +100,18 @@ def argsort_ids(ids_A, num_values: int):
     return jax.lax.sort(ids_A.astype(jnp.int32) * a + jnp.arange(a, dtype=jnp.int32)) % a
 
 
+def top_k_ids(scores_TE, k: int):
+    """Ids ``[T, k]`` of each token's k best experts: ``jax.lax.top_k(scores_TE, k)[1]``
+    (largest first, ties to the lower id). On CPU the compiled ``jmoe_top_k`` kernel
+    computes it over the thread pool (XLA's TopK is single-threaded: 0.7 ms against
+    ~0.1 ms at [1024, 64]); elsewhere, or without the kernels, ``lax.top_k``."""
+    from jmoe import cpu_kernels  # routing stays importable without the kernels' deps
+
+    if cpu_kernels.use_on_this_platform():
+        return cpu_kernels.top_k_ids(scores_TE, k)
+    return jax.lax.top_k(scores_TE, k)[1]
+
+
 def check_budget(experts_per_token, k_max: int, num_experts: int):
     """Validate a concrete budget outside jit: a ValueError naming the bad value.
 
@@ -153,7 +165,8 @@ def softmax_topk(logits_TE, *, k_max: int, norm_topk_prob: bool, budget_T=None,
     if valid_T is None:
         valid_T = jnp.ones((t,), bool)
     probs_TE = jax.nn.softmax(logits_TE, axis=-1)
-    top_p_TK, top_e_TK = jax.lax.top_k(probs_TE, k_max)
+    top_e_TK = top_k_ids(probs_TE, k_max)
+    top_p_TK = jnp.take_along_axis(probs_TE, top_e_TK, axis=-1)
     live_TK = rank_mask(k_max, budget_T, valid_T)
     w_TK = jnp.where(live_TK, top_p_TK, 0.0)
     if norm_topk_prob:
@@ -247,7 +260,7 @@ def load_balancing_stats(logits_TE, k: int, valid_T=None):
     t, e = logits_TE.shape
     valid = jnp.ones((t,), jnp.float32) if valid_T is None else valid_T.astype(jnp.float32)
     probs = jax.nn.softmax(logits_TE.astype(jnp.float32), axis=-1)
-    _, top_e = jax.lax.top_k(probs, k)
+    top_e = top_k_ids(probs, k)
     counts = jnp.zeros((e,), jnp.float32).at[top_e.reshape(-1)].add(jnp.repeat(valid, k))
     n = jnp.maximum(valid.sum(), 1.0)
     return counts / n, (probs * valid[:, None]).sum(0) / n
@@ -281,7 +294,7 @@ def sigmoid_group_topk(logits_TE, expert_bias_E, *, k_max: int, n_group: int, to
     _, keep_groups = jax.lax.top_k(group_score_TG, topk_group)
     group_live_TG = jnp.zeros((t, n_group), bool).at[jnp.arange(t)[:, None], keep_groups].set(True)
     expert_live_TE = jnp.repeat(group_live_TG, e // n_group, axis=1)
-    _, top_e_TK = jax.lax.top_k(jnp.where(expert_live_TE, biased_TE, -jnp.inf), k_max)
+    top_e_TK = top_k_ids(jnp.where(expert_live_TE, biased_TE, -jnp.inf), k_max)
     live_TK = rank_mask(k_max, budget_T, valid_T)
     w_TK = jnp.where(live_TK, jnp.take_along_axis(scores_TE, top_e_TK, axis=1), 0.0)
     if normalize:

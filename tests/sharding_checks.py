@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jmoe
-from jmoe import cpu_gmm, sharding
+from jmoe import cpu_kernels, sharding
 from jmoe.moe import MoEBlock
 
 MESHES = ((1, 8), (2, 4))  # (data, expert)
@@ -176,7 +176,7 @@ def layer_uneven_batch_and_length_are_padded():
 def layer_bucketed_ragged_pallas_and_cpu_gmm_backends():
     layer_against_oracle(16, "token_choice", budgets=True, backend="bucketed",
                          meshes=((1, 8),))
-    if cpu_gmm.available():  # the compiled CPU kernel, inside shard_map
+    if cpu_kernels.available():  # the compiled CPU kernel, inside shard_map
         layer_against_oracle(8, "expert_choice", budgets=False, backend="cpu_gmm",
                              meshes=((1, 8),))
     layer_against_oracle(8, "expert_choice", budgets=False, backend="ragged",

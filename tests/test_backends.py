@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from jmoe import cpu_gmm, moe, routing
+from jmoe import cpu_kernels, moe, routing
 
-# cpu_gmm wherever its kernel builds (XLA:CPU and a C++ compiler; tests/test_cpu_gmm.py)
+# cpu_gmm wherever its kernel builds (XLA:CPU and a C++ compiler; tests/test_cpu_kernels.py)
 BACKENDS = ("dense", "bucketed", "ragged") + (
-    ("cpu_gmm",) if jax.default_backend() == "cpu" and cpu_gmm.available() else ())
+    ("cpu_gmm",) if jax.default_backend() == "cpu" and cpu_kernels.available() else ())
 
 
 def silu(x):
@@ -191,7 +191,7 @@ def test_auto_backend_reports_platform_choice(caplog):
     with caplog.at_level("INFO", logger="jmoe"):
         choice = moe.resolve_backend("auto")
     platform = jax.default_backend()
-    cpu_choice = "cpu_gmm" if cpu_gmm.available() else "bucketed"
+    cpu_choice = "cpu_gmm" if cpu_kernels.available() else "bucketed"
     assert choice == {"tpu": "ragged", "cpu": cpu_choice}.get(platform, "bucketed")
     assert f"picked {choice!r}" in caplog.text
     assert moe.resolve_backend("dense") == "dense"

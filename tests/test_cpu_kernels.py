@@ -1,4 +1,5 @@
-"""The compiled CPU kernel (``moe_backend="cpu_gmm"``) against the float64 spec oracle.
+"""jmoe's compiled CPU kernels: the experts of ``moe_backend="cpu_gmm"`` against the
+float64 spec oracle, and the router top-k against ``jax.lax.top_k``.
 
 Shapes are picked to reach every path of the kernel: rows per expert past one task
 (48) and below one register tile, model/ffn dims that are not multiples of the
@@ -16,22 +17,22 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jmoe import cpu_gmm, moe
+from jmoe import cpu_kernels, moe
 from test_backends import make_routing, oracle_moe, reference_moe, weights
 
 pytestmark = pytest.mark.skipif(
-    jax.default_backend() != "cpu" or cpu_gmm.compiler() is None,
-    reason="the cpu_gmm kernel needs XLA:CPU and a C++ compiler")
+    jax.default_backend() != "cpu" or cpu_kernels.compiler() is None,
+    reason="jmoe's CPU kernels need XLA:CPU and a C++ compiler")
 
 # the tile each build uses: default (AVX-512 where the CPU has it), AVX2, plain loops
 VARIANTS = {"native": (), "avx2": ("-mno-avx512f",), "plain": ("-mno-avx2", "-mno-avx512f",
                                                                 "-mno-fma")}
 
 
-def run(x, r, ws, name):
+def run(x, r, ws, variant):
     order, _, _, counts = moe._sorted_slots(r)
-    y_AD = cpu_gmm.grouped_swiglu(x, r.token_A[order], order.astype(jnp.int32),
-                                  r.weight_A[order], counts, *ws, name=name)
+    y_AD = cpu_kernels.grouped_swiglu(x, r.token_A[order], order.astype(jnp.int32),
+                                      r.weight_A[order], counts, *ws, variant=variant)
     return jax.ops.segment_sum(y_AD, r.token_A, num_segments=x.shape[0])
 
 
@@ -61,7 +62,7 @@ def test_kernel_matches_oracle(case, variant):
     r = make_routing(kind, jnp.asarray(logits), k, budget, valid, batch=1)
     x = jnp.asarray(rng.normal(size=(t, d)), jnp.float32)
     ws = weights(rng, e, d, f)
-    got = jax.jit(run, static_argnums=3)(x, r, ws, cpu_gmm.target(VARIANTS[variant]))
+    got = jax.jit(run, static_argnums=3)(x, r, ws, VARIANTS[variant])
     np.testing.assert_allclose(np.asarray(got), oracle_moe(x, r, *ws), rtol=2e-5, atol=2e-5)
 
 
@@ -96,6 +97,26 @@ def test_backend_matches_oracle_and_reference_gradients(kind):
                                    err_msg=f"d/d{which}")
 
 
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+@pytest.mark.parametrize("t,e,k", [(1, 4, 1), (130, 64, 8), (70, 9, 9), (65, 16, 3)])
+def test_top_k_ids_match_lax_top_k(t, e, k, variant):
+    """Ties (values on a coarse grid), -inf and +inf entries, k = 1 and k = E, row
+    counts that are not a multiple of the kernel's 64-row tasks."""
+    rng = np.random.default_rng(t * e + k)
+    x = np.round(rng.normal(size=(t, e)) * 2) / 2  # many exact ties
+    x[rng.random((t, e)) < 0.1] = -np.inf
+    x[rng.random((t, e)) < 0.02] = np.inf
+    x = jnp.asarray(x, jnp.float32)
+    got = jax.jit(cpu_kernels.top_k_ids, static_argnums=1,
+                  static_argnames="variant")(x, k, variant=VARIANTS[variant])
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(jax.lax.top_k(x, k)[1]))
+
+
+def test_top_k_ids_rejects_bad_k():
+    with pytest.raises(ValueError, match="k=5: expected 1 <= k <= 4"):
+        cpu_kernels.top_k_ids(jnp.zeros((2, 4)), 5)
+
+
 def test_other_dtypes_compute_in_float32():
     rng = np.random.default_rng(5)
     r = make_routing("token_choice", jnp.asarray(rng.normal(size=(16, 4)), jnp.float32), 2)
@@ -109,6 +130,7 @@ def test_other_dtypes_compute_in_float32():
 
 def test_auto_picks_the_kernel_on_cpu_for_float32(caplog):
     with caplog.at_level("INFO", logger="jmoe"):
+        assert cpu_kernels.use_on_this_platform()
         assert moe.resolve_backend("auto") == "cpu_gmm"
         assert moe.resolve_backend("auto", "float32") == "cpu_gmm"
         assert moe.resolve_backend("auto", "bfloat16") == "bucketed"
@@ -121,41 +143,41 @@ def test_bad_kernel_inputs_are_errors_naming_the_problem():
     idx = jnp.arange(4, dtype=jnp.int32)
     ones = jnp.ones((4,), jnp.float32)
     with pytest.raises(Exception, match="counts must be >= 0 and sum to <= A"):
-        cpu_gmm.grouped_swiglu(x, idx, idx, ones, jnp.asarray([3, 3], jnp.int32), w, w,
-                               w_down).block_until_ready()
+        cpu_kernels.grouped_swiglu(x, idx, idx, ones, jnp.asarray([3, 3], jnp.int32), w, w,
+                                   w_down).block_until_ready()
     with pytest.raises(Exception, match="tok index out of range"):
-        cpu_gmm.grouped_swiglu(x, idx + 4, idx, ones, jnp.asarray([2, 2], jnp.int32), w, w,
-                               w_down).block_until_ready()
+        cpu_kernels.grouped_swiglu(x, idx + 4, idx, ones, jnp.asarray([2, 2], jnp.int32), w,
+                                   w, w_down).block_until_ready()
     with pytest.raises(Exception, match="expert weight shapes disagree"):
-        cpu_gmm.grouped_swiglu(x, idx, idx, ones, jnp.asarray([2, 2], jnp.int32), w, w,
-                               w).block_until_ready()
+        cpu_kernels.grouped_swiglu(x, idx, idx, ones, jnp.asarray([2, 2], jnp.int32), w, w,
+                                   w).block_until_ready()
 
 
 def test_build_is_cached_and_failures_leave_nothing(tmp_path, monkeypatch):
     monkeypatch.setenv("JMOE_CACHE_DIR", str(tmp_path))
-    path = cpu_gmm.build(("-DJMOE_CACHE_TEST",))
+    path = cpu_kernels.build(("-DJMOE_CACHE_TEST",))
     stamp = path.stat().st_mtime_ns
-    assert cpu_gmm.build(("-DJMOE_CACHE_TEST",)) == path and path.stat().st_mtime_ns == stamp
-    with pytest.raises(RuntimeError, match="building the cpu_gmm kernel failed"):
-        cpu_gmm.build(("-fno-such-flag-for-jmoe",))
+    assert cpu_kernels.build(("-DJMOE_CACHE_TEST",)) == path and path.stat().st_mtime_ns == stamp
+    with pytest.raises(RuntimeError, match="building jmoe's CPU kernels failed"):
+        cpu_kernels.build(("-fno-such-flag-for-jmoe",))
     assert sorted(os.listdir(tmp_path)) == [path.name]  # no partial library left behind
 
 
 def test_without_a_compiler_auto_falls_back_and_explicit_is_an_error(monkeypatch, caplog):
-    monkeypatch.setattr(cpu_gmm, "compiler", lambda: None)
-    monkeypatch.setattr(cpu_gmm, "_TARGETS", {})
-    monkeypatch.setattr(cpu_gmm, "_FAILED", {})
+    monkeypatch.setattr(cpu_kernels, "compiler", lambda: None)
+    monkeypatch.setattr(cpu_kernels, "_TARGETS", {})
+    monkeypatch.setattr(cpu_kernels, "_FAILED", {})
     with caplog.at_level(logging.WARNING, logger="jmoe"):
         assert moe.resolve_backend("auto") == "bucketed"
-    assert "cpu_gmm kernel is unavailable" in caplog.text and "no C++ compiler" in caplog.text
+    assert "compiled CPU kernels are unavailable" in caplog.text and "no C++ compiler" in caplog.text
     r = make_routing("token_choice", jnp.zeros((4, 2), jnp.float32), 1)
     ws = weights(np.random.default_rng(0), 2, 8, 4)
     with pytest.raises(RuntimeError, match="no C\\+\\+ compiler found"):
         moe.expert_compute("cpu_gmm", jnp.ones((4, 8), jnp.float32), r, *ws)
     monkeypatch.setenv("JMOE_CPU_KERNELS", "0")
-    assert not cpu_gmm.available()
+    assert not cpu_kernels.available()
 
 
 def test_compiler_from_cxx(monkeypatch):
     monkeypatch.setenv("CXX", "g++" if shutil.which("g++") else "c++")
-    assert cpu_gmm.compiler() == shutil.which(os.environ["CXX"])
+    assert cpu_kernels.compiler() == shutil.which(os.environ["CXX"])

@@ -1,22 +1,25 @@
-"""The ``cpu_gmm`` expert backend: a compiled grouped-matmul SwiGLU kernel for XLA:CPU.
+"""jmoe's compiled XLA:CPU kernels: the ``cpu_gmm`` expert backend and the router's top-k.
 
-``jmoe/csrc/grouped_swiglu.cc`` is an XLA FFI custom call: each expert multiplies
-exactly its own rows (no per-expert capacity padding), gate/up, SiLU, down and the
-combine weight in one pass, tiled for AVX-512 or AVX2 and shared across XLA's CPU
-thread pool. The C++ file is compiled on first use with the machine's C++ compiler
+``jmoe/csrc/cpu_kernels.cc`` holds two XLA FFI custom calls:
+``grouped_swiglu``, where each expert multiplies exactly its own rows (no per-expert
+capacity padding), gate/up, SiLU, down and the combine weight in one pass, tiled for
+AVX-512 or AVX2; and ``top_k_ids``, the routers' top-k (XLA's TopK runs on one
+thread). Both share their work over XLA's CPU thread pool. The C++ file is compiled
+on first use with the machine's C++ compiler
 (``$CXX``, else ``c++``/``g++``/``clang++``) for the host CPU (``-march=native``) into
 a cache folder (``$JMOE_CACHE_DIR``, else ``$XDG_CACHE_HOME/jmoe`` or ``~/.cache/jmoe``),
 keyed by the source, flags, compiler, jax version and CPU, and registered with
 ``jax.ffi``. The build writes a temporary file and renames it, so an interrupted
 build leaves nothing half-written.
 
-``moe_backend="auto"`` picks this backend on CPU when it builds (and the model is
-float32); ``JMOE_CPU_KERNELS=0`` turns that off. Without a compiler ``auto`` falls
+``moe_backend="auto"`` picks ``cpu_gmm`` on CPU when it builds (and the model is
+float32), and the routers use ``top_k_ids`` there; ``JMOE_CPU_KERNELS=0`` turns both
+off. Without a compiler ``auto`` falls
 back to ``bucketed`` with one warning; an explicit ``moe_backend="cpu_gmm"`` then
 raises a ``RuntimeError`` carrying the compiler's message.
 
 Example:
-    if jmoe.cpu_gmm.available():
+    if jmoe.cpu_kernels.available():
         model = jmoe.load(path, moe_backend="cpu_gmm")
 """
 
@@ -34,15 +37,16 @@ import threading
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 
 log = logging.getLogger("jmoe")
 
-SOURCE = Path(__file__).parent / "csrc" / "grouped_swiglu.cc"
-TARGET = "jmoe_grouped_swiglu"
+SOURCE = Path(__file__).parent / "csrc" / "cpu_kernels.cc"
+KERNELS = ("jmoe_grouped_swiglu", "jmoe_top_k")  # FFI handler symbols in SOURCE
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno")
 
 _LOCK = threading.Lock()
-_TARGETS: dict[tuple[str, ...], str] = {}  # extra flags -> registered FFI target name
+_TARGETS: dict[tuple[str, ...], str] = {}  # extra flags -> registered target name suffix
 _LIBS: list = []  # keep the loaded libraries alive
 _FAILED: dict[tuple[str, ...], str] = {}
 
@@ -79,13 +83,13 @@ def build(extra_flags: tuple[str, ...] = ()) -> Path:
     """
     cxx = compiler()
     if cxx is None:
-        raise RuntimeError("no C++ compiler found ($CXX, c++, g++ or clang++): the cpu_gmm "
-                           "kernel cannot be built; use moe_backend='bucketed'")
+        raise RuntimeError("no C++ compiler found ($CXX, c++, g++ or clang++): jmoe's CPU "
+                           "kernels cannot be built; use moe_backend='bucketed'")
     flags = FLAGS + tuple(extra_flags)
     source = SOURCE.read_bytes()
     key = hashlib.sha256(b"\0".join([source, " ".join(flags).encode(), cxx.encode(),
                                      jax.__version__.encode(), _cpu_identity().encode()]))
-    out = cache_dir() / f"grouped_swiglu-{key.hexdigest()[:16]}.so"
+    out = cache_dir() / f"cpu_kernels-{key.hexdigest()[:16]}.so"
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -95,7 +99,7 @@ def build(extra_flags: tuple[str, ...] = ()) -> Path:
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
-            raise RuntimeError(f"building the cpu_gmm kernel failed ({' '.join(cmd)}):\n"
+            raise RuntimeError(f"building jmoe's CPU kernels failed ({' '.join(cmd)}):\n"
                                f"{proc.stderr.strip()[-4000:]}")
         os.replace(tmp, out)
     finally:
@@ -105,9 +109,9 @@ def build(extra_flags: tuple[str, ...] = ()) -> Path:
 
 
 def target(extra_flags: tuple[str, ...] = ()) -> str:
-    """Build and register the kernel; return its FFI target name (``RuntimeError`` if it
-    cannot be built). ``extra_flags`` builds a variant (tests use ``-mno-avx512f`` to run
-    the AVX2 tile on an AVX-512 machine)."""
+    """Build and register the kernels; return the suffix of their FFI target names
+    (``RuntimeError`` if they cannot be built). ``extra_flags`` builds a variant (tests
+    use ``-mno-avx512f`` to run the AVX2 tiles on an AVX-512 machine)."""
     extra_flags = tuple(extra_flags)
     with _LOCK:
         if extra_flags in _TARGETS:
@@ -119,13 +123,14 @@ def target(extra_flags: tuple[str, ...] = ()) -> str:
         except (RuntimeError, OSError) as err:
             _FAILED[extra_flags] = str(err)
             raise RuntimeError(str(err)) from None
-        name = TARGET + ("" if not extra_flags else
-                         "_" + hashlib.sha256(" ".join(extra_flags).encode()).hexdigest()[:8])
-        jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(lib.jmoe_grouped_swiglu),
-                                    platform="cpu")
+        suffix = "" if not extra_flags else (
+            "_" + hashlib.sha256(" ".join(extra_flags).encode()).hexdigest()[:8])
+        for symbol in KERNELS:
+            jax.ffi.register_ffi_target(symbol + suffix, jax.ffi.pycapsule(getattr(lib, symbol)),
+                                        platform="cpu")
         _LIBS.append(lib)
-        _TARGETS[extra_flags] = name
-        return name
+        _TARGETS[extra_flags] = suffix
+        return suffix
 
 
 def available() -> bool:
@@ -141,15 +146,33 @@ def available() -> bool:
         return True
     except RuntimeError as err:
         if not failed_before:
-            log.warning("jmoe: the cpu_gmm kernel is unavailable, using 'bucketed' on CPU: %s", err)
+            log.warning("jmoe: the compiled CPU kernels are unavailable (moe_backend 'auto' "
+                        "uses 'bucketed' on CPU, routers use lax.top_k): %s", err)
         return False
 
 
+def use_on_this_platform() -> bool:
+    """Whether jmoe's defaults use these kernels now: XLA:CPU and ``available()``."""
+    return jax.default_backend() == "cpu" and available()
+
+
 def grouped_swiglu(x_TD, tok_A, dst_A, weight_A, counts_E, w_gate_EDF, w_up_EDF, w_down_EFD,
-                   *, name: str | None = None):
-    """The raw kernel call (all float32 / int32): ``y[A, D]`` with
+                   *, variant: tuple[str, ...] = ()):
+    """The raw expert kernel (all float32 / int32): ``y[A, D]`` with
     ``y[dst[i]] = weight[i] * SwiGLU_e(x[tok[i]])`` for the ``sum(counts)`` live sorted
-    rows (expert e owns the next ``counts[e]``) and zero rows for the rest."""
+    rows (expert e owns the next ``counts[e]``) and zero rows at the others' ``dst``."""
     out = jax.ShapeDtypeStruct((tok_A.shape[0], x_TD.shape[1]), x_TD.dtype)
-    call = jax.ffi.ffi_call(name or target(), out, vmap_method="sequential")
+    call = jax.ffi.ffi_call("jmoe_grouped_swiglu" + target(variant), out,
+                            vmap_method="sequential")
     return call(x_TD, tok_A, dst_A, weight_A, counts_E, w_gate_EDF, w_up_EDF, w_down_EFD)
+
+
+def top_k_ids(x_TE, k: int, *, variant: tuple[str, ...] = ()):
+    """Ids ``[T, K]`` int32 of each row's k largest entries of float32 ``x_TE``, largest
+    first, equal values lower index first: ``jax.lax.top_k(x_TE, k)[1]``."""
+    t, e = x_TE.shape
+    if not 1 <= k <= e:
+        raise ValueError(f"k={k}: expected 1 <= k <= {e} (the row length)")
+    out = jax.ShapeDtypeStruct((t, k), jnp.int32)
+    call = jax.ffi.ffi_call("jmoe_top_k" + target(variant), out, vmap_method="sequential")
+    return call(jax.lax.stop_gradient(x_TE.astype(jnp.float32)))  # ids carry no gradient

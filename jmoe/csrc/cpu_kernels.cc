@@ -1,0 +1,395 @@
+// jmoe's XLA:CPU kernels, called as XLA FFI custom calls (jmoe/cpu_kernels.py builds
+// this file on first use for the host CPU and registers them):
+//   jmoe_grouped_swiglu  the MoE experts of moe_backend="cpu_gmm";
+//   jmoe_top_k           the router's top-k expert ids.
+//
+// Why: on XLA:CPU the static-shape alternatives pad every expert to a common
+// capacity and pay a fixed cost per batched dot, and XLA's TopK runs on one thread.
+// Here each expert computes exactly its own rows, and both kernels share work over
+// XLA's intra-op thread pool and the calling thread.
+//
+// Shape letters: T tokens, D model dim, F expert ffn dim, E experts, A assignments,
+// K experts per token.
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+#include <immintrin.h>
+#endif
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+// ---------------------------------------------------------------------------
+// Vector registers: kW floats each. The plain build keeps kW-wide arrays and
+// leaves vectorisation to the compiler.
+#if defined(__AVX512F__)
+constexpr int kW = 16, kMR = 8;  // 8 rows x 2 vectors = 16 zmm accumulators
+using Vec = __m512;
+inline Vec Zero() { return _mm512_setzero_ps(); }
+inline Vec Load(const float* p) { return _mm512_loadu_ps(p); }
+inline Vec Splat(const float* p) { return _mm512_set1_ps(*p); }
+inline Vec Fma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
+inline void Store(float* p, Vec v) { _mm512_storeu_ps(p, v); }
+#elif defined(__AVX2__) && defined(__FMA__)
+constexpr int kW = 8, kMR = 6;  // 6 rows x 2 vectors = 12 ymm accumulators
+using Vec = __m256;
+inline Vec Zero() { return _mm256_setzero_ps(); }
+inline Vec Load(const float* p) { return _mm256_loadu_ps(p); }
+inline Vec Splat(const float* p) { return _mm256_broadcast_ss(p); }
+inline Vec Fma(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
+inline void Store(float* p, Vec v) { _mm256_storeu_ps(p, v); }
+#else
+constexpr int kW = 8, kMR = 4;
+struct Vec {
+  float v[kW];
+};
+inline Vec Zero() { return Vec{}; }
+inline Vec Load(const float* p) {
+  Vec r;
+  for (int j = 0; j < kW; ++j) r.v[j] = p[j];
+  return r;
+}
+inline Vec Splat(const float* p) {
+  Vec r;
+  for (int j = 0; j < kW; ++j) r.v[j] = *p;
+  return r;
+}
+inline Vec Fma(Vec a, Vec b, Vec c) {
+  for (int j = 0; j < kW; ++j) c.v[j] += a.v[j] * b.v[j];
+  return c;
+}
+inline void Store(float* p, Vec v) {
+  for (int j = 0; j < kW; ++j) p[j] = v.v[j];
+}
+#endif
+constexpr int kNR = 2 * kW;  // columns of one plain matmul tile
+
+#ifndef JMOE_ROWS_PER_TASK
+#define JMOE_ROWS_PER_TASK 48
+#endif
+constexpr int kRowsPerTask = JMOE_ROWS_PER_TASK;
+
+// exp(x) as 2^n * p(r) with |r| <= ln2/2 and a degree-6 polynomial (Cephes expf
+// coefficients, ~1 ulp); plain arithmetic so the SiLU loops vectorise (std::exp
+// does not, and would cost more than the matmuls).
+inline float Exp(float x) {
+  x = std::min(std::max(x, -87.0f), 88.0f);
+  const float n = std::nearbyint(x * 1.44269504088896341f);
+  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  int32_t bits;
+  std::memcpy(&bits, &p, sizeof bits);
+  bits += static_cast<int32_t>(n) << 23;
+  std::memcpy(&p, &bits, sizeof p);
+  return p;
+}
+
+inline float SiluMul(float g, float u) { return g / (1.f + Exp(-g)) * u; }
+
+// C[M x kNR] = A[M x K] * B[K x kNR]; row strides lda, ldb, ldc (in floats).
+template <int M>
+inline void Tile(int K, const float* __restrict A, int lda, const float* __restrict B, int ldb,
+                 float* __restrict C, int ldc) {
+  Vec c0[M], c1[M];
+  for (int i = 0; i < M; ++i) c0[i] = c1[i] = Zero();
+  for (int k = 0; k < K; ++k) {
+    const float* b = B + static_cast<int64_t>(k) * ldb;
+    const Vec b0 = Load(b), b1 = Load(b + kW);
+    for (int i = 0; i < M; ++i) {
+      const Vec a = Splat(A + i * lda + k);
+      c0[i] = Fma(a, b0, c0[i]);
+      c1[i] = Fma(a, b1, c1[i]);
+    }
+  }
+  for (int i = 0; i < M; ++i) {
+    Store(C + i * ldc, c0[i]);
+    Store(C + i * ldc + kW, c1[i]);
+  }
+}
+
+// H[M x kW] = silu(A * Bg) * (A * Bu): gate and up share the A broadcasts, and the
+// SiLU product is taken before anything is stored.
+template <int M>
+inline void TileGateUp(int K, const float* __restrict A, int lda, const float* __restrict Bg,
+                       const float* __restrict Bu, int ldb, float* __restrict H, int ldh) {
+  Vec g[M], u[M];
+  for (int i = 0; i < M; ++i) g[i] = u[i] = Zero();
+  for (int k = 0; k < K; ++k) {
+    const Vec bg = Load(Bg + static_cast<int64_t>(k) * ldb);
+    const Vec bu = Load(Bu + static_cast<int64_t>(k) * ldb);
+    for (int i = 0; i < M; ++i) {
+      const Vec a = Splat(A + i * lda + k);
+      g[i] = Fma(a, bg, g[i]);
+      u[i] = Fma(a, bu, u[i]);
+    }
+  }
+  alignas(64) float gs[kW], us[kW];
+  for (int i = 0; i < M; ++i) {
+    Store(gs, g[i]);
+    Store(us, u[i]);
+    float* h = H + i * ldh;
+    for (int j = 0; j < kW; ++j) h[j] = SiluMul(gs[j], us[j]);
+  }
+}
+
+// Runs Fn<m>(...) for the row count m in 1..kMR (tiles are unrolled per row count).
+template <template <int> class Fn, int M = kMR, typename... Args>
+inline void ForRows(int m, Args... args) {
+  if constexpr (M > 0) {
+    if (m == M) return Fn<M>::Run(args...);
+    return ForRows<Fn, M - 1>(m, args...);
+  }
+}
+template <int M>
+struct TileFn {
+  static void Run(int K, const float* A, int lda, const float* B, int ldb, float* C, int ldc) {
+    Tile<M>(K, A, lda, B, ldb, C, ldc);
+  }
+};
+template <int M>
+struct TileGateUpFn {
+  static void Run(int K, const float* A, int lda, const float* Bg, const float* Bu, int ldb,
+                  float* H, int ldh) {
+    TileGateUp<M>(K, A, lda, Bg, Bu, ldb, H, ldh);
+  }
+};
+
+// C[m x N] = A[m x K] * B[K x N], all row-major; columns past the last full tile in
+// scalar loops.
+void Gemm(int m, int N, int K, const float* A, int lda, const float* B, int ldb, float* C,
+          int ldc) {
+  int n0 = 0;
+  for (; n0 + kNR <= N; n0 += kNR)
+    for (int i = 0; i < m; i += kMR)
+      ForRows<TileFn>(std::min(kMR, m - i), K, A + static_cast<int64_t>(i) * lda, lda, B + n0,
+                      ldb, C + static_cast<int64_t>(i) * ldc + n0, ldc);
+  for (; n0 < N; ++n0)
+    for (int i = 0; i < m; ++i) {
+      float s = 0.f;
+      for (int k = 0; k < K; ++k)
+        s += A[static_cast<int64_t>(i) * lda + k] * B[static_cast<int64_t>(k) * ldb + n0];
+      C[static_cast<int64_t>(i) * ldc + n0] = s;
+    }
+}
+
+// H[m x F] = silu(A * Bg) * (A * Bu), A [m x K], Bg and Bu [K x F].
+void GateUp(int m, int F, int K, const float* A, int lda, const float* Bg, const float* Bu,
+            float* H) {
+  int n0 = 0;
+  for (; n0 + kW <= F; n0 += kW)
+    for (int i = 0; i < m; i += kMR)
+      ForRows<TileGateUpFn>(std::min(kMR, m - i), K, A + static_cast<int64_t>(i) * lda, lda,
+                            Bg + n0, Bu + n0, F, H + static_cast<int64_t>(i) * F + n0, F);
+  for (; n0 < F; ++n0)
+    for (int i = 0; i < m; ++i) {
+      float g = 0.f, u = 0.f;
+      for (int k = 0; k < K; ++k) {
+        const float a = A[static_cast<int64_t>(i) * lda + k];
+        g += a * Bg[static_cast<int64_t>(k) * F + n0];
+        u += a * Bu[static_cast<int64_t>(k) * F + n0];
+      }
+      H[static_cast<int64_t>(i) * F + n0] = SiluMul(g, u);
+    }
+}
+
+// Runs fn(i, scratch) for i in [0, n) over the XLA thread pool and the calling thread.
+// Workers claim indices from a shared counter; the caller works too and returns once
+// all are done. A worker that starts late finds nothing left and exits; the shared
+// state outlives this call for it.
+template <typename Fn>
+void ParallelFor(ffi::ThreadPool& pool, int n, size_t scratch_floats, Fn fn) {
+  struct State {
+    std::atomic<int> next{0}, done{0};
+  };
+  auto state = std::make_shared<State>();
+  auto work = [state, n, scratch_floats, fn]() {
+    std::vector<float> scratch(scratch_floats);
+    for (int i; (i = state->next.fetch_add(1)) < n;) {
+      fn(i, scratch.data());
+      state->done.fetch_add(1, std::memory_order_release);
+    }
+  };
+  const int64_t helpers = std::min<int64_t>(pool.num_threads(), n) - 1;
+  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([work]() { work(); });
+  work();
+  while (state->done.load(std::memory_order_acquire) < n) std::this_thread::yield();
+}
+
+ffi::Error Invalid(const char* kernel, const std::string& what) {
+  return ffi::Error(ffi::ErrorCode::kInvalidArgument, std::string(kernel) + ": " + what);
+}
+
+// ---------------------------------------------------------------------------
+// jmoe_grouped_swiglu. Inputs (assignments already sorted by expert, live ones first):
+//   x       f32[T, D]   token rows
+//   tok     s32[A]      token row of each sorted assignment
+//   dst     s32[A]      where its output goes (its index in the unsorted order)
+//   weight  f32[A]      combine weight of each sorted assignment
+//   counts  s32[E]      live assignments per expert: expert e owns the next counts[e] rows
+//   w_gate  f32[E, D, F], w_up f32[E, D, F], w_down f32[E, F, D]
+// Output:
+//   y       f32[A, D]   y[dst[i]] = weight[i] * down(silu(x[tok[i]] @ gate) * (x[tok[i]] @ up))
+//                       for the live rows; zero rows at the dst of the others (dropped).
+
+struct Task {
+  int expert, row0, rows;
+};
+
+struct Problem {
+  int D, F;
+  const float *x, *weight, *w_gate, *w_up, *w_down;
+  const int32_t *tok, *dst;
+  float* y;
+};
+
+// One task: up to kRowsPerTask rows of one expert. Gather, gate/up with SiLU, down,
+// weighted write to the destination rows.
+void RunTask(const Task& t, const Problem& p, float* scratch) {
+  const int D = p.D, F = p.F, m = t.rows;
+  float* xs = scratch;                  // [rows, D]
+  float* h = xs + kRowsPerTask * D;     // [rows, F]
+  float* out = h + kRowsPerTask * F;    // [rows, D]
+  for (int i = 0; i < m; ++i)
+    std::memcpy(xs + static_cast<int64_t>(i) * D,
+                p.x + static_cast<int64_t>(p.tok[t.row0 + i]) * D, sizeof(float) * D);
+  const int64_t e = t.expert;
+  GateUp(m, F, D, xs, D, p.w_gate + e * D * F, p.w_up + e * D * F, h);
+  Gemm(m, D, F, h, F, p.w_down + e * F * D, D, out, D);
+  for (int i = 0; i < m; ++i) {
+    const float w = p.weight[t.row0 + i];
+    const float* src = out + static_cast<int64_t>(i) * D;
+    float* y = p.y + static_cast<int64_t>(p.dst[t.row0 + i]) * D;
+    for (int j = 0; j < D; ++j) y[j] = w * src[j];
+  }
+}
+
+ffi::Error GroupedSwiGLU(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> tok,
+                         ffi::Buffer<ffi::S32> dst, ffi::Buffer<ffi::F32> weight,
+                         ffi::Buffer<ffi::S32> counts, ffi::Buffer<ffi::F32> w_gate,
+                         ffi::Buffer<ffi::F32> w_up, ffi::Buffer<ffi::F32> w_down,
+                         ffi::ResultBuffer<ffi::F32> y) {
+  constexpr const char* kName = "jmoe_grouped_swiglu";
+  const auto xd = x.dimensions(), gd = w_gate.dimensions(), ud = w_up.dimensions(),
+             dd = w_down.dimensions(), yd = y->dimensions();
+  if (xd.size() != 2 || gd.size() != 3 || ud.size() != 3 || dd.size() != 3 || yd.size() != 2)
+    return Invalid(kName, "expected x [T, D], weights [E, D, F], [E, D, F], [E, F, D], y [A, D]");
+  const int64_t T = xd[0], D = xd[1], E = gd[0], F = gd[2], A = tok.element_count();
+  if (gd[1] != D || ud[0] != E || ud[1] != D || ud[2] != F || dd[0] != E || dd[1] != F ||
+      dd[2] != D)
+    return Invalid(kName, "expert weight shapes disagree with x [T, D] and w_gate [E, D, F]");
+  if (dst.element_count() != A || weight.element_count() != A || counts.element_count() != E ||
+      yd[0] != A || yd[1] != D)
+    return Invalid(kName, "tok, dst, weight must be [A], counts [E] and y [A, D]");
+  const int32_t* cnt = counts.typed_data();
+  const int32_t *ptok = tok.typed_data(), *pdst = dst.typed_data();
+  std::vector<Task> tasks;
+  int64_t live = 0;
+  for (int64_t e = 0; e < E; ++e) {
+    if (cnt[e] < 0 || live + cnt[e] > A)
+      return Invalid(kName, "counts must be >= 0 and sum to <= A");
+    for (int r = 0; r < cnt[e]; r += kRowsPerTask)
+      tasks.push_back({static_cast<int>(e), static_cast<int>(live + r),
+                       std::min(kRowsPerTask, cnt[e] - r)});
+    live += cnt[e];
+  }
+  for (int64_t i = 0; i < A; ++i) {
+    if (pdst[i] < 0 || pdst[i] >= A) return Invalid(kName, "dst index out of range [0, A)");
+    if (i < live && (ptok[i] < 0 || ptok[i] >= T))
+      return Invalid(kName, "tok index out of range [0, T)");
+  }
+  float* py = y->typed_data();
+  for (int64_t i = live; i < A; ++i)
+    std::memset(py + static_cast<int64_t>(pdst[i]) * D, 0, sizeof(float) * D);
+  const Problem prob{static_cast<int>(D), static_cast<int>(F), x.typed_data(),
+                     weight.typed_data(), w_gate.typed_data(), w_up.typed_data(),
+                     w_down.typed_data(), ptok, pdst, py};
+  auto shared = std::make_shared<std::vector<Task>>(std::move(tasks));
+  ParallelFor(pool, static_cast<int>(shared->size()),
+              static_cast<size_t>(kRowsPerTask) * (2 * D + F),
+              [shared, prob](int i, float* scratch) { RunTask((*shared)[i], prob, scratch); });
+  return ffi::Error::Success();
+}
+
+// ---------------------------------------------------------------------------
+// jmoe_top_k: x f32[T, E] -> ids s32[T, K], each row's K largest entries, largest
+// first; equal values keep the lower index first (jax.lax.top_k's order). Floats
+// compare in IEEE total order (-NaN < -inf < ... < inf < NaN).
+
+inline int32_t TotalOrderKey(float v) {
+  int32_t b;
+  std::memcpy(&b, &v, sizeof b);
+  return b ^ ((b >> 31) & 0x7fffffff);
+}
+
+constexpr int kTopKRowsPerTask = 64;
+
+ffi::Error TopK(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::S32> ids) {
+  constexpr const char* kName = "jmoe_top_k";
+  const auto xd = x.dimensions(), od = ids->dimensions();
+  if (xd.size() != 2 || od.size() != 2 || od[0] != xd[0] || od[1] < 1 || od[1] > xd[1])
+    return Invalid(kName, "expected x [T, E] and ids [T, K] with 1 <= K <= E");
+  const int64_t T = xd[0], E = xd[1], K = od[1];
+  const float* px = x.typed_data();
+  int32_t* pid = ids->typed_data();
+  const int n_tasks = static_cast<int>((T + kTopKRowsPerTask - 1) / kTopKRowsPerTask);
+  ParallelFor(pool, n_tasks, static_cast<size_t>(K), [=](int task, float* scratch) {
+    int32_t* keys = reinterpret_cast<int32_t*>(scratch);  // [K], sorted descending
+    const int64_t t1 = std::min<int64_t>(T, (task + 1) * int64_t{kTopKRowsPerTask});
+    for (int64_t t = task * int64_t{kTopKRowsPerTask}; t < t1; ++t) {
+      const float* row = px + t * E;
+      int32_t* out = pid + t * K;
+      int n = 0;
+      for (int64_t e = 0; e < E; ++e) {
+        const int32_t key = TotalOrderKey(row[e]);
+        if (n == K && key <= keys[K - 1]) continue;  // not above the K-th: ties keep earlier
+        int j = n < K ? n++ : K - 1;
+        for (; j > 0 && key > keys[j - 1]; --j) {
+          keys[j] = keys[j - 1];
+          out[j] = out[j - 1];
+        }
+        keys[j] = key;
+        out[j] = static_cast<int32_t>(e);
+      }
+    }
+  });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jmoe_grouped_swiglu, GroupedSwiGLU,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // x
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // tok
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // dst
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // weight
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // counts
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // w_gate
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // w_up
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // w_down
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // y
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jmoe_top_k, TopK,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // x
+                                  .Ret<ffi::Buffer<ffi::S32>>());  // ids
