@@ -96,16 +96,37 @@ def dot_attention(q_BLHK, k_BSNK, v_BSNK, bias_B1LS, causal_chunk: int | None = 
     if s >= BLOCKED_MIN_KEYS and jax.default_backend() == "cpu":
         return blocked_attention(q_BLHK, k_BSNK, v_BSNK, bias_B1LS, causal=causal)
     if causal and l > causal_chunk:
-        outs = []
-        for lo in range(0, l, causal_chunk):
-            hi = min(lo + causal_chunk, l)
-            outs.append(dot_attention(q_BLHK[:, lo:hi], k_BSNK[:, :hi], v_BSNK[:, :hi],
-                                      bias_B1LS[:, :, lo:hi, :hi]))
-        return jnp.concatenate(outs, axis=1)
+        return chunked_causal_attention(q_BLHK, k_BSNK, v_BSNK, bias_B1LS, causal_chunk)
     # jax's XLA attention: float32 logits and softmax, the bias added before the
     # softmax, GQA; ~20% faster on CPU than our own 5-D einsum formulation.
     return jax.nn.dot_product_attention(q_BLHK, k_BSNK, v_BSNK, bias=bias_B1LS,
                                         implementation="xla")
+
+
+def chunked_causal_attention(q_BLHK, k_BSNK, v_BSNK, bias_B1LS, chunk: int):
+    """Causal ``dot_attention`` (L == S) with queries in chunks that see keys
+    ``[0, hi)`` only. q, k and v go head-major once, materialised
+    (``optimization_barrier``): otherwise XLA fuses the q/k norm and rotary into a
+    transposed copy per chunk, recomputing them (measured on CPU, 4x256 tokens: the
+    whole 4-layer forward 72.6 -> 70.8 ms).
+    """
+    b, l, h, kd = q_BLHK.shape
+    n = k_BSNK.shape[2]
+    g = h // n
+    q = jnp.transpose(q_BLHK.reshape(b, l, n, g, kd), (0, 2, 3, 1, 4))  # [B, N, G, L, K]
+    q = q * jnp.asarray(kd ** -0.5, q.dtype)
+    k, v = (jnp.transpose(t, (0, 2, 1, 3)) for t in (k_BSNK, v_BSNK))  # [B, N, S, K]
+    q, k, v = jax.lax.optimization_barrier((q, k, v))
+    outs = []
+    for lo in range(0, l, chunk):
+        hi = min(lo + chunk, l)
+        logits = jnp.einsum("BNGLK,BNSK->BNGLS", q[:, :, :, lo:hi], k[:, :, :hi],
+                            preferred_element_type=jnp.float32)
+        probs = jax.nn.softmax(logits + bias_B1LS[:, :, None, lo:hi, :hi], axis=-1)
+        outs.append(jnp.einsum("BNGLS,BNSK->BNGLK", probs.astype(v.dtype), v[:, :, :hi],
+                               preferred_element_type=jnp.float32).astype(v.dtype))
+    out = jnp.concatenate(outs, axis=3)  # [B, N, G, L, K]
+    return jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(b, l, h, kd)
 
 
 # Query chunk of causal attention without a cache (measured on CPU at L=256: chunks of

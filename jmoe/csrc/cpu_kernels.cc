@@ -76,10 +76,9 @@ inline void Store(float* p, Vec v) {
 #endif
 constexpr int kNR = 2 * kW;  // columns of one plain matmul tile
 
-#ifndef JMOE_ROWS_PER_TASK
-#define JMOE_ROWS_PER_TASK 48
-#endif
-constexpr int kRowsPerTask = JMOE_ROWS_PER_TASK;
+// Rows of one expert per task (measured on a 2-core AVX-512 CPU: 24 to 256 rows, and
+// packing the weight panels, all within 5%; the tiles run at ~0.8 of its dense peak).
+constexpr int kRowsPerTask = 48;
 
 // exp(x) as 2^n * p(r) with |r| <= ln2/2 and a degree-6 polynomial (Cephes expf
 // coefficients, ~1 ulp); plain arithmetic so the SiLU loops vectorise (std::exp
