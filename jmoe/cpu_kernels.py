@@ -156,15 +156,15 @@ def use_on_this_platform() -> bool:
     return jax.default_backend() == "cpu" and available()
 
 
-def grouped_swiglu(x_TD, tok_A, dst_A, weight_A, counts_E, w_gate_EDF, w_up_EDF, w_down_EFD,
+def grouped_swiglu(x_TD, token_A, expert_A, weight_A, w_gate_EDF, w_up_EDF, w_down_EFD,
                    *, variant: tuple[str, ...] = ()):
-    """The raw expert kernel (all float32 / int32): ``y[A, D]`` with
-    ``y[dst[i]] = weight[i] * SwiGLU_e(x[tok[i]])`` for the ``sum(counts)`` live sorted
-    rows (expert e owns the next ``counts[e]``) and zero rows at the others' ``dst``."""
-    out = jax.ShapeDtypeStruct((tok_A.shape[0], x_TD.shape[1]), x_TD.dtype)
+    """The raw expert kernel (float32 / int32): ``y[A, D]``, row a being
+    ``weight[a] * SwiGLU_{expert[a]}(x[token[a]])``, zero where ``expert[a] >= E``
+    (dropped). The kernel groups the rows by expert itself (a counting sort)."""
+    out = jax.ShapeDtypeStruct((token_A.shape[0], x_TD.shape[1]), x_TD.dtype)
     call = jax.ffi.ffi_call("jmoe_grouped_swiglu" + target(variant), out,
                             vmap_method="sequential")
-    return call(x_TD, tok_A, dst_A, weight_A, counts_E, w_gate_EDF, w_up_EDF, w_down_EFD)
+    return call(x_TD, token_A, expert_A, weight_A, w_gate_EDF, w_up_EDF, w_down_EFD)
 
 
 def top_k_ids(x_TE, k: int, *, variant: tuple[str, ...] = ()):

@@ -254,8 +254,9 @@ def ragged_experts(x_TD, r, w_gate_EDF, w_up_EDF, w_down_EFD):
 
 
 def cpu_gmm_experts(x_TD, r, w_gate_EDF, w_up_EDF, w_down_EFD):
-    """Sorted rows through ``jmoe.cpu_kernels``' compiled kernel: each expert computes
-    exactly its live rows, weighted outputs land in assignment order, then combine.
+    """The assignments through ``jmoe.cpu_kernels``' compiled kernel: it groups them by
+    expert, each expert computes exactly its live rows, and the weighted outputs come
+    back in assignment order; then combine.
 
     float32 compute (other dtypes are cast); the gradient is the ``bucketed``
     backend's (the same function), recomputed in the backward pass.
@@ -280,9 +281,8 @@ def _cpu_gmm(meta, x_TD, weight_A, w_gate_EDF, w_up_EDF, w_down_EFD, token_A, ex
              logits_TE):
     r = _meta_routing(meta, token_A, expert_A, weight_A, logits_TE)
     t, _ = x_TD.shape
-    order, _, _, counts = _sorted_slots(r)
-    y_AD = cpu_kernels.grouped_swiglu(x_TD, r.token_A[order], order.astype(jnp.int32),
-                                  r.weight_A[order], counts, w_gate_EDF, w_up_EDF, w_down_EFD)
+    y_AD = cpu_kernels.grouped_swiglu(x_TD, r.token_A, r.expert_A, r.weight_A, w_gate_EDF,
+                                      w_up_EDF, w_down_EFD)
     a = y_AD.shape[0]
     if r.token_major and a % t == 0:
         return y_AD.reshape(t, a // t, -1).sum(1)

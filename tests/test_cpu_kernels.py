@@ -30,9 +30,8 @@ VARIANTS = {"native": (), "avx2": ("-mno-avx512f",), "plain": ("-mno-avx2", "-mn
 
 
 def run(x, r, ws, variant):
-    order, _, _, counts = moe._sorted_slots(r)
-    y_AD = cpu_kernels.grouped_swiglu(x, r.token_A[order], order.astype(jnp.int32),
-                                      r.weight_A[order], counts, *ws, variant=variant)
+    y_AD = cpu_kernels.grouped_swiglu(x, r.token_A, r.expert_A, r.weight_A, *ws,
+                                      variant=variant)
     return jax.ops.segment_sum(y_AD, r.token_A, num_segments=x.shape[0])
 
 
@@ -142,15 +141,15 @@ def test_bad_kernel_inputs_are_errors_naming_the_problem():
     w_down = jnp.ones((2, 4, 8), jnp.float32)
     idx = jnp.arange(4, dtype=jnp.int32)
     ones = jnp.ones((4,), jnp.float32)
-    with pytest.raises(Exception, match="counts must be >= 0 and sum to <= A"):
-        cpu_kernels.grouped_swiglu(x, idx, idx, ones, jnp.asarray([3, 3], jnp.int32), w, w,
-                                   w_down).block_until_ready()
-    with pytest.raises(Exception, match="tok index out of range"):
-        cpu_kernels.grouped_swiglu(x, idx + 4, idx, ones, jnp.asarray([2, 2], jnp.int32), w,
-                                   w, w_down).block_until_ready()
-    with pytest.raises(Exception, match="expert weight shapes disagree"):
-        cpu_kernels.grouped_swiglu(x, idx, idx, ones, jnp.asarray([2, 2], jnp.int32), w, w,
-                                   w).block_until_ready()
+    experts = jnp.asarray([0, 1, 2, 1], jnp.int32)  # 2 == E: dropped, its token unread
+    cases = [((x, idx + 1, experts, ones, w, w, w_down), "token index out of range"),
+             ((x, idx, experts - 1, ones, w, w, w_down), "expert id below 0"),
+             ((x, idx, experts, ones, w, w, w), "expert weight shapes disagree")]
+    for args, message in cases:
+        with pytest.raises(Exception, match=message):
+            cpu_kernels.grouped_swiglu(*args).block_until_ready()
+    y = cpu_kernels.grouped_swiglu(x, idx.at[2].set(99), experts, ones, w, w, w_down)
+    assert np.all(np.asarray(y)[2] == 0) and np.all(np.isfinite(np.asarray(y)))
 
 
 def test_build_is_cached_and_failures_leave_nothing(tmp_path, monkeypatch):

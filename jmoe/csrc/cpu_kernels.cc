@@ -4,7 +4,8 @@
 //   jmoe_top_k           the router's top-k expert ids.
 //
 // Why: on XLA:CPU the static-shape alternatives pad every expert to a common
-// capacity and pay a fixed cost per batched dot, and XLA's TopK runs on one thread.
+// capacity and pay a fixed cost per batched dot (and sort and gather around them),
+// and XLA's TopK runs on one thread.
 // Here each expert computes exactly its own rows, and both kernels share work over
 // XLA's intra-op thread pool and the calling thread.
 //
@@ -237,52 +238,55 @@ ffi::Error Invalid(const char* kernel, const std::string& what) {
 }
 
 // ---------------------------------------------------------------------------
-// jmoe_grouped_swiglu. Inputs (assignments already sorted by expert, live ones first):
+// jmoe_grouped_swiglu. Inputs, one row per assignment a (the Routing's flat list):
 //   x       f32[T, D]   token rows
-//   tok     s32[A]      token row of each sorted assignment
-//   dst     s32[A]      where its output goes (its index in the unsorted order)
-//   weight  f32[A]      combine weight of each sorted assignment
-//   counts  s32[E]      live assignments per expert: expert e owns the next counts[e] rows
+//   token   s32[A]      the token row assignment a reads
+//   expert  s32[A]      its expert, E (or more) when dropped
+//   weight  f32[A]      its combine weight
 //   w_gate  f32[E, D, F], w_up f32[E, D, F], w_down f32[E, F, D]
 // Output:
-//   y       f32[A, D]   y[dst[i]] = weight[i] * down(silu(x[tok[i]] @ gate) * (x[tok[i]] @ up))
-//                       for the live rows; zero rows at the dst of the others (dropped).
+//   y       f32[A, D]   y[a] = weight[a] * down(silu(x[token[a]] @ gate) * (x[token[a]] @ up))
+//                       with the weights of expert[a]; zero rows for dropped assignments.
+// Assignments are grouped by expert with a counting sort, so each expert multiplies
+// exactly its own rows.
 
 struct Task {
-  int expert, row0, rows;
+  int expert, row0, rows;  // rows [row0, row0 + rows) of the expert-sorted order
 };
 
 struct Problem {
   int D, F;
   const float *x, *weight, *w_gate, *w_up, *w_down;
-  const int32_t *tok, *dst;
+  const int32_t* token;
+  const int32_t* order;  // sorted position -> assignment
   float* y;
 };
 
 // One task: up to kRowsPerTask rows of one expert. Gather, gate/up with SiLU, down,
-// weighted write to the destination rows.
+// weighted write to the assignments' rows.
 void RunTask(const Task& t, const Problem& p, float* scratch) {
   const int D = p.D, F = p.F, m = t.rows;
   float* xs = scratch;                  // [rows, D]
   float* h = xs + kRowsPerTask * D;     // [rows, F]
   float* out = h + kRowsPerTask * F;    // [rows, D]
+  const int32_t* rows = p.order + t.row0;
   for (int i = 0; i < m; ++i)
     std::memcpy(xs + static_cast<int64_t>(i) * D,
-                p.x + static_cast<int64_t>(p.tok[t.row0 + i]) * D, sizeof(float) * D);
+                p.x + static_cast<int64_t>(p.token[rows[i]]) * D, sizeof(float) * D);
   const int64_t e = t.expert;
   GateUp(m, F, D, xs, D, p.w_gate + e * D * F, p.w_up + e * D * F, h);
   Gemm(m, D, F, h, F, p.w_down + e * F * D, D, out, D);
   for (int i = 0; i < m; ++i) {
-    const float w = p.weight[t.row0 + i];
+    const float w = p.weight[rows[i]];
     const float* src = out + static_cast<int64_t>(i) * D;
-    float* y = p.y + static_cast<int64_t>(p.dst[t.row0 + i]) * D;
+    float* y = p.y + static_cast<int64_t>(rows[i]) * D;
     for (int j = 0; j < D; ++j) y[j] = w * src[j];
   }
 }
 
-ffi::Error GroupedSwiGLU(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> tok,
-                         ffi::Buffer<ffi::S32> dst, ffi::Buffer<ffi::F32> weight,
-                         ffi::Buffer<ffi::S32> counts, ffi::Buffer<ffi::F32> w_gate,
+ffi::Error GroupedSwiGLU(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                         ffi::Buffer<ffi::S32> token, ffi::Buffer<ffi::S32> expert,
+                         ffi::Buffer<ffi::F32> weight, ffi::Buffer<ffi::F32> w_gate,
                          ffi::Buffer<ffi::F32> w_up, ffi::Buffer<ffi::F32> w_down,
                          ffi::ResultBuffer<ffi::F32> y) {
   constexpr const char* kName = "jmoe_grouped_swiglu";
@@ -290,40 +294,42 @@ ffi::Error GroupedSwiGLU(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buf
              dd = w_down.dimensions(), yd = y->dimensions();
   if (xd.size() != 2 || gd.size() != 3 || ud.size() != 3 || dd.size() != 3 || yd.size() != 2)
     return Invalid(kName, "expected x [T, D], weights [E, D, F], [E, D, F], [E, F, D], y [A, D]");
-  const int64_t T = xd[0], D = xd[1], E = gd[0], F = gd[2], A = tok.element_count();
+  const int64_t T = xd[0], D = xd[1], E = gd[0], F = gd[2], A = token.element_count();
   if (gd[1] != D || ud[0] != E || ud[1] != D || ud[2] != F || dd[0] != E || dd[1] != F ||
       dd[2] != D)
     return Invalid(kName, "expert weight shapes disagree with x [T, D] and w_gate [E, D, F]");
-  if (dst.element_count() != A || weight.element_count() != A || counts.element_count() != E ||
-      yd[0] != A || yd[1] != D)
-    return Invalid(kName, "tok, dst, weight must be [A], counts [E] and y [A, D]");
-  const int32_t* cnt = counts.typed_data();
-  const int32_t *ptok = tok.typed_data(), *pdst = dst.typed_data();
-  std::vector<Task> tasks;
-  int64_t live = 0;
-  for (int64_t e = 0; e < E; ++e) {
-    if (cnt[e] < 0 || live + cnt[e] > A)
-      return Invalid(kName, "counts must be >= 0 and sum to <= A");
-    for (int r = 0; r < cnt[e]; r += kRowsPerTask)
-      tasks.push_back({static_cast<int>(e), static_cast<int>(live + r),
-                       std::min(kRowsPerTask, cnt[e] - r)});
-    live += cnt[e];
-  }
-  for (int64_t i = 0; i < A; ++i) {
-    if (pdst[i] < 0 || pdst[i] >= A) return Invalid(kName, "dst index out of range [0, A)");
-    if (i < live && (ptok[i] < 0 || ptok[i] >= T))
-      return Invalid(kName, "tok index out of range [0, T)");
-  }
+  if (expert.element_count() != A || weight.element_count() != A || yd[0] != A || yd[1] != D)
+    return Invalid(kName, "token, expert, weight must be [A] and y [A, D]");
+  const int32_t *ptok = token.typed_data(), *pexp = expert.typed_data();
   float* py = y->typed_data();
-  for (int64_t i = live; i < A; ++i)
-    std::memset(py + static_cast<int64_t>(pdst[i]) * D, 0, sizeof(float) * D);
+  // counting sort by expert (stable); dropped rows are zeroed here
+  std::vector<int32_t> start(E + 1, 0);
+  for (int64_t a = 0; a < A; ++a) {
+    if (pexp[a] < 0) return Invalid(kName, "expert id below 0");
+    if (pexp[a] >= E) {
+      std::memset(py + a * D, 0, sizeof(float) * D);
+      continue;
+    }
+    if (ptok[a] < 0 || ptok[a] >= T) return Invalid(kName, "token index out of range [0, T)");
+    ++start[pexp[a] + 1];
+  }
+  for (int64_t e = 0; e < E; ++e) start[e + 1] += start[e];
+  auto order = std::make_shared<std::vector<int32_t>>(start[E]);
+  {
+    std::vector<int32_t> next(start.begin(), start.end() - 1);
+    for (int64_t a = 0; a < A; ++a)
+      if (pexp[a] < E) (*order)[next[pexp[a]]++] = static_cast<int32_t>(a);
+  }
+  auto tasks = std::make_shared<std::vector<Task>>();
+  for (int64_t e = 0; e < E; ++e)
+    for (int r = start[e]; r < start[e + 1]; r += kRowsPerTask)
+      tasks->push_back({static_cast<int>(e), r, std::min(kRowsPerTask, start[e + 1] - r)});
   const Problem prob{static_cast<int>(D), static_cast<int>(F), x.typed_data(),
                      weight.typed_data(), w_gate.typed_data(), w_up.typed_data(),
-                     w_down.typed_data(), ptok, pdst, py};
-  auto shared = std::make_shared<std::vector<Task>>(std::move(tasks));
-  ParallelFor(pool, static_cast<int>(shared->size()),
+                     w_down.typed_data(), ptok, order->data(), py};
+  ParallelFor(pool, static_cast<int>(tasks->size()),
               static_cast<size_t>(kRowsPerTask) * (2 * D + F),
-              [shared, prob](int i, float* scratch) { RunTask((*shared)[i], prob, scratch); });
+              [tasks, order, prob](int i, float* scratch) { RunTask((*tasks)[i], prob, scratch); });
   return ffi::Error::Success();
 }
 
@@ -378,10 +384,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(jmoe_grouped_swiglu, GroupedSwiGLU,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()   // x
-                                  .Arg<ffi::Buffer<ffi::S32>>()   // tok
-                                  .Arg<ffi::Buffer<ffi::S32>>()   // dst
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // token
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // expert
                                   .Arg<ffi::Buffer<ffi::F32>>()   // weight
-                                  .Arg<ffi::Buffer<ffi::S32>>()   // counts
                                   .Arg<ffi::Buffer<ffi::F32>>()   // w_gate
                                   .Arg<ffi::Buffer<ffi::F32>>()   // w_up
                                   .Arg<ffi::Buffer<ffi::F32>>()   // w_down
