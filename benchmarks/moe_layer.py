@@ -3,8 +3,9 @@
 Run: python benchmarks/moe_layer.py [--tokens 4096 --d 512 --f 256 --experts 64 --topk 8]
      python benchmarks/moe_layer.py --tokens 1024 --repeats 2 --backends ragged  (slow on CPU)
 
-For every expert backend that runs here (ragged only where ``ragged_dot`` is native
-or with --slow; pallas only on GPU/TPU, not in CPU interpret mode) it times the
+For every expert backend that runs here (cpu_gmm on CPU where its kernel builds;
+ragged only where ``ragged_dot`` is native or with --slow; pallas only on GPU/TPU,
+not in CPU interpret mode) it times the
 jitted layer (router + masked top-k + experts + combine), all in one run (best of
 ``--repeats`` rounds, each round timing every budget and a reference matmul once,
 so a busy machine slows them alike), and prints: time, the time ratio to the same
@@ -24,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jmoe import moe, routing, xla_options
+from jmoe import cpu_kernels, moe, routing, xla_options
 
 
 def timed(fns: dict, repeats: int) -> tuple[dict, dict]:
@@ -55,6 +56,8 @@ def dense_matmul(n, dtype):
 def available_backends(slow: bool) -> list[str]:
     platform = jax.default_backend()
     names = ["bucketed", "dense"]
+    if platform == "cpu" and cpu_kernels.available():
+        names.insert(0, "cpu_gmm")  # the compiled CPU kernel (jmoe.cpu_kernels)
     if platform == "tpu" or slow:
         names.append("ragged")  # XLA expands ragged_dot densely off TPU (~80x slower on CPU)
     try:
