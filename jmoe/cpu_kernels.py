@@ -42,7 +42,7 @@ import jax.numpy as jnp
 log = logging.getLogger("jmoe")
 
 SOURCE = Path(__file__).parent / "csrc" / "cpu_kernels.cc"
-KERNELS = ("jmoe_grouped_swiglu", "jmoe_top_k")  # FFI handler symbols in SOURCE
+KERNELS = ("jmoe_grouped_swiglu", "jmoe_top_k", "jmoe_attention")  # FFI handler symbols in SOURCE
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno")
 
 _LOCK = threading.Lock()
@@ -176,3 +176,14 @@ def top_k_ids(x_TE, k: int, *, variant: tuple[str, ...] = ()):
     out = jax.ShapeDtypeStruct((t, k), jnp.int32)
     call = jax.ffi.ffi_call("jmoe_top_k" + target(variant), out, vmap_method="sequential")
     return call(jax.lax.stop_gradient(x_TE.astype(jnp.float32)))  # ids carry no gradient
+
+
+def attention(q_BLHK, k_BSNK, v_BSNK, bias_B1LS, *, causal: bool = False,
+              variant: tuple[str, ...] = ()):
+    """Softmax attention (float32) in the projections' layouts: q ``[B, L, H, K]``, k and
+    v ``[B, S, N, K]`` (N divides H: grouped-query heads), additive ``bias``
+    ``[B or 1, 1, L or 1, S]``; scale ``K ** -0.5``; out ``[B, L, H, K]``. ``causal``
+    (L == S, the bias hiding keys past each query) skips those keys."""
+    out = jax.ShapeDtypeStruct(q_BLHK.shape, jnp.float32)
+    call = jax.ffi.ffi_call("jmoe_attention" + target(variant), out, vmap_method="sequential")
+    return call(q_BLHK, k_BSNK, v_BSNK, bias_B1LS, causal=bool(causal))

@@ -7,9 +7,13 @@ K head dim (``head_dim``), R rotary dim.
 
 from __future__ import annotations
 
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
+
+from jmoe import cpu_kernels
 
 # A finite "minus infinity": a query row with no visible key (a left pad under a
 # causal mask) then softmaxes to a uniform row instead of NaN.
@@ -37,7 +41,9 @@ def rope_tables(positions_BL, rotary_dim: int, theta: float):
     inv_freq = 1.0 / (theta ** (jnp.arange(0, rotary_dim, 2, dtype=jnp.float32) / rotary_dim))
     freqs = positions_BL.astype(jnp.float32)[..., None] * inv_freq  # [B, L, R/2]
     emb = jnp.concatenate([freqs, freqs], axis=-1)
-    return jnp.cos(emb), jnp.sin(emb)
+    # materialised once: XLA otherwise fuses cos and sin into every layer's q and k
+    # rotary, evaluating them per head and layer (on CPU ~0.5 ms a layer at 4x256 tokens)
+    return jax.lax.optimization_barrier((jnp.cos(emb), jnp.sin(emb)))
 
 
 def apply_rope(x_BLHK, cos_BLR, sin_BLR):
@@ -83,13 +89,43 @@ def dot_attention(q_BLHK, k_BSNK, v_BSNK, bias_B1LS, causal_chunk: int | None = 
     """Softmax attention with GQA; logits and softmax in float32.
 
     ``causal_chunk``: the mask is causal by index (query i sees keys j <= i) and
-    L == S, so queries go in chunks of this many and chunk c computes only its
-    visible keys ``[0, (c+1)*chunk)``: about (1 + 1/n)/2 of the score work for n
-    chunks, the same values. (A query with no visible key at all, a left pad, is
-    uniform over its chunk's keys instead of all keys: its output is never used.)
-    On CPU from ``BLOCKED_MIN_KEYS`` keys on, ``blocked_attention`` computes the same
-    thing (measured on CPU only; on GPU/TPU its loop of small blocks is untested for
-    speed, so they keep the one-shot path).
+    L == S, so the keys past a query block can be skipped (the same values).
+    On CPU with jmoe's compiled kernels and float32 inputs this is the
+    ``jmoe_attention`` kernel (``jmoe.cpu_kernels.attention``; its gradient is the
+    XLA path's); otherwise ``xla_attention``.
+    """
+    arrays = (q_BLHK, k_BSNK, v_BSNK, bias_B1LS)
+    if all(a.dtype == jnp.float32 for a in arrays) and cpu_kernels.use_on_this_platform():
+        causal = bool(causal_chunk) and q_BLHK.shape[1] == k_BSNK.shape[1]
+        return _kernel_attention(causal_chunk if causal else None, *arrays)
+    return xla_attention(*arrays, causal_chunk)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _kernel_attention(causal_chunk, q_BLHK, k_BSNK, v_BSNK, bias_B1LS):
+    return cpu_kernels.attention(q_BLHK, k_BSNK, v_BSNK, bias_B1LS, causal=bool(causal_chunk))
+
+
+def _kernel_attention_fwd(causal_chunk, *arrays):
+    return _kernel_attention(causal_chunk, *arrays), arrays
+
+
+def _kernel_attention_bwd(causal_chunk, arrays, g):
+    _, vjp = jax.vjp(lambda *a: xla_attention(*a, causal_chunk), *arrays)
+    return vjp(g)
+
+
+_kernel_attention.defvjp(_kernel_attention_fwd, _kernel_attention_bwd)
+
+
+def xla_attention(q_BLHK, k_BSNK, v_BSNK, bias_B1LS, causal_chunk: int | None = None):
+    """``dot_attention`` in XLA ops. ``causal_chunk``: queries go in chunks of this
+    many and chunk c computes only its visible keys ``[0, (c+1)*chunk)``: about
+    (1 + 1/n)/2 of the score work for n chunks, the same values. (A query with no
+    visible key at all, a left pad, is uniform over its chunk's keys instead of all
+    keys: its output is never used.) On CPU from ``BLOCKED_MIN_KEYS`` keys on,
+    ``blocked_attention`` computes the same thing (measured on CPU only; on GPU/TPU its
+    loop of small blocks is untested for speed, so they keep the one-shot path).
     """
     l, s = q_BLHK.shape[1], k_BSNK.shape[1]
     causal = bool(causal_chunk) and l == s

@@ -1,4 +1,6 @@
-"""layers.dot_attention against a float64 NumPy oracle, with and without causal chunks."""
+"""Attention against float64 NumPy oracles, with and without causal chunks: both
+``layers.dot_attention`` (on CPU with jmoe's kernels, the compiled ``jmoe_attention``)
+and the XLA formulation ``layers.xla_attention`` (chunked, blocked)."""
 
 import jax.numpy as jnp
 import numpy as np
@@ -26,17 +28,21 @@ def oracle(q, k, v, valid, causal):
     return out
 
 
+IMPLS = {"dispatch": layers.dot_attention, "xla": layers.xla_attention}
+
+
+@pytest.mark.parametrize("impl", sorted(IMPLS))
 @pytest.mark.parametrize("chunk", [None, 4, 3, 16])
 @pytest.mark.parametrize("causal", [True, False])
-def test_dot_attention_matches_oracle(chunk, causal):
+def test_dot_attention_matches_oracle(chunk, causal, impl):
     rng = np.random.default_rng(0)
     b, l, h, n, d = 2, 10, 4, 2, 8
     q, k, v = (rng.normal(size=(b, l, hh, d)) for hh in (h, n, n))
     valid = np.ones((b, l), bool)
     valid[1, :3] = False  # a left-padded row
     bias = layers.attention_bias(jnp.asarray(valid), causal)
-    got = layers.dot_attention(*(jnp.asarray(t, jnp.float32) for t in (q, k, v)), bias,
-                               chunk if causal else None)
+    got = IMPLS[impl](*(jnp.asarray(t, jnp.float32) for t in (q, k, v)), bias,
+                      chunk if causal else None)
     want = oracle(q, k, v, valid, causal)
     seen = ~np.isnan(want[..., 0, 0])
     assert seen[1, :3].sum() == (0 if causal else 3) and seen[0].all()
@@ -56,10 +62,12 @@ def oracle_vec(q, k, v, allowed_BLS):
 
 
 @pytest.mark.parametrize("causal", [True, False])
-@pytest.mark.parametrize("length,blocks", [(11, dict(q_block=4, k_block=3)), (520, None)])
+@pytest.mark.parametrize("length,blocks", [(11, dict(q_block=4, k_block=3)), (520, "xla"),
+                                           (520, "dispatch")])
 def test_blocked_attention_matches_oracle(causal, length, blocks):
     """Small blocks through ``blocked_attention``; S=520 (>= BLOCKED_MIN_KEYS, not a
-    multiple of the key block) through ``dot_attention``'s dispatch."""
+    multiple of the key block) through ``xla_attention``'s dispatch and
+    ``dot_attention``'s."""
     rng = np.random.default_rng(1)
     b, h, n, d = 2, 4, 2, 8
     q, k, v = (rng.normal(size=(b, length, hh, d)) for hh in (h, n, n))
@@ -67,11 +75,11 @@ def test_blocked_attention_matches_oracle(causal, length, blocks):
     valid[1, :5] = False
     bias = layers.attention_bias(jnp.asarray(valid), causal)
     args = [jnp.asarray(t, jnp.float32) for t in (q, k, v)]
-    if blocks:
+    if isinstance(blocks, dict):
         got = layers.blocked_attention(*args, bias, causal=causal, **blocks)
     else:
         assert length >= layers.BLOCKED_MIN_KEYS
-        got = layers.dot_attention(*args, bias, layers.CAUSAL_CHUNK if causal else None)
+        got = IMPLS[blocks](*args, bias, layers.CAUSAL_CHUNK if causal else None)
     allowed = np.broadcast_to(valid[:, None, :], (b, length, length))
     if causal:
         allowed = allowed & np.tril(np.ones((length, length), bool))
@@ -80,7 +88,8 @@ def test_blocked_attention_matches_oracle(causal, length, blocks):
     np.testing.assert_allclose(np.asarray(got)[seen], want[seen], rtol=2e-5, atol=2e-5)
 
 
-def test_blocked_attention_with_a_cache_shaped_bias():
+@pytest.mark.parametrize("impl", ["blocked", "dispatch"])
+def test_attention_with_a_cache_shaped_bias(impl):
     """Few queries over many keys with a ``[B, 1, L, S]`` block-causal bias (the cached
     sampler's call shape)."""
     rng = np.random.default_rng(2)
@@ -92,8 +101,11 @@ def test_blocked_attention_with_a_cache_shaped_bias():
     key_valid[0, 30:] = False
     bias = layers.block_causal_bias(jnp.asarray(q_pos), jnp.asarray(k_pos), jnp.asarray(key_valid),
                                     bl)
-    got = layers.blocked_attention(*(jnp.asarray(t, jnp.float32) for t in (q, k, v)), bias,
-                                   q_block=3, k_block=7)
+    args = [jnp.asarray(t, jnp.float32) for t in (q, k, v)]
+    if impl == "blocked":
+        got = layers.blocked_attention(*args, bias, q_block=3, k_block=7)
+    else:
+        got = layers.dot_attention(*args, bias)
     allowed = (k_pos[:, None, :] // bl <= q_pos[:, :, None] // bl) & key_valid[:, None, :]
     np.testing.assert_allclose(np.asarray(got), oracle_vec(q, k, v, allowed), rtol=2e-5,
                                atol=2e-5)

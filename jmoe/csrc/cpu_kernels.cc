@@ -1,11 +1,13 @@
 // jmoe's XLA:CPU kernels, called as XLA FFI custom calls (jmoe/cpu_kernels.py builds
 // this file on first use for the host CPU and registers them):
 //   jmoe_grouped_swiglu  the MoE experts of moe_backend="cpu_gmm";
-//   jmoe_top_k           the router's top-k expert ids.
+//   jmoe_top_k           the router's top-k expert ids;
+//   jmoe_attention       softmax attention over [B, L, H, K] queries (GQA, additive bias).
 //
 // Why: on XLA:CPU the static-shape alternatives pad every expert to a common
 // capacity and pay a fixed cost per batched dot (and sort and gather around them),
-// and XLA's TopK runs on one thread.
+// XLA's TopK runs on one thread, and attention pays for head-major transposed
+// copies of q, k and v and a pass per softmax step.
 // Here each expert computes exactly its own rows, and both kernels share work over
 // XLA's intra-op thread pool and the calling thread.
 //
@@ -298,7 +300,8 @@ ffi::Error GroupedSwiGLU(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   if (gd[1] != D || ud[0] != E || ud[1] != D || ud[2] != F || dd[0] != E || dd[1] != F ||
       dd[2] != D)
     return Invalid(kName, "expert weight shapes disagree with x [T, D] and w_gate [E, D, F]");
-  if (expert.element_count() != A || weight.element_count() != A || yd[0] != A || yd[1] != D)
+  if (static_cast<int64_t>(expert.element_count()) != A ||
+      static_cast<int64_t>(weight.element_count()) != A || yd[0] != A || yd[1] != D)
     return Invalid(kName, "token, expert, weight must be [A] and y [A, D]");
   const int32_t *ptok = token.typed_data(), *pexp = expert.typed_data();
   float* py = y->typed_data();
@@ -378,6 +381,112 @@ ffi::Error TopK(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::ResultBuffer
   return ffi::Error::Success();
 }
 
+// ---------------------------------------------------------------------------
+// jmoe_attention: out[b, i, h] = sum_j softmax_j(q[b, i, h] . k[b, j, n] * scale
+//                                                + bias[b, 0, i, j]) v[b, j, n]
+// with n = h / (H / N) (grouped-query heads), in the projections' own layouts:
+//   q f32[B, L, H, K], k and v f32[B, S, N, K], bias f32[B or 1, 1, L or 1, S]
+//   (additive: 0 or a large negative number), out f32[B, L, H, K].
+// Attribute causal (L == S and the bias hides every key j > i): a query block skips
+// the keys past its last row; their exp underflows to exactly 0 anyway. A row whose
+// keys are all masked averages the keys it visited (its output is never used).
+
+constexpr int kQueryRows = 32;  // query rows per task
+
+struct AttnProblem {
+  int64_t B, L, S, S_pad, H, N, K, bias_b, bias_l;
+  float scale;
+  bool causal;
+  const float *q, *v, *bias;
+  const float* kt;  // k transposed: [B, N, K, S_pad], zero past S
+  float* out;
+};
+
+void AttnTask(int task, const AttnProblem& p, float* scratch) {
+  const int64_t blocks = (p.L + kQueryRows - 1) / kQueryRows;
+  const int64_t b = task / (p.H * blocks), h = task / blocks % p.H, i0 = task % blocks * kQueryRows;
+  const int64_t n = h / (p.H / p.N), K = p.K, S = p.S;
+  const int m = static_cast<int>(std::min<int64_t>(kQueryRows, p.L - i0));
+  const int64_t keys = p.causal ? std::min<int64_t>(S, i0 + m) : S;
+  const int64_t ld = (keys + kNR - 1) / kNR * kNR;  // score row stride, padded to whole tiles
+  float* qs = scratch;                  // [m, K], scaled
+  float* sc = qs + kQueryRows * K;      // [m, ld] scores, then probabilities
+  float* os = sc + kQueryRows * ld;     // [m, K]
+  for (int i = 0; i < m; ++i) {
+    const float* src = p.q + ((b * p.L + i0 + i) * p.H + h) * K;
+    for (int64_t c = 0; c < K; ++c) qs[i * K + c] = src[c] * p.scale;
+  }
+  // scores: [m, K] x kt[b, n] ([K, S_pad] row-major) in whole tiles of kNR keys
+  // (ld <= S_pad; the columns past `keys` are never used)
+  const float* kt = p.kt + (b * p.N + n) * K * p.S_pad;
+  Gemm(m, static_cast<int>(ld), static_cast<int>(K), qs, static_cast<int>(K), kt,
+       static_cast<int>(p.S_pad), sc, static_cast<int>(ld));
+  for (int i = 0; i < m; ++i) {
+    float* row = sc + i * ld;
+    const float* bias = p.bias + ((p.bias_b == 1 ? 0 : b) * p.bias_l +
+                                  (p.bias_l == 1 ? 0 : i0 + i)) * S;
+    float mx = -INFINITY;
+    for (int64_t j = 0; j < keys; ++j) {
+      row[j] += bias[j];
+      mx = std::max(mx, row[j]);
+    }
+    float sum = 0.f;
+    for (int64_t j = 0; j < keys; ++j) {
+      row[j] = Exp(row[j] - mx);
+      sum += row[j];
+    }
+    const float inv = 1.f / sum;
+    for (int64_t j = 0; j < keys; ++j) row[j] *= inv;
+  }
+  // out rows: probabilities [m, keys] x v[b, :keys, n] (row stride N*K)
+  Gemm(m, static_cast<int>(K), static_cast<int>(keys), sc, static_cast<int>(ld),
+       p.v + (b * S * p.N + n) * K, static_cast<int>(p.N * K), os, static_cast<int>(K));
+  for (int i = 0; i < m; ++i)
+    std::memcpy(p.out + ((b * p.L + i0 + i) * p.H + h) * K, os + i * K, sizeof(float) * K);
+}
+
+ffi::Error Attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                     ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::F32> bias,
+                     ffi::ResultBuffer<ffi::F32> out, bool causal) {
+  constexpr const char* kName = "jmoe_attention";
+  const auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions(),
+             bd = bias.dimensions(), od = out->dimensions();
+  if (qd.size() != 4 || kd.size() != 4 || vd.size() != 4 || bd.size() != 4 || od.size() != 4)
+    return Invalid(kName, "expected q [B, L, H, K], k and v [B, S, N, K], bias [B, 1, L, S]");
+  const int64_t B = qd[0], L = qd[1], H = qd[2], K = qd[3], S = kd[1], N = kd[2];
+  if (kd[0] != B || kd[3] != K || N < 1 || H % N != 0 || vd[0] != B || vd[1] != S ||
+      vd[2] != N || vd[3] != K)
+    return Invalid(kName, "k and v must be [B, S, N, K] with N dividing q's H");
+  if ((bd[0] != 1 && bd[0] != B) || bd[1] != 1 || (bd[2] != 1 && bd[2] != L) || bd[3] != S)
+    return Invalid(kName, "bias must be [B or 1, 1, L or 1, S]");
+  if (od[0] != B || od[1] != L || od[2] != H || od[3] != K)
+    return Invalid(kName, "out must have q's shape");
+  if (causal && L != S) return Invalid(kName, "causal needs L == S");
+  if (B * L * H == 0) return ffi::Error::Success();
+  if (S == 0) return Invalid(kName, "no keys (S == 0)");
+  // k transposed per (batch, kv head) into [K, S_pad] rows, S_pad a whole number of
+  // tiles so score tiles never read past a row
+  const int64_t s_pad = (S + kNR - 1) / kNR * kNR;
+  auto kt = std::make_shared<std::vector<float>>(B * N * K * s_pad, 0.f);
+  const float* pk = k.typed_data();
+  ParallelFor(pool, static_cast<int>(B * N), 0, [=](int bn, float*) {
+    const int64_t b = bn / N, n = bn % N;
+    float* dst = kt->data() + bn * K * s_pad;
+    for (int64_t j = 0; j < S; ++j) {
+      const float* src = pk + ((b * S + j) * N + n) * K;
+      for (int64_t c = 0; c < K; ++c) dst[c * s_pad + j] = src[c];
+    }
+  });
+  const AttnProblem prob{B, L, S, s_pad, H, N, K, bd[0], bd[2],
+                         1.f / std::sqrt(static_cast<float>(K)), causal, q.typed_data(),
+                         v.typed_data(), bias.typed_data(), kt->data(), out->typed_data()};
+  const int64_t blocks = (L + kQueryRows - 1) / kQueryRows;
+  ParallelFor(pool, static_cast<int>(B * H * blocks),
+              static_cast<size_t>(kQueryRows) * (2 * K + s_pad),
+              [kt, prob](int task, float* scratch) { AttnTask(task, prob, scratch); });
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jmoe_grouped_swiglu, GroupedSwiGLU,
@@ -391,6 +500,16 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(jmoe_grouped_swiglu, GroupedSwiGLU,
                                   .Arg<ffi::Buffer<ffi::F32>>()   // w_up
                                   .Arg<ffi::Buffer<ffi::F32>>()   // w_down
                                   .Ret<ffi::Buffer<ffi::F32>>());  // y
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jmoe_attention, Attention,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // q
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // k
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // v
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // bias
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // out
+                                  .Attr<bool>("causal"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jmoe_top_k, TopK,
                               ffi::Ffi::Bind()
