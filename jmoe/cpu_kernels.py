@@ -157,14 +157,21 @@ def use_on_this_platform() -> bool:
 
 
 def grouped_swiglu(x_TD, token_A, expert_A, weight_A, w_gate_EDF, w_up_EDF, w_down_EFD,
-                   *, variant: tuple[str, ...] = ()):
-    """The raw expert kernel (float32 / int32): ``y[A, D]``, row a being
+                   *, combine_k: int = 0, variant: tuple[str, ...] = ()):
+    """The raw expert kernel (float32 / int32). Row a's output is
     ``weight[a] * SwiGLU_{expert[a]}(x[token[a]])``, zero where ``expert[a] >= E``
-    (dropped). The kernel groups the rows by expert itself (a counting sort)."""
-    out = jax.ShapeDtypeStruct((token_A.shape[0], x_TD.shape[1]), x_TD.dtype)
+    (dropped); the kernel groups the rows by expert itself (a counting sort).
+    ``combine_k=0``: ``y[A, D]``, one row per assignment. ``combine_k=K`` (token-major
+    routings, ``A == T*K``): ``y[T, D]``, the sum of each token's K rows, computed
+    in the kernel so the traffic follows the live assignments."""
+    a, t = token_A.shape[0], x_TD.shape[0]
+    if combine_k and a != t * combine_k:
+        raise ValueError(f"combine_k={combine_k}: needs A == T*K, got A={a}, T={t}")
+    out = jax.ShapeDtypeStruct((t if combine_k else a, x_TD.shape[1]), x_TD.dtype)
     call = jax.ffi.ffi_call("jmoe_grouped_swiglu" + target(variant), out,
                             vmap_method="sequential")
-    return call(x_TD, token_A, expert_A, weight_A, w_gate_EDF, w_up_EDF, w_down_EFD)
+    return call(x_TD, token_A, expert_A, weight_A, w_gate_EDF, w_up_EDF, w_down_EFD,
+                combine_k=int(combine_k))
 
 
 def top_k_ids(x_TE, k: int, *, variant: tuple[str, ...] = ()):

@@ -255,8 +255,8 @@ def ragged_experts(x_TD, r, w_gate_EDF, w_up_EDF, w_down_EFD):
 
 def cpu_gmm_experts(x_TD, r, w_gate_EDF, w_up_EDF, w_down_EFD):
     """The assignments through ``jmoe.cpu_kernels``' compiled kernel: it groups them by
-    expert, each expert computes exactly its live rows, and the weighted outputs come
-    back in assignment order; then combine.
+    expert, each expert computes exactly its live rows, and (token choice) sums each
+    token's weighted rows; expert choice combines with a segment sum.
 
     float32 compute (other dtypes are cast); the gradient is the ``bucketed``
     backend's (the same function), recomputed in the backward pass.
@@ -280,13 +280,11 @@ def _meta_routing(meta, token_A, expert_A, weight_A, logits_TE):
 def _cpu_gmm(meta, x_TD, weight_A, w_gate_EDF, w_up_EDF, w_down_EFD, token_A, expert_A,
              logits_TE):
     r = _meta_routing(meta, token_A, expert_A, weight_A, logits_TE)
-    t, _ = x_TD.shape
-    y_AD = cpu_kernels.grouped_swiglu(x_TD, r.token_A, r.expert_A, r.weight_A, w_gate_EDF,
-                                      w_up_EDF, w_down_EFD)
-    a = y_AD.shape[0]
-    if r.token_major and a % t == 0:
-        return y_AD.reshape(t, a // t, -1).sum(1)
-    return jax.ops.segment_sum(y_AD, r.token_A, num_segments=t)
+    t, a = x_TD.shape[0], r.token_A.shape[0]
+    args = (x_TD, r.token_A, r.expert_A, r.weight_A, w_gate_EDF, w_up_EDF, w_down_EFD)
+    if r.token_major and a % t == 0:  # the kernel sums each token's K rows itself
+        return cpu_kernels.grouped_swiglu(*args, combine_k=a // t)
+    return jax.ops.segment_sum(cpu_kernels.grouped_swiglu(*args), r.token_A, num_segments=t)
 
 
 def _cpu_gmm_fwd(meta, *args):

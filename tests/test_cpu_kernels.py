@@ -61,8 +61,13 @@ def test_kernel_matches_oracle(case, variant):
     r = make_routing(kind, jnp.asarray(logits), k, budget, valid, batch=1)
     x = jnp.asarray(rng.normal(size=(t, d)), jnp.float32)
     ws = weights(rng, e, d, f)
+    want = oracle_moe(x, r, *ws)
     got = jax.jit(run, static_argnums=3)(x, r, ws, VARIANTS[variant])
-    np.testing.assert_allclose(np.asarray(got), oracle_moe(x, r, *ws), rtol=2e-5, atol=2e-5)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=2e-5, atol=2e-5)
+    if r.token_major:  # the kernel's own combine over each token's K rows
+        combined = cpu_kernels.grouped_swiglu(x, r.token_A, r.expert_A, r.weight_A, *ws,
+                                              combine_k=k, variant=VARIANTS[variant])
+        np.testing.assert_allclose(np.asarray(combined), want, rtol=2e-5, atol=2e-5)
 
 
 @pytest.mark.parametrize("kind", ["token_choice", "masked", "expert_choice"])
@@ -150,6 +155,8 @@ def test_bad_kernel_inputs_are_errors_naming_the_problem():
             cpu_kernels.grouped_swiglu(*args).block_until_ready()
     y = cpu_kernels.grouped_swiglu(x, idx.at[2].set(99), experts, ones, w, w, w_down)
     assert np.all(np.asarray(y)[2] == 0) and np.all(np.isfinite(np.asarray(y)))
+    with pytest.raises(ValueError, match="combine_k=3: needs A == T\\*K, got A=4, T=4"):
+        cpu_kernels.grouped_swiglu(x, idx, experts, ones, w, w, w_down, combine_k=3)
 
 
 def test_build_is_cached_and_failures_leave_nothing(tmp_path, monkeypatch):
