@@ -1,22 +1,29 @@
-"""jmoe's compiled XLA:CPU kernels: the ``cpu_gmm`` expert backend and the router's top-k.
+"""jmoe's compiled XLA:CPU kernels: the ``cpu_gmm`` experts, the routers' top-k, attention.
 
-``jmoe/csrc/cpu_kernels.cc`` holds two XLA FFI custom calls:
-``grouped_swiglu``, where each expert multiplies exactly its own rows (no per-expert
-capacity padding), gate/up, SiLU, down and the combine weight in one pass, tiled for
-AVX-512 or AVX2; and ``top_k_ids``, the routers' top-k (XLA's TopK runs on one
-thread). Both share their work over XLA's CPU thread pool. The C++ file is compiled
-on first use with the machine's C++ compiler
-(``$CXX``, else ``c++``/``g++``/``clang++``) for the host CPU (``-march=native``) into
-a cache folder (``$JMOE_CACHE_DIR``, else ``$XDG_CACHE_HOME/jmoe`` or ``~/.cache/jmoe``),
+``jmoe/csrc/cpu_kernels.cc`` holds three XLA FFI custom calls, each sharing its work
+over XLA's CPU thread pool:
+
+- ``grouped_swiglu``: each expert multiplies exactly its own rows (no per-expert
+  capacity padding), gate/up with SiLU in one register tile (AVX-512 or AVX2), down,
+  the combine weight, and for token choice each token's sum;
+- ``top_k_ids``: the routers' top-k (XLA's TopK runs on one thread);
+- ``attention``: softmax attention in the projections' own layouts.
+
+The C++ file is compiled on first use with the machine's C++ compiler (``$CXX``,
+else ``c++``/``g++``/``clang++``) for the host CPU (``-march=native``) into a cache
+folder (``$JMOE_CACHE_DIR``, else ``$XDG_CACHE_HOME/jmoe`` or ``~/.cache/jmoe``),
 keyed by the source, flags, compiler, jax version and CPU, and registered with
 ``jax.ffi``. The build writes a temporary file and renames it, so an interrupted
-build leaves nothing half-written.
+build leaves nothing half-written. Large scratch buffers are kept between calls
+(page faults on fresh ones cost more than the work): one per concurrent call, each
+as large as the largest use.
 
 ``moe_backend="auto"`` picks ``cpu_gmm`` on CPU when it builds (and the model is
-float32), and the routers use ``top_k_ids`` there; ``JMOE_CPU_KERNELS=0`` turns both
-off. Without a compiler ``auto`` falls
-back to ``bucketed`` with one warning; an explicit ``moe_backend="cpu_gmm"`` then
-raises a ``RuntimeError`` carrying the compiler's message.
+float32), and the routers and float32 attention use the kernels there;
+``JMOE_CPU_KERNELS=0`` turns all of them off. Without a compiler jmoe logs one warning
+and uses ``bucketed``, ``lax.top_k`` and XLA attention; an explicit
+``moe_backend="cpu_gmm"`` then raises a ``RuntimeError`` carrying the compiler's
+message.
 
 Example:
     if jmoe.cpu_kernels.available():
