@@ -1,13 +1,15 @@
-"""jmoe's compiled XLA:CPU kernels: the ``cpu_gmm`` experts, the routers' top-k, attention.
+"""jmoe's compiled XLA:CPU kernels: ``cpu_gmm`` experts, router top-k, attention, rotary.
 
-``jmoe/csrc/cpu_kernels.cc`` holds three XLA FFI custom calls, each sharing its work
+``jmoe/csrc/cpu_kernels.cc`` holds four XLA FFI custom calls, each sharing its work
 over XLA's CPU thread pool:
 
 - ``grouped_swiglu``: each expert multiplies exactly its own rows (no per-expert
   capacity padding), gate/up with SiLU in one register tile (AVX-512 or AVX2), down,
   the combine weight, and for token choice each token's sum;
 - ``top_k_ids``: the routers' top-k (XLA's TopK runs on one thread);
-- ``attention``: softmax attention in the projections' own layouts.
+- ``attention``: softmax attention in the projections' own layouts;
+- ``rotary``: NeoX rotary embedding (XLA fuses the tables' cos and sin into each use
+  and evaluates them per head and layer).
 
 The C++ file is compiled on first use with the machine's C++ compiler (``$CXX``,
 else ``c++``/``g++``/``clang++``) for the host CPU (``-march=native``) into a cache
@@ -19,9 +21,9 @@ build leaves nothing half-written. Large scratch buffers are kept between calls
 as large as the largest use.
 
 ``moe_backend="auto"`` picks ``cpu_gmm`` on CPU when it builds (and the model is
-float32), and the routers and float32 attention use the kernels there;
+float32), and the routers, float32 attention and rotary use the kernels there;
 ``JMOE_CPU_KERNELS=0`` turns all of them off. Without a compiler jmoe logs one warning
-and uses ``bucketed``, ``lax.top_k`` and XLA attention; an explicit
+and uses ``bucketed``, ``lax.top_k`` and the XLA attention and rotary; an explicit
 ``moe_backend="cpu_gmm"`` then raises a ``RuntimeError`` carrying the compiler's
 message.
 
@@ -49,7 +51,7 @@ import jax.numpy as jnp
 log = logging.getLogger("jmoe")
 
 SOURCE = Path(__file__).parent / "csrc" / "cpu_kernels.cc"
-KERNELS = ("jmoe_grouped_swiglu", "jmoe_top_k", "jmoe_attention")  # FFI handler symbols in SOURCE
+KERNELS = ("jmoe_grouped_swiglu", "jmoe_top_k", "jmoe_attention", "jmoe_rotary")  # FFI handler symbols in SOURCE
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno")
 
 _LOCK = threading.Lock()
@@ -201,3 +203,12 @@ def attention(q_BLHK, k_BSNK, v_BSNK, bias_B1LS, *, causal: bool = False,
     out = jax.ShapeDtypeStruct(q_BLHK.shape, jnp.float32)
     call = jax.ffi.ffi_call("jmoe_attention" + target(variant), out, vmap_method="sequential")
     return call(q_BLHK, k_BSNK, v_BSNK, bias_B1LS, causal=bool(causal))
+
+
+def rotary(x_BLHK, cos_BLR, sin_BLR, *, variant: tuple[str, ...] = ()):
+    """NeoX-style rotary embedding on the first R dims of each head (float32):
+    ``layers.apply_rope``'s values."""
+    call = jax.ffi.ffi_call("jmoe_rotary" + target(variant),
+                            jax.ShapeDtypeStruct(x_BLHK.shape, jnp.float32),
+                            vmap_method="sequential")
+    return call(x_BLHK, cos_BLR, sin_BLR)

@@ -260,3 +260,35 @@ def test_attention_kernel_rejects_bad_shapes():
     kv = jnp.ones((1, 5, 3, 8), jnp.float32)
     with pytest.raises(Exception, match="causal needs L == S"):
         cpu_kernels.attention(q, kv, kv, jnp.zeros((1, 1, 4, 5)), causal=True).block_until_ready()
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+@pytest.mark.parametrize("rotary_dim,head_dim", [(16, 16), (8, 24), (2, 2)])
+def test_rotary_kernel_matches_oracle(rotary_dim, head_dim, variant):
+    """NeoX rotary on the first R dims (LLaDA2 rotates part of each head), float64 oracle."""
+    rng = np.random.default_rng(rotary_dim + head_dim)
+    b, l, h = 2, 67, 3
+    x = rng.normal(size=(b, l, h, head_dim))
+    pos = rng.integers(0, 500, (b, l))
+    half = rotary_dim // 2
+    inv = 1.0 / 10000.0 ** (np.arange(0, rotary_dim, 2) / rotary_dim)
+    ang = np.concatenate([pos[..., None] * inv] * 2, -1)  # [B, L, R]
+    c, s = np.cos(ang)[:, :, None], np.sin(ang)[:, :, None]
+    xr = x[..., :rotary_dim]
+    rot = np.concatenate([-xr[..., half:], xr[..., :half]], -1)
+    want = np.concatenate([xr * c + rot * s, x[..., rotary_dim:]], -1)
+    f32 = lambda a: jnp.asarray(a, jnp.float32)
+    got = cpu_kernels.rotary(f32(x), f32(np.cos(ang)), f32(np.sin(ang)), variant=VARIANTS[variant])
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+
+
+def test_rotary_kernel_gradient_is_the_xla_paths():
+    from jmoe import layers
+
+    rng = np.random.default_rng(4)
+    x = jnp.asarray(rng.normal(size=(2, 9, 3, 8)), jnp.float32)
+    cos, sin = layers.rope_tables(jnp.asarray(rng.integers(0, 50, (2, 9))), 6, 1e4)
+    ct = jnp.asarray(rng.normal(size=x.shape), jnp.float32)
+    grad = lambda fn: jax.grad(lambda x: jnp.sum(fn(x, cos, sin) * ct))(x)
+    np.testing.assert_allclose(np.asarray(grad(layers.apply_rope)),
+                               np.asarray(grad(layers.xla_rope)), rtol=1e-6, atol=1e-6)

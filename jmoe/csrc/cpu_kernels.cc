@@ -2,7 +2,9 @@
 // this file on first use for the host CPU and registers them):
 //   jmoe_grouped_swiglu  the MoE experts of moe_backend="cpu_gmm";
 //   jmoe_top_k           the router's top-k expert ids;
-//   jmoe_attention       softmax attention over [B, L, H, K] queries (GQA, additive bias).
+//   jmoe_attention       softmax attention over [B, L, H, K] queries (GQA, additive bias);
+//   jmoe_rotary          NeoX-style rotary embedding of [B, L, H, K] (XLA would fuse the
+//                        tables' cos and sin into each use and evaluate them per head).
 //
 // Why: on XLA:CPU the static-shape alternatives pad every expert to a common
 // capacity and pay a fixed cost per batched dot (and sort and gather around them),
@@ -557,6 +559,38 @@ ffi::Error Attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<
   return ffi::Error::Success();
 }
 
+// ---------------------------------------------------------------------------
+// jmoe_rotary: x f32[B, L, H, K], cos and sin f32[B, L, R] (NeoX layout: the R/2
+// frequencies twice), R <= K even -> out[..., :R] = x[..., :R] * cos + rotate(x) * sin
+// with rotate(x) = [-x[R/2:R], x[:R/2]]; out[..., R:] = x[..., R:].
+
+ffi::Error Rotary(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> cos,
+                  ffi::Buffer<ffi::F32> sin, ffi::ResultBuffer<ffi::F32> out) {
+  constexpr const char* kName = "jmoe_rotary";
+  const auto xd = x.dimensions(), cd = cos.dimensions(), sd = sin.dimensions();
+  if (xd.size() != 4 || cd.size() != 3 || sd.size() != 3)
+    return Invalid(kName, "expected x [B, L, H, K] and cos, sin [B, L, R]");
+  const int64_t B = xd[0], L = xd[1], H = xd[2], K = xd[3], R = cd[2];
+  if (cd[0] != B || cd[1] != L || sd[0] != B || sd[1] != L || sd[2] != R || R % 2 || R > K)
+    return Invalid(kName, "cos and sin must be [B, L, R] with R even and R <= K");
+  const float *px = x.typed_data(), *pc = cos.typed_data(), *ps = sin.typed_data();
+  float* po = out->typed_data();
+  const int64_t rows = B * L, half = R / 2;
+  ParallelFor(pool, static_cast<int>((rows + 63) / 64), 0, [=](int task, float*) {
+    for (int64_t r = task * int64_t{64}; r < std::min(rows, (task + 1) * int64_t{64}); ++r) {
+      const float *c = pc + r * R, *s = ps + r * R;
+      for (int64_t h = 0; h < H; ++h) {
+        const float* xi = px + (r * H + h) * K;
+        float* o = po + (r * H + h) * K;
+        for (int64_t j = 0; j < half; ++j) o[j] = xi[j] * c[j] - xi[j + half] * s[j];
+        for (int64_t j = half; j < R; ++j) o[j] = xi[j] * c[j] + xi[j - half] * s[j];
+        for (int64_t j = R; j < K; ++j) o[j] = xi[j];
+      }
+    }
+  });
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jmoe_grouped_swiglu, GroupedSwiGLU,
@@ -581,6 +615,14 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(jmoe_attention, Attention,
                                   .Arg<ffi::Buffer<ffi::F32>>()   // bias
                                   .Ret<ffi::Buffer<ffi::F32>>()   // out
                                   .Attr<bool>("causal"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jmoe_rotary, Rotary,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // x
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // cos
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // sin
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // out
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jmoe_top_k, TopK,
                               ffi::Ffi::Bind()
