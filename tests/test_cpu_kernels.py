@@ -292,3 +292,19 @@ def test_rotary_kernel_gradient_is_the_xla_paths():
     grad = lambda fn: jax.grad(lambda x: jnp.sum(fn(x, cos, sin) * ct))(x)
     np.testing.assert_allclose(np.asarray(grad(layers.apply_rope)),
                                np.asarray(grad(layers.xla_rope)), rtol=1e-6, atol=1e-6)
+
+
+def test_all_assignments_dropped_give_zero_rows():
+    """Every token padding: no expert work at all, zero outputs in both output modes."""
+    rng = np.random.default_rng(6)
+    t, e, k = 10, 4, 2
+    r = make_routing("token_choice", jnp.asarray(rng.normal(size=(t, e)), jnp.float32), k,
+                     valid=jnp.zeros((t,), bool))
+    assert not bool(r.live_A.any())
+    x = jnp.asarray(rng.normal(size=(t, 8)), jnp.float32)
+    ws = weights(rng, e, 8, 4)
+    per_row = cpu_kernels.grouped_swiglu(x, r.token_A, r.expert_A, r.weight_A, *ws)
+    combined = cpu_kernels.grouped_swiglu(x, r.token_A, r.expert_A, r.weight_A, *ws,
+                                          combine_k=k)
+    assert per_row.shape == (t * k, 8) and combined.shape == (t, 8)
+    assert not np.asarray(per_row).any() and not np.asarray(combined).any()
