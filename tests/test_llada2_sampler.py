@@ -249,3 +249,32 @@ def test_adaptive_budgets_llada2(checkpoint):
             want = np.where(grew, np.minimum(1 + remask[s, 0], 3), used[s, 0])
             np.testing.assert_array_equal(used[s + 1, 0], want, err_msg=f"call {s + 1}")
     assert remask.max() > 0  # some positions did grow
+
+
+@pytest.mark.parametrize("cache", [False, True])
+def test_empty_prompt_generates_from_position_zero(checkpoint, cache):
+    """P = 0: generation starts at block 0 and fills every position.
+
+    With no prompt the first block is all masks; its value rows are identical, so
+    every position's logits are the same up to float rounding and which positions the
+    first step commits is a tie (broken by rounding noise, in the reference's
+    torch.topk as in jmoe). So this checks what the tie cannot change: the shape, no
+    mask left, the schedule's model calls, and that the first call commits the
+    reference's first prediction (the same token at every position)."""
+    sd, model = checkpoint
+    kw = dict(gen_length=7, block_length=BLOCK, steps=2)
+    _, nfe, _ = reference_generate(sd, [], threshold=None, **kw)
+    masks = torch.full((1, BLOCK), MASK)
+    with torch.no_grad():
+        logits = ref.forward(sd, CFG, masks, ref.block_mask(BLOCK, BLOCK),
+                             torch.arange(BLOCK)[None])[0]
+    logits[:, MASK] = -torch.inf
+    first = logits.argmax(-1)
+    assert (first == first[0]).all()  # the tie: one prediction everywhere
+    out = generate(model, [[]], threshold=1.0, cache=cache, return_trace=True, **kw)
+    assert out.tokens.shape == (1, 7)
+    assert MASK not in out.tokens[0].tolist()
+    assert out.nfe == nfe
+    committed = np.asarray(out.trace["committed"])[0, 0]  # first call, row 0: [7]
+    assert committed.sum() == BLOCK // 2  # the schedule: 2 of the block's 4 positions
+    assert (out.tokens[0][committed] == int(first[0])).all()
