@@ -50,7 +50,7 @@ import jax.numpy as jnp
 
 log = logging.getLogger("jmoe")
 
-SOURCE = Path(__file__).parent / "csrc" / "cpu_kernels.cc"
+SOURCE = Path(__file__).parent / "csrc" / "cpu_kernels.cc"  # includes csrc/cpu_common.h
 KERNELS = ("jmoe_grouped_swiglu", "jmoe_top_k", "jmoe_attention", "jmoe_rotary")  # FFI handler symbols in SOURCE
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno")
 
@@ -95,8 +95,8 @@ def build(extra_flags: tuple[str, ...] = ()) -> Path:
         raise RuntimeError("no C++ compiler found ($CXX, c++, g++ or clang++): jmoe's CPU "
                            "kernels cannot be built; use moe_backend='bucketed'")
     flags = FLAGS + tuple(extra_flags)
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join([source, " ".join(flags).encode(), cxx.encode(),
+    sources = b"\0".join(p.read_bytes() for p in sorted(SOURCE.parent.glob("*.[ch]*")))
+    key = hashlib.sha256(b"\0".join([sources, " ".join(flags).encode(), cxx.encode(),
                                      jax.__version__.encode(), _cpu_identity().encode()]))
     out = cache_dir() / f"cpu_kernels-{key.hexdigest()[:16]}.so"
     if out.exists():
