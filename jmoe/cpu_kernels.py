@@ -5,7 +5,8 @@ over XLA's CPU thread pool:
 
 - ``grouped_swiglu``: each expert multiplies exactly its own rows (no per-expert
   capacity padding), gate/up with SiLU in one register tile (AVX-512 or AVX2), down,
-  the combine weight, and for token choice each token's sum;
+  the combine weight, and for token choice each token's sum; float32 or bfloat16
+  arrays (a ``_bf16`` variant), float32 arithmetic;
 - ``top_k_ids``: the routers' top-k (XLA's TopK runs on one thread);
 - ``attention``: softmax attention in the projections' own layouts;
 - ``rotary``: NeoX rotary embedding (XLA fuses the tables' cos and sin into each use
@@ -21,7 +22,8 @@ build leaves nothing half-written. Large scratch buffers are kept between calls
 as large as the largest use.
 
 ``moe_backend="auto"`` picks ``cpu_gmm`` on CPU when it builds (and the model is
-float32), and the routers, float32 attention and rotary use the kernels there;
+float32 or bfloat16), and the routers, float32 attention and rotary use the kernels
+there;
 ``JMOE_CPU_KERNELS=0`` turns all of them off. Without a compiler jmoe logs one warning
 and uses ``bucketed``, ``lax.top_k`` and the XLA attention and rotary; an explicit
 ``moe_backend="cpu_gmm"`` then raises a ``RuntimeError`` carrying the compiler's
@@ -51,7 +53,8 @@ import jax.numpy as jnp
 log = logging.getLogger("jmoe")
 
 SOURCE = Path(__file__).parent / "csrc" / "cpu_kernels.cc"  # includes csrc/cpu_common.h
-KERNELS = ("jmoe_grouped_swiglu", "jmoe_top_k", "jmoe_attention", "jmoe_rotary")  # FFI handler symbols in SOURCE
+KERNELS = ("jmoe_grouped_swiglu", "jmoe_grouped_swiglu_bf16", "jmoe_top_k", "jmoe_attention",
+           "jmoe_rotary")  # FFI handler symbols in SOURCE
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno")
 
 _LOCK = threading.Lock()
@@ -167,19 +170,28 @@ def use_on_this_platform() -> bool:
 
 def grouped_swiglu(x_TD, token_A, expert_A, weight_A, w_gate_EDF, w_up_EDF, w_down_EFD,
                    *, combine_k: int = 0, variant: tuple[str, ...] = ()):
-    """The raw expert kernel (float32 / int32). Row a's output is
+    """The raw expert kernel. Row a's output is
     ``weight[a] * SwiGLU_{expert[a]}(x[token[a]])``, zero where ``expert[a] >= E``
     (dropped); the kernel groups the rows by expert itself (a counting sort).
     ``combine_k=0``: ``y[A, D]``, one row per assignment. ``combine_k=K`` (token-major
     routings, ``A == T*K``): ``y[T, D]``, the sum of each token's K rows, computed
-    in the kernel so the traffic follows the live assignments."""
+    in the kernel so the traffic follows the live assignments.
+
+    x and the expert weights are all float32 or all bfloat16 (y has their dtype; the
+    arithmetic is float32 either way); ids int32, ``weight_A`` float32."""
     a, t = token_A.shape[0], x_TD.shape[0]
     if combine_k and a != t * combine_k:
         raise ValueError(f"combine_k={combine_k}: needs A == T*K, got A={a}, T={t}")
+    dtypes = {jnp.dtype(w.dtype) for w in (x_TD, w_gate_EDF, w_up_EDF, w_down_EFD)}
+    if len(dtypes) != 1 or not dtypes <= {jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)}:
+        raise ValueError(f"x and expert weights must all be float32 or all bfloat16, got "
+                         f"{sorted(str(d) for d in dtypes)}")
+    suffix = "_bf16" if x_TD.dtype == jnp.bfloat16 else ""
     out = jax.ShapeDtypeStruct((t if combine_k else a, x_TD.shape[1]), x_TD.dtype)
-    call = jax.ffi.ffi_call("jmoe_grouped_swiglu" + target(variant), out,
+    call = jax.ffi.ffi_call("jmoe_grouped_swiglu" + suffix + target(variant), out,
                             vmap_method="sequential")
-    return call(x_TD, token_A, expert_A, weight_A, w_gate_EDF, w_up_EDF, w_down_EFD,
+    return call(x_TD, token_A.astype(jnp.int32), expert_A.astype(jnp.int32),
+                weight_A.astype(jnp.float32), w_gate_EDF, w_up_EDF, w_down_EFD,
                 combine_k=int(combine_k))
 
 

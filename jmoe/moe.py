@@ -47,7 +47,7 @@ def resolve_backend(backend: str, dtype=None) -> str:
     """``auto`` -> the fastest backend measured on this platform (see benchmarks).
 
     TPU: ``ragged``. CPU: ``cpu_gmm`` when its kernel builds here and ``dtype`` (the
-    model's, if given) is float32, else ``bucketed``. GPU: ``bucketed``. The choice is
+    model's, if given) is float32 or bfloat16, else ``bucketed``. GPU: ``bucketed``. The choice is
     logged once per platform on the ``jmoe`` logger (INFO) and ``jmoe.forward``
     reports it as ``aux["moe_backend"]``.
     """
@@ -68,7 +68,7 @@ def resolve_backend(backend: str, dtype=None) -> str:
 
 
 def _cpu_gmm_dtype_ok(dtype) -> bool:
-    return dtype is None or jnp.dtype(dtype) == jnp.float32
+    return dtype is None or jnp.dtype(dtype) in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 
 
 def swiglu_experts(x_ECD, w_gate_EDF, w_up_EDF, w_down_EFD):
@@ -258,14 +258,18 @@ def cpu_gmm_experts(x_TD, r, w_gate_EDF, w_up_EDF, w_down_EFD):
     expert, each expert computes exactly its live rows, and (token choice) sums each
     token's weighted rows; expert choice combines with a segment sum.
 
-    float32 compute (other dtypes are cast); the gradient is the ``bucketed``
+    float32 arithmetic on float32 or bfloat16 arrays (all bfloat16 stay bfloat16 in
+    memory; other mixes are cast to float32); the gradient is the ``bucketed``
     backend's (the same function), recomputed in the backward pass.
     """
     dtype = x_TD.dtype
-    f32 = lambda a: a.astype(jnp.float32)
+    arrays = (x_TD, w_gate_EDF, w_up_EDF, w_down_EFD)
+    # the kernel reads float32 or bfloat16 (all alike); anything else computes in float32
+    same = jnp.bfloat16 if all(a.dtype == jnp.bfloat16 for a in arrays) else jnp.float32
+    x, wg, wu, wd = (a.astype(same) for a in arrays)
     meta = (r.num_experts, r.token_major, r.max_load)
-    y = _cpu_gmm(meta, f32(x_TD), f32(r.weight_A), f32(w_gate_EDF), f32(w_up_EDF),
-                 f32(w_down_EFD), r.token_A, r.expert_A, r.logits_TE)
+    y = _cpu_gmm(meta, x, r.weight_A.astype(jnp.float32), wg, wu, wd, r.token_A, r.expert_A,
+                 r.logits_TE)
     return y.astype(dtype)
 
 

@@ -14,6 +14,7 @@
 #include <mutex>
 #include <string>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
@@ -71,6 +72,41 @@ inline void Store(float* p, Vec v) {
 #endif
 constexpr int kNR = 2 * kW;  // columns of one plain matmul tile
 
+// bfloat16 as its 16 bits (XLA FFI's BF16 native type): widened exactly to float on
+// load, rounded to nearest even on store.
+using bf16 = uint16_t;
+inline float ToF32(float x) { return x; }
+inline float ToF32(bf16 b) {
+  const uint32_t u = static_cast<uint32_t>(b) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+inline void StoreAs(float* dst, float v) { *dst = v; }
+inline void StoreAs(bf16* dst, float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, sizeof u);
+  if ((u & 0x7fffffffu) > 0x7f800000u) {  // NaN stays a (quiet) NaN
+    *dst = static_cast<bf16>((u >> 16) | 0x40);
+    return;
+  }
+  *dst = static_cast<bf16>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+inline Vec LoadAs(const float* p) { return Load(p); }
+inline Vec LoadAs(const bf16* p) {
+#if defined(__AVX512F__)
+  const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+#elif defined(__AVX2__) && defined(__FMA__)
+  const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+#else
+  Vec r;
+  for (int j = 0; j < kW; ++j) r.v[j] = ToF32(p[j]);
+  return r;
+#endif
+}
+
 // exp(x) as 2^n * p(r) with |r| <= ln2/2 and a degree-6 polynomial (Cephes expf
 // coefficients, ~1 ulp); plain arithmetic so the SiLU loops vectorise (std::exp
 // does not, and would cost more than the matmuls).
@@ -94,15 +130,16 @@ inline float Exp(float x) {
 
 inline float SiluMul(float g, float u) { return g / (1.f + Exp(-g)) * u; }
 
-// C[M x kNR] = A[M x K] * B[K x kNR]; row strides lda, ldb, ldc (in floats).
-template <int M>
-inline void Tile(int K, const float* __restrict A, int lda, const float* __restrict B, int ldb,
+// C[M x kNR] = A[M x K] * B[K x kNR]; row strides lda, ldb, ldc (in elements); B
+// float or bfloat16, A and C float.
+template <int M, typename TW>
+inline void Tile(int K, const float* __restrict A, int lda, const TW* __restrict B, int ldb,
                  float* __restrict C, int ldc) {
   Vec c0[M], c1[M];
   for (int i = 0; i < M; ++i) c0[i] = c1[i] = Zero();
   for (int k = 0; k < K; ++k) {
-    const float* b = B + static_cast<int64_t>(k) * ldb;
-    const Vec b0 = Load(b), b1 = Load(b + kW);
+    const TW* b = B + static_cast<int64_t>(k) * ldb;
+    const Vec b0 = LoadAs(b), b1 = LoadAs(b + kW);
     for (int i = 0; i < M; ++i) {
       const Vec a = Splat(A + i * lda + k);
       c0[i] = Fma(a, b0, c0[i]);
@@ -117,14 +154,14 @@ inline void Tile(int K, const float* __restrict A, int lda, const float* __restr
 
 // H[M x kW] = silu(A * Bg) * (A * Bu): gate and up share the A broadcasts, and the
 // SiLU product is taken before anything is stored.
-template <int M>
-inline void TileGateUp(int K, const float* __restrict A, int lda, const float* __restrict Bg,
-                       const float* __restrict Bu, int ldb, float* __restrict H, int ldh) {
+template <int M, typename TW>
+inline void TileGateUp(int K, const float* __restrict A, int lda, const TW* __restrict Bg,
+                       const TW* __restrict Bu, int ldb, float* __restrict H, int ldh) {
   Vec g[M], u[M];
   for (int i = 0; i < M; ++i) g[i] = u[i] = Zero();
   for (int k = 0; k < K; ++k) {
-    const Vec bg = Load(Bg + static_cast<int64_t>(k) * ldb);
-    const Vec bu = Load(Bu + static_cast<int64_t>(k) * ldb);
+    const Vec bg = LoadAs(Bg + static_cast<int64_t>(k) * ldb);
+    const Vec bu = LoadAs(Bu + static_cast<int64_t>(k) * ldb);
     for (int i = 0; i < M; ++i) {
       const Vec a = Splat(A + i * lda + k);
       g[i] = Fma(a, bg, g[i]);
@@ -140,61 +177,55 @@ inline void TileGateUp(int K, const float* __restrict A, int lda, const float* _
   }
 }
 
-// Runs Fn<m>(...) for the row count m in 1..kMR (tiles are unrolled per row count).
-template <template <int> class Fn, int M = kMR, typename... Args>
-inline void ForRows(int m, Args... args) {
+// Calls fn(std::integral_constant<int, m>) for the row count m in 1..kMR: tiles are
+// unrolled per row count.
+template <int M = kMR, typename Fn>
+inline void ForRows(int m, Fn&& fn) {
   if constexpr (M > 0) {
-    if (m == M) return Fn<M>::Run(args...);
-    return ForRows<Fn, M - 1>(m, args...);
+    if (m == M) return fn(std::integral_constant<int, M>{});
+    return ForRows<M - 1>(m, fn);
   }
 }
-template <int M>
-struct TileFn {
-  static void Run(int K, const float* A, int lda, const float* B, int ldb, float* C, int ldc) {
-    Tile<M>(K, A, lda, B, ldb, C, ldc);
-  }
-};
-template <int M>
-struct TileGateUpFn {
-  static void Run(int K, const float* A, int lda, const float* Bg, const float* Bu, int ldb,
-                  float* H, int ldh) {
-    TileGateUp<M>(K, A, lda, Bg, Bu, ldb, H, ldh);
-  }
-};
 
-// C[m x N] = A[m x K] * B[K x N], all row-major; columns past the last full tile in
-// scalar loops.
-inline void Gemm(int m, int N, int K, const float* A, int lda, const float* B, int ldb, float* C,
+// C[m x N] = A[m x K] * B[K x N], all row-major, B float or bfloat16; columns past the
+// last full tile in scalar loops.
+template <typename TW>
+inline void Gemm(int m, int N, int K, const float* A, int lda, const TW* B, int ldb, float* C,
                  int ldc) {
   int n0 = 0;
   for (; n0 + kNR <= N; n0 += kNR)
     for (int i = 0; i < m; i += kMR)
-      ForRows<TileFn>(std::min(kMR, m - i), K, A + static_cast<int64_t>(i) * lda, lda, B + n0,
-                      ldb, C + static_cast<int64_t>(i) * ldc + n0, ldc);
+      ForRows(std::min(kMR, m - i), [&](auto rows) {
+        Tile<decltype(rows)::value>(K, A + static_cast<int64_t>(i) * lda, lda, B + n0, ldb,
+                                    C + static_cast<int64_t>(i) * ldc + n0, ldc);
+      });
   for (; n0 < N; ++n0)
     for (int i = 0; i < m; ++i) {
       float s = 0.f;
       for (int k = 0; k < K; ++k)
-        s += A[static_cast<int64_t>(i) * lda + k] * B[static_cast<int64_t>(k) * ldb + n0];
+        s += A[static_cast<int64_t>(i) * lda + k] * ToF32(B[static_cast<int64_t>(k) * ldb + n0]);
       C[static_cast<int64_t>(i) * ldc + n0] = s;
     }
 }
 
-// H[m x F] = silu(A * Bg) * (A * Bu), A [m x K], Bg and Bu [K x F].
-inline void GateUp(int m, int F, int K, const float* A, int lda, const float* Bg, const float* Bu,
+// H[m x F] = silu(A * Bg) * (A * Bu), A [m x K], Bg and Bu [K x F] float or bfloat16.
+template <typename TW>
+inline void GateUp(int m, int F, int K, const float* A, int lda, const TW* Bg, const TW* Bu,
                    float* H) {
   int n0 = 0;
   for (; n0 + kW <= F; n0 += kW)
     for (int i = 0; i < m; i += kMR)
-      ForRows<TileGateUpFn>(std::min(kMR, m - i), K, A + static_cast<int64_t>(i) * lda, lda,
-                            Bg + n0, Bu + n0, F, H + static_cast<int64_t>(i) * F + n0, F);
+      ForRows(std::min(kMR, m - i), [&](auto rows) {
+        TileGateUp<decltype(rows)::value>(K, A + static_cast<int64_t>(i) * lda, lda, Bg + n0,
+                                          Bu + n0, F, H + static_cast<int64_t>(i) * F + n0, F);
+      });
   for (; n0 < F; ++n0)
     for (int i = 0; i < m; ++i) {
       float g = 0.f, u = 0.f;
       for (int k = 0; k < K; ++k) {
         const float a = A[static_cast<int64_t>(i) * lda + k];
-        g += a * Bg[static_cast<int64_t>(k) * F + n0];
-        u += a * Bu[static_cast<int64_t>(k) * F + n0];
+        g += a * ToF32(Bg[static_cast<int64_t>(k) * F + n0]);
+        u += a * ToF32(Bu[static_cast<int64_t>(k) * F + n0]);
       }
       H[static_cast<int64_t>(i) * F + n0] = SiluMul(g, u);
     }

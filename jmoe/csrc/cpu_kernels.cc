@@ -1,6 +1,7 @@
 // jmoe's XLA:CPU kernels, called as XLA FFI custom calls (jmoe/cpu_kernels.py builds
 // this file on first use for the host CPU and registers them):
-//   jmoe_grouped_swiglu  the MoE experts of moe_backend="cpu_gmm";
+//   jmoe_grouped_swiglu  the MoE experts of moe_backend="cpu_gmm" (float32; the _bf16
+//                        variant reads and writes bfloat16, computes in float);
 //   jmoe_top_k           the router's top-k expert ids;
 //   jmoe_attention       softmax attention over [B, L, H, K] queries (GQA, additive bias);
 //   jmoe_rotary          NeoX-style rotary embedding of [B, L, H, K] (XLA would fuse the
@@ -58,113 +59,125 @@ struct Task {
   int expert, row0, rows;  // rows [row0, row0 + rows) of the expert-sorted order
 };
 
+template <typename T>  // float or bf16: x, the expert weights and y
 struct Problem {
   int D, F;
-  const float *x, *weight, *w_gate, *w_up, *w_down;
+  const T *x, *w_gate, *w_up, *w_down;
+  const float* weight;
   const int32_t* token;
   const int32_t* order;  // sorted position -> assignment
-  float* y;              // combine_k == 0: [A, D] by assignment; else [live, D] by sorted position
-  bool by_assignment;
+  T* y;                  // combine_k == 0: rows [A, D] by assignment
+  float* rows;           // combine_k > 0: float rows [live, D] by sorted position
 };
 
-// One task: up to kRowsPerTask rows of one expert. Gather, gate/up with SiLU, down,
-// weighted write.
-void RunTask(const Task& t, const Problem& p, float* scratch) {
+// One task: up to kRowsPerTask rows of one expert. Gather (widened to float),
+// gate/up with SiLU, down, weighted write.
+template <typename T>
+void RunTask(const Task& t, const Problem<T>& p, float* scratch) {
   const int D = p.D, F = p.F, m = t.rows;
   float* xs = scratch;                  // [rows, D]
   float* h = xs + kRowsPerTask * D;     // [rows, F]
   float* out = h + kRowsPerTask * F;    // [rows, D]
   const int32_t* rows = p.order + t.row0;
-  for (int i = 0; i < m; ++i)
-    std::memcpy(xs + static_cast<int64_t>(i) * D,
-                p.x + static_cast<int64_t>(p.token[rows[i]]) * D, sizeof(float) * D);
+  for (int i = 0; i < m; ++i) {
+    const T* src = p.x + static_cast<int64_t>(p.token[rows[i]]) * D;
+    float* dst = xs + static_cast<int64_t>(i) * D;
+    for (int j = 0; j < D; ++j) dst[j] = ToF32(src[j]);
+  }
   const int64_t e = t.expert;
   GateUp(m, F, D, xs, D, p.w_gate + e * D * F, p.w_up + e * D * F, h);
   Gemm(m, D, F, h, F, p.w_down + e * F * D, D, out, D);
   for (int i = 0; i < m; ++i) {
     const float w = p.weight[rows[i]];
     const float* src = out + static_cast<int64_t>(i) * D;
-    float* y = p.y + static_cast<int64_t>(p.by_assignment ? rows[i] : t.row0 + i) * D;
-    for (int j = 0; j < D; ++j) y[j] = w * src[j];
+    if (p.rows) {
+      float* y = p.rows + static_cast<int64_t>(t.row0 + i) * D;
+      for (int j = 0; j < D; ++j) y[j] = w * src[j];
+    } else {
+      T* y = p.y + static_cast<int64_t>(rows[i]) * D;
+      for (int j = 0; j < D; ++j) StoreAs(y + j, w * src[j]);
+    }
   }
 }
 
 constexpr int kCombineRows = 64;  // tokens per combine task
 
-ffi::Error GroupedSwiGLU(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
-                         ffi::Buffer<ffi::S32> token, ffi::Buffer<ffi::S32> expert,
-                         ffi::Buffer<ffi::F32> weight, ffi::Buffer<ffi::F32> w_gate,
-                         ffi::Buffer<ffi::F32> w_up, ffi::Buffer<ffi::F32> w_down,
-                         ffi::ResultBuffer<ffi::F32> y, int64_t combine_k) {
+template <ffi::DataType DT>
+ffi::Error GroupedSwiGLU(ffi::ThreadPool pool, ffi::Buffer<DT> x, ffi::Buffer<ffi::S32> token,
+                         ffi::Buffer<ffi::S32> expert, ffi::Buffer<ffi::F32> weight,
+                         ffi::Buffer<DT> w_gate, ffi::Buffer<DT> w_up, ffi::Buffer<DT> w_down,
+                         ffi::ResultBuffer<DT> y, int64_t combine_k) {
+  using T = ffi::NativeType<DT>;
   constexpr const char* kName = "jmoe_grouped_swiglu";
   const auto xd = x.dimensions(), gd = w_gate.dimensions(), ud = w_up.dimensions(),
              dd = w_down.dimensions(), yd = y->dimensions();
   if (xd.size() != 2 || gd.size() != 3 || ud.size() != 3 || dd.size() != 3 || yd.size() != 2)
     return Invalid(kName, "expected x [T, D], weights [E, D, F], [E, D, F], [E, F, D], 2-D y");
-  const int64_t T = xd[0], D = xd[1], E = gd[0], F = gd[2], A = token.element_count();
+  const int64_t T_ = xd[0], D = xd[1], E = gd[0], F = gd[2], A = token.element_count();
   if (gd[1] != D || ud[0] != E || ud[1] != D || ud[2] != F || dd[0] != E || dd[1] != F ||
       dd[2] != D)
     return Invalid(kName, "expert weight shapes disagree with x [T, D] and w_gate [E, D, F]");
   if (static_cast<int64_t>(expert.element_count()) != A ||
       static_cast<int64_t>(weight.element_count()) != A)
     return Invalid(kName, "token, expert and weight must all be [A]");
-  if (combine_k < 0 || (combine_k > 0 && A != T * combine_k))
+  if (combine_k < 0 || (combine_k > 0 && A != T_ * combine_k))
     return Invalid(kName, "combine_k must be 0 or K with A == T*K");
-  if (yd[0] != (combine_k ? T : A) || yd[1] != D)
+  if (yd[0] != (combine_k ? T_ : A) || yd[1] != D)
     return Invalid(kName, "y must be [A, D] (combine_k == 0) or [T, D]");
   const int32_t *ptok = token.typed_data(), *pexp = expert.typed_data();
-  float* py = y->typed_data();
+  T* py = y->typed_data();
   // counting sort by expert (stable)
   std::vector<int32_t> start(E + 1, 0);
   for (int64_t a = 0; a < A; ++a) {
     if (pexp[a] < 0) return Invalid(kName, "expert id below 0");
     if (pexp[a] >= E) continue;
-    if (ptok[a] < 0 || ptok[a] >= T) return Invalid(kName, "token index out of range [0, T)");
+    if (ptok[a] < 0 || ptok[a] >= T_) return Invalid(kName, "token index out of range [0, T)");
     ++start[pexp[a] + 1];
   }
   for (int64_t e = 0; e < E; ++e) start[e + 1] += start[e];
   const int64_t live = start[E];
-  auto order = std::make_shared<std::vector<int32_t>>(live);
+  std::vector<int32_t> order(live);
   std::vector<int32_t> pos(combine_k ? A : 0);  // assignment -> sorted position
   {
     std::vector<int32_t> next(start.begin(), start.end() - 1);
     for (int64_t a = 0; a < A; ++a) {
       if (pexp[a] >= E) {
-        if (!combine_k) std::memset(py + a * D, 0, sizeof(float) * D);
+        if (!combine_k) std::memset(py + a * D, 0, sizeof(T) * D);  // +0.0 in both types
         continue;
       }
       const int32_t at = next[pexp[a]]++;
-      (*order)[at] = static_cast<int32_t>(a);
+      order[at] = static_cast<int32_t>(a);
       if (combine_k) pos[a] = at;
     }
   }
-  // live rows, sorted (combine_k) or in place (no combine); not zero-initialised
+  // combine_k: the live rows in float, sorted; kept between calls, not zero-initialised
   ScratchLease rows(combine_k ? live * D : 0);
-  auto tasks = std::make_shared<std::vector<Task>>();
+  std::vector<Task> tasks;
   for (int64_t e = 0; e < E; ++e)
     for (int r = start[e]; r < start[e + 1]; r += kRowsPerTask)
-      tasks->push_back({static_cast<int>(e), r, std::min(kRowsPerTask, start[e + 1] - r)});
-  const Problem prob{static_cast<int>(D), static_cast<int>(F), x.typed_data(),
-                     weight.typed_data(), w_gate.typed_data(), w_up.typed_data(),
-                     w_down.typed_data(), ptok, order->data(),
-                     combine_k ? rows.data() : py, combine_k == 0};
-  ParallelFor(pool, static_cast<int>(tasks->size()),
+      tasks.push_back({static_cast<int>(e), r, std::min(kRowsPerTask, start[e + 1] - r)});
+  const Problem<T> prob{static_cast<int>(D), static_cast<int>(F), x.typed_data(),
+                        w_gate.typed_data(), w_up.typed_data(), w_down.typed_data(),
+                        weight.typed_data(), ptok, order.data(), py,
+                        combine_k ? rows.data() : nullptr};
+  const Task* ptasks = tasks.data();
+  ParallelFor(pool, static_cast<int>(tasks.size()),
               static_cast<size_t>(kRowsPerTask) * (2 * D + F),
-              [tasks, order, prob](int i, float* scratch) { RunTask((*tasks)[i], prob, scratch); });
+              [ptasks, prob](int i, float* scratch) { RunTask(ptasks[i], prob, scratch); });
   if (combine_k) {
     const float* ys = rows.data();
     const int32_t* ppos = pos.data();
-    ParallelFor(pool, static_cast<int>((T + kCombineRows - 1) / kCombineRows), 0,
-                [=](int task, float*) {
-                  const int64_t t1 = std::min<int64_t>(T, (task + 1) * int64_t{kCombineRows});
+    ParallelFor(pool, static_cast<int>((T_ + kCombineRows - 1) / kCombineRows),
+                static_cast<size_t>(D), [=](int task, float* acc) {
+                  const int64_t t1 = std::min<int64_t>(T_, (task + 1) * int64_t{kCombineRows});
                   for (int64_t t = task * int64_t{kCombineRows}; t < t1; ++t) {
-                    float* out = py + t * D;
-                    std::fill(out, out + D, 0.f);
+                    std::fill(acc, acc + D, 0.f);
                     for (int64_t a = t * combine_k; a < (t + 1) * combine_k; ++a) {
                       if (pexp[a] >= E) continue;
                       const float* src = ys + static_cast<int64_t>(ppos[a]) * D;
-                      for (int64_t j = 0; j < D; ++j) out[j] += src[j];
+                      for (int64_t j = 0; j < D; ++j) acc[j] += src[j];
                     }
+                    for (int64_t j = 0; j < D; ++j) StoreAs(py + t * D + j, acc[j]);
                   }
                 });
   }
@@ -358,18 +371,23 @@ ffi::Error Rotary(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(jmoe_grouped_swiglu, GroupedSwiGLU,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // x
-                                  .Arg<ffi::Buffer<ffi::S32>>()   // token
-                                  .Arg<ffi::Buffer<ffi::S32>>()   // expert
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // weight
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // w_gate
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // w_up
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // w_down
-                                  .Ret<ffi::Buffer<ffi::F32>>()   // y
-                                  .Attr<int64_t>("combine_k"));
+#define JMOE_GROUPED_SWIGLU_BINDING(DT)                                      \
+  ffi::Ffi::Bind()                                                           \
+      .Ctx<ffi::ThreadPool>()                                                \
+      .Arg<ffi::Buffer<DT>>()         /* x */                                \
+      .Arg<ffi::Buffer<ffi::S32>>()   /* token */                            \
+      .Arg<ffi::Buffer<ffi::S32>>()   /* expert */                           \
+      .Arg<ffi::Buffer<ffi::F32>>()   /* weight */                           \
+      .Arg<ffi::Buffer<DT>>()         /* w_gate */                           \
+      .Arg<ffi::Buffer<DT>>()         /* w_up */                             \
+      .Arg<ffi::Buffer<DT>>()         /* w_down */                           \
+      .Ret<ffi::Buffer<DT>>()         /* y */                                \
+      .Attr<int64_t>("combine_k")
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jmoe_grouped_swiglu, GroupedSwiGLU<ffi::F32>,
+                              JMOE_GROUPED_SWIGLU_BINDING(ffi::F32));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jmoe_grouped_swiglu_bf16, GroupedSwiGLU<ffi::BF16>,
+                              JMOE_GROUPED_SWIGLU_BINDING(ffi::BF16));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jmoe_attention, Attention,
                               ffi::Ffi::Bind()
