@@ -13,8 +13,9 @@ Expert backends all consume a ``routing.Routing`` and agree in float32:
   ragged    sorted rows and ``jax.lax.ragged_dot``; native on TPU, dense-expanded
             (slow) by XLA on CPU.
   pallas    ``pallas_kernels.moe_gmm``: a grouped-matmul kernel that skips dropped rows.
-  cpu_gmm   ``jmoe.cpu_kernels``: a compiled C++ grouped-matmul kernel (XLA FFI) in which each
-            expert computes exactly its rows; float32, CPU only. The CPU path.
+  cpu_gmm   ``jmoe.cpu_kernels``: a compiled C++ grouped-matmul kernel (XLA FFI) in
+            which each expert computes exactly its rows; float32 or bfloat16, CPU
+            only. The CPU path.
   auto      per platform (``resolve_backend``), logged once and reported in aux.
 
 Token choice and expert choice give the same ``Routing`` type, so every backend
@@ -47,9 +48,9 @@ def resolve_backend(backend: str, dtype=None) -> str:
     """``auto`` -> the fastest backend measured on this platform (see benchmarks).
 
     TPU: ``ragged``. CPU: ``cpu_gmm`` when its kernel builds here and ``dtype`` (the
-    model's, if given) is float32 or bfloat16, else ``bucketed``. GPU: ``bucketed``. The choice is
-    logged once per platform on the ``jmoe`` logger (INFO) and ``jmoe.forward``
-    reports it as ``aux["moe_backend"]``.
+    model's, if given) is float32 or bfloat16, else ``bucketed``. GPU: ``bucketed``.
+    The choice is logged once per platform on the ``jmoe`` logger (INFO) and
+    ``jmoe.forward`` reports it as ``aux["moe_backend"]``.
     """
     if backend != "auto":
         return backend
@@ -286,7 +287,7 @@ def _cpu_gmm(meta, x_TD, weight_A, w_gate_EDF, w_up_EDF, w_down_EFD, token_A, ex
     r = _meta_routing(meta, token_A, expert_A, weight_A, logits_TE)
     t, a = x_TD.shape[0], r.token_A.shape[0]
     args = (x_TD, r.token_A, r.expert_A, r.weight_A, w_gate_EDF, w_up_EDF, w_down_EFD)
-    if r.token_major and a % t == 0:  # the kernel sums each token's K rows itself
+    if t and r.token_major and a % t == 0:  # the kernel sums each token's K rows itself
         return cpu_kernels.grouped_swiglu(*args, combine_k=a // t)
     return jax.ops.segment_sum(cpu_kernels.grouped_swiglu(*args), r.token_A, num_segments=t)
 
