@@ -23,8 +23,7 @@ as large as the largest use.
 
 ``moe_backend="auto"`` picks ``cpu_gmm`` on CPU when it builds (and the model is
 float32 or bfloat16), and the routers, float32 attention and rotary use the kernels
-there;
-``JMOE_CPU_KERNELS=0`` turns all of them off. Without a compiler jmoe logs one warning
+there; ``JMOE_CPU_KERNELS=0`` turns all of them off. Without a compiler jmoe logs one warning
 and uses ``bucketed``, ``lax.top_k`` and the XLA attention and rotary; an explicit
 ``moe_backend="cpu_gmm"`` then raises a ``RuntimeError`` carrying the compiler's
 message.

@@ -33,6 +33,8 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from jmoe import cpu_kernels
+
 
 @struct.dataclass
 class Routing:
@@ -105,8 +107,6 @@ def top_k_ids(scores_TE, k: int):
     (largest first, ties to the lower id). On CPU the compiled ``jmoe_top_k`` kernel
     computes it over the thread pool (XLA's TopK is single-threaded: 0.7 ms against
     ~0.1 ms at [1024, 64]); elsewhere, or without the kernels, ``lax.top_k``."""
-    from jmoe import cpu_kernels  # routing stays importable without the kernels' deps
-
     if cpu_kernels.use_on_this_platform():
         return cpu_kernels.top_k_ids(scores_TE, k)
     return jax.lax.top_k(scores_TE, k)[1]
