@@ -7,27 +7,23 @@ generation files copied from the HF folder it came from.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
+import tempfile
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from jmoe.config import LLaDA2Config, OlmoeConfig, read_hf_config
-from jmoe.model import Model, abstract_params
+from jmoe.config import CONFIG_CLASSES
+from jmoe.hf import config_from_hf_dir, read_params
+from jmoe import sharding
+from jmoe.model import Model, abstract_params, param_logical_axes
 
 # the small trained model shipped inside the package (see its README.md)
 DEFAULT_MODEL_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "default_model")
-CONFIG_CLASSES = {"olmoe": OlmoeConfig, "llada2": LLaDA2Config}
-HF_MODEL_TYPES = {"olmoe": "olmoe", "llada": "olmoe", "lladamoe": "olmoe", "llada_moe": "olmoe",
-                  "llada2_moe": "llada2"}
-# generation_config.json keys the sampler understands, and HF names mapped onto them
-GENERATION_KEYS = ("gen_length", "block_length", "steps", "temperature", "cfg_scale",
-                   "remasking", "threshold")
-_HF_GENERATION_ALIASES = {"max_new_tokens": "gen_length"}
-
-
 def config_from_dict(d: dict):
     d = dict(d)
     family = d.pop("family", None)
@@ -36,34 +32,27 @@ def config_from_dict(d: dict):
     return CONFIG_CLASSES[family](**d)
 
 
-def generation_defaults(folder: str) -> dict | None:
-    path = os.path.join(folder, "generation_config.json")
-    if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        raw = json.load(f)
-    out = {}
-    for k, v in raw.items():
-        k = _HF_GENERATION_ALIASES.get(k, k)
-        if k in GENERATION_KEYS and isinstance(v, (int, float, str)):
-            out[k] = v
-    return out or None
-
-
-def config_from_hf_dir(hf_dir: str, **overrides):
-    """The jmoe config of an HF folder (``config.json`` + ``generation_config.json``)."""
-    hf = read_hf_config(hf_dir)
-    model_type = hf.get("model_type")
-    family = HF_MODEL_TYPES.get(model_type)
-    if family is None:
-        raise ValueError(f"config.json model_type={model_type!r} in {hf_dir!r}: expected one of "
-                         f"{sorted(HF_MODEL_TYPES)}")
-    config = CONFIG_CLASSES[family].from_hf_config(hf)
-    gen = generation_defaults(hf_dir)
-    if gen and "generation" not in overrides:
-        # the folder's generation_config.json refines the family's defaults
-        overrides = dict(overrides, generation={**(config.generation or {}), **gen})
-    return config.replace(**overrides) if overrides else config
+@contextlib.contextmanager
+def atomic_dir(out: str, overwrite: bool = False):
+    """Yield a temp folder beside ``out``; it becomes ``out`` only if the body succeeds."""
+    out = os.path.abspath(out)
+    if os.path.exists(out) and not overwrite:
+        raise FileExistsError(f"output {out!r} already exists (pass --overwrite to replace it)")
+    parent = os.path.dirname(out)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.partial-", dir=parent)
+    try:
+        yield tmp
+        if os.path.exists(out):
+            old = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.old-", dir=parent)
+            os.replace(out, os.path.join(old, "x"))
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def _orbax():
@@ -85,10 +74,10 @@ def save_checkpoint(folder: str, config, params) -> None:
 def _restore_params(folder: str, config, mesh=None):
     target = abstract_params(config, as_struct=True)
     if mesh is not None:  # restore each leaf straight into its shards (no full host copy)
-        from jmoe.sharding import param_shardings
-
+        shardings = sharding.param_shardings(param_logical_axes(config), mesh,
+                                             num_experts=config.num_experts)
         target = jax.tree.map(lambda t, s: jax.ShapeDtypeStruct(t.shape, t.dtype, sharding=s),
-                              target, param_shardings(target, mesh))
+                              target, shardings)
     ckptr = _orbax().StandardCheckpointer()
     return ckptr.restore(os.path.abspath(os.path.join(folder, "params")), target)
 
@@ -152,15 +141,12 @@ def load(path: str | os.PathLike | None = None, *, tokenizer: bool = True,
         config = config_from_dict(raw)
         params = _restore_params(path, config, config_overrides.get("mesh"))
     else:
-        from checkpoints_convert.convert import read_params
-
         config = config_from_hf_dir(path)
         params, dtype = read_params(path, config, config_overrides.get("dtype"), progress=False)
         config = config.replace(dtype=dtype)
         if config_overrides.get("mesh") is not None:  # host arrays straight into their shards
-            from jmoe.sharding import shard_params
-
-            params = shard_params(params, config_overrides["mesh"])
+            params = sharding.shard_params(params, param_logical_axes(config),
+                                           config_overrides["mesh"], num_experts=config.num_experts)
         else:
             params = jax.tree.map(jnp.asarray, params)
     if config_overrides:
@@ -168,9 +154,8 @@ def load(path: str | os.PathLike | None = None, *, tokenizer: bool = True,
         if new.dtype != config.dtype:
             params = cast_params(params, new.dtype)
         config = new
-    if config.mesh is not None:
-        from jmoe.sharding import shard_params
-
-        params = shard_params(params, config.mesh)  # a no-op for leaves already placed
+    if config.mesh is not None:  # a no-op for leaves already placed
+        params = sharding.shard_params(params, param_logical_axes(config), config.mesh,
+                                       num_experts=config.num_experts)
     tok = _load_tokenizer(path) if tokenizer else None
     return Model(config, params, tok)

@@ -155,7 +155,7 @@ def _bench(args) -> int:
 
 
 def _convert(args) -> int:
-    from checkpoints_convert.cli import run
+    from jmoe.convert import run
 
     return run(args)
 
@@ -183,13 +183,23 @@ def _add_sampler_options(g) -> None:
                    "for a model without tokenizer)")
     g.add_argument("--prompts-file", help="a file with one prompt per line")
     g.add_argument("--model", help="jmoe checkpoint or HF folder (default: the shipped model)")
-    g.add_argument("--gen-length", type=int, help="tokens to generate (model default)")
-    g.add_argument("--block-length", type=int, help="block size (model default)")
-    g.add_argument("--steps", type=int, help="denoising steps (default: gen-length)")
-    g.add_argument("--temperature", type=float, default=0.0, help="Gumbel temperature, 0 = argmax")
-    g.add_argument("--cfg-scale", type=float, default=0.0, help="classifier-free guidance scale")
-    g.add_argument("--remasking", choices=("low_confidence", "random"), default="low_confidence")
-    g.add_argument("--threshold", type=float, help="confidence-threshold parallel decoding")
+    # unset options (None) are filled once by jmoe.generate: the model's generation
+    # config, else the library's default (which the help texts state)
+    g.add_argument("--gen-length", type=int,
+                   help="tokens to generate (default: the model's generation config, else 128)")
+    g.add_argument("--block-length", type=int, help="block size (default: the model's "
+                   "generation config, else min(32, gen-length))")
+    g.add_argument("--steps", type=int, help="denoising steps (default: the model's generation "
+                   "config, else gen-length; llada2: block-length, per block)")
+    g.add_argument("--temperature", type=float, help="Gumbel temperature, 0 = argmax (default: "
+                   "the model's generation config, else 0)")
+    g.add_argument("--cfg-scale", type=float, help="classifier-free guidance scale, 0 = off "
+                   "(default: the model's generation config, else 0)")
+    g.add_argument("--remasking", choices=("low_confidence", "random"),
+                   help="which masked positions a step commits (default: the model's "
+                   "generation config, else low_confidence)")
+    g.add_argument("--threshold", type=float, help="confidence-threshold parallel decoding "
+                   "(default: the model's generation config, else off)")
     g.add_argument("--threshold-floor", choices=("one", "schedule"),
                    help="least commits per step in threshold mode (default: the convention's)")
     g.add_argument("--convention", choices=("llada", "llada2"),
@@ -241,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("text", nargs="?", default="123+456=", help="input text")
     f.add_argument("--model", help="jmoe checkpoint or HF folder (default: the shipped model)")
     f.set_defaults(func=_forward)
-    from checkpoints_convert.cli import add_arguments
+    from jmoe.convert import add_arguments
 
     c = add_arguments(sub.add_parser("convert", help="convert HF checkpoints to jmoe and back"))
     c.set_defaults(func=_convert)

@@ -37,12 +37,21 @@ class MoEConfig:
     num_experts: int
     num_experts_per_tok: int
     qk_norm: str = "whole"
+    clip_qkv: float | None = None
     rope_theta: float = 10000.0
     rotary_fraction: float = 1.0
     rms_norm_eps: float = 1e-5
     max_position_embeddings: int = 4096
     tie_word_embeddings: bool = False
     causal: bool = True
+    # None: attention as ``causal`` says; an int N: block-causal (a position in block j
+    # sees blocks <= j, blocks of N aligned to absolute positions from 0; needs causal=False)
+    attention_block_length: int | None = None
+    # dense SwiGLU MLP (width ``intermediate_size``) instead of the MoE in the first layers
+    first_k_dense_replace: int = 0
+    intermediate_size: int | None = None
+    # always-on SwiGLU experts beside the routed ones (width moe_intermediate_size * n)
+    num_shared_experts: int = 0
     mask_token_id: int | None = None
     eos_token_id: int | None = None
     pad_token_id: int | None = None
@@ -60,6 +69,10 @@ class MoEConfig:
     ep_capacity_factor: float | None = None
 
     family = "base"
+    # the router kind (``jmoe.routing.ROUTERS``): a family's choice, not a field
+    router = "softmax_topk"
+    # the sampler convention a model of this family generates with by default
+    default_convention = "llada"
     _positive_ints = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
                       "head_dim", "moe_intermediate_size", "num_experts", "num_experts_per_tok",
                       "max_position_embeddings")
@@ -91,6 +104,9 @@ class MoEConfig:
                    f"None or a token id in [0, {self.vocab_size})")
         _check(self.ep_capacity_factor is None or self.ep_capacity_factor > 0,
                "ep_capacity_factor", self.ep_capacity_factor, "None or > 0")
+        _check(self.clip_qkv is None or self.clip_qkv > 0, "clip_qkv", self.clip_qkv,
+               "None or > 0")
+        self._check_stack()
         if self.mesh is not None:
             from jmoe.sharding import check_experts_divisible
 
@@ -99,13 +115,38 @@ class MoEConfig:
             # a read-only, hashable mapping so the config stays a valid jit static arg
             object.__setattr__(self, "generation", _FrozenDict(self.generation))
 
+    def _check_stack(self) -> None:
+        _check(self.attention_block_length is None or (
+            isinstance(self.attention_block_length, int) and self.attention_block_length > 0),
+            "attention_block_length", self.attention_block_length, "None or a positive int")
+        _check(not (self.causal and self.attention_block_length), "causal", self.causal,
+               f"False with attention_block_length={self.attention_block_length} (block-causal "
+               "attention is bidirectional inside a block)")
+        _check(isinstance(self.first_k_dense_replace, int)
+               and 0 <= self.first_k_dense_replace <= self.num_layers, "first_k_dense_replace",
+               self.first_k_dense_replace, f"an int in [0, num_layers={self.num_layers}]")
+        if self.first_k_dense_replace:
+            v = self.intermediate_size
+            _check(isinstance(v, int) and not isinstance(v, bool) and v > 0,
+                   "intermediate_size", v, "a positive int (the dense first layers' MLP width)")
+        _check(isinstance(self.num_shared_experts, int) and self.num_shared_experts >= 0,
+               "num_shared_experts", self.num_shared_experts, "an int >= 0")
+
     @property
     def rotary_dim(self) -> int:
         return int(self.head_dim * self.rotary_fraction)
 
     @property
+    def mask_kind(self) -> str:
+        """The attention mask: ``"block_causal"``, ``"causal"`` or ``"bidirectional"``."""
+        if self.attention_block_length:
+            return "block_causal"
+        return "causal" if self.causal else "bidirectional"
+
+    @property
     def moe_layers(self) -> tuple[int, ...]:
-        return tuple(range(self.num_layers))
+        """Indices of the MoE layers (the first ``first_k_dense_replace`` are dense)."""
+        return tuple(range(self.first_k_dense_replace, self.num_layers))
 
     def replace(self, **overrides):
         """A copy with fields replaced; an unknown field is a ValueError naming it."""
@@ -131,14 +172,8 @@ class OlmoeConfig(MoEConfig):
     """
 
     norm_topk_prob: bool = False
-    clip_qkv: float | None = None
 
     family = "olmoe"
-
-    def __post_init__(self):
-        super().__post_init__()
-        _check(self.clip_qkv is None or self.clip_qkv > 0, "clip_qkv", self.clip_qkv,
-               "None or > 0")
 
     @classmethod
     def from_hf_config(cls, hf: Mapping[str, Any] | str | os.PathLike, **overrides) -> "OlmoeConfig":
@@ -326,16 +361,17 @@ class LLaDA2Config(MoEConfig):
     routed_scaling_factor: float = 1.0
     qk_norm: str = "per_head"
     causal: bool = False
-    attention_block_length: int | None = None
 
     family = "llada2"
+    router = "sigmoid_group_topk"
+    default_convention = "llada2"
     _positive_ints = MoEConfig._positive_ints + ("intermediate_size", "n_group", "topk_group")
 
     def __post_init__(self):
         super().__post_init__()
-        _check(0 <= self.first_k_dense_replace <= self.num_layers, "first_k_dense_replace",
-               self.first_k_dense_replace, f"in [0, num_layers={self.num_layers}]")
-        _check(self.num_shared_experts >= 0, "num_shared_experts", self.num_shared_experts, ">= 0")
+        _check(self.first_k_dense_replace < self.num_layers, "first_k_dense_replace",
+               self.first_k_dense_replace, f"< num_layers={self.num_layers} (a model needs an "
+               "MoE layer)")
         _check(self.num_experts % self.n_group == 0, "n_group", self.n_group,
                f"a divisor of num_experts={self.num_experts}")
         _check(self.num_experts // self.n_group >= 2, "n_group", self.n_group,
@@ -345,14 +381,8 @@ class LLaDA2Config(MoEConfig):
         _check(self.num_experts_per_tok <= self.topk_group * self.num_experts // self.n_group,
                "num_experts_per_tok", self.num_experts_per_tok,
                "<= the experts in the topk_group kept groups")
-        _check(self.attention_block_length is None or self.attention_block_length > 0,
-               "attention_block_length", self.attention_block_length, "None or > 0")
         _check(not self.causal, "causal", self.causal,
                "False (LLaDA2 is bidirectional or block-causal: set attention_block_length)")
-
-    @property
-    def moe_layers(self) -> tuple[int, ...]:
-        return tuple(range(self.first_k_dense_replace, self.num_layers))
 
     @classmethod
     def from_hf_config(cls, hf, **overrides) -> "LLaDA2Config":
@@ -398,3 +428,7 @@ LLADA2_MINI = LLaDA2Config(
     rms_norm_eps=1e-6, max_position_embeddings=32768, tie_word_embeddings=False,
     mask_token_id=156895, eos_token_id=156892, pad_token_id=156892, dtype="bfloat16",
     generation=LLADA2_GENERATION)
+
+
+# model family -> its config class (the ``family`` key of a jmoe checkpoint's config.json)
+CONFIG_CLASSES = {"olmoe": OlmoeConfig, "llada2": LLaDA2Config}

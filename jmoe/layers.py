@@ -22,6 +22,16 @@ NEG_INF = -1e30
 default_init = nn.initializers.normal(stddev=0.02)
 
 
+def logical_init(axes: tuple, init=default_init):
+    """``init`` with the param's logical axis names declared where it is created.
+
+    Names: ``vocab``, ``embed`` (D), ``q_heads``/``kv_heads`` (H*K, N*K), ``mlp`` (F),
+    ``expert`` (E), ``norm``. ``jmoe.sharding`` maps them onto mesh axes (only
+    ``expert`` is split by default; the rest is replicated).
+    """
+    return nn.with_logical_partitioning(init, axes)
+
+
 class RMSNorm(nn.Module):
     """RMSNorm computed in float32 and cast back, as in the reference models."""
 
@@ -30,7 +40,8 @@ class RMSNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.dtype)
+        scale = self.param("scale", logical_init(("norm",), nn.initializers.ones),
+                           (x.shape[-1],), self.dtype)
         x32 = x.astype(jnp.float32)
         x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
         return scale * x32.astype(x.dtype)
@@ -258,9 +269,9 @@ class SwiGLU(nn.Module):
     def __call__(self, x_BLD):
         d = x_BLD.shape[-1]
         f = self.intermediate_size
-        w_gate_DF = self.param("w_gate", default_init, (d, f), self.dtype)
-        w_up_DF = self.param("w_up", default_init, (d, f), self.dtype)
-        w_down_FD = self.param("w_down", default_init, (f, d), self.dtype)
+        w_gate_DF = self.param("w_gate", logical_init(("embed", "mlp")), (d, f), self.dtype)
+        w_up_DF = self.param("w_up", logical_init(("embed", "mlp")), (d, f), self.dtype)
+        w_down_FD = self.param("w_down", logical_init(("mlp", "embed")), (f, d), self.dtype)
         h = jax.nn.silu(x_BLD @ w_gate_DF) * (x_BLD @ w_up_DF)
         return h @ w_down_FD
 
@@ -283,16 +294,17 @@ class Attention(nn.Module):
     causal: bool = False  # the bias is causal by index: uncached calls skip invisible keys
 
     @nn.compact
-    def __call__(self, x_BLD, cos_BLR, sin_BLR, bias_B1LS, kv_cache=None, offset=None):
-        """``kv_cache=(k_BSNK, v_BSNK)``: write this call's keys/values into the buffers
-        at position ``offset`` (a traced int), attend over the whole buffers (``bias``
-        is then ``[B, 1, L, S]``) and return ``(out, (k_BSNK, v_BSNK))``."""
+    def __call__(self, x_BLD, cos_BLR, sin_BLR, bias_B1LS, cache=None, layer: int = 0):
+        """``(out_BLD, kv)``. With ``cache`` (a ``jmoe.kv_cache.KVCache``) this call's
+        keys/values are written into layer ``layer``'s buffers at ``cache.length``, the
+        queries attend over the whole buffers (``bias`` is then ``[B, 1, L, S]``) and
+        ``kv`` is the updated ``(k_BSNK, v_BSNK)``; without, ``kv`` is None."""
         b, l, d = x_BLD.shape
         h, n, k = self.num_heads, self.num_kv_heads, self.head_dim
-        wq = self.param("wq", default_init, (d, h * k), self.dtype)
-        wk = self.param("wk", default_init, (d, n * k), self.dtype)
-        wv = self.param("wv", default_init, (d, n * k), self.dtype)
-        wo = self.param("wo", default_init, (h * k, d), self.dtype)
+        wq = self.param("wq", logical_init(("embed", "q_heads")), (d, h * k), self.dtype)
+        wk = self.param("wk", logical_init(("embed", "kv_heads")), (d, n * k), self.dtype)
+        wv = self.param("wv", logical_init(("embed", "kv_heads")), (d, n * k), self.dtype)
+        wo = self.param("wo", logical_init(("q_heads", "embed")), (h * k, d), self.dtype)
         q, kk, v = x_BLD @ wq, x_BLD @ wk, x_BLD @ wv
         if self.qk_norm == "whole":
             q = RMSNorm(self.eps, self.dtype, name="q_norm")(q)
@@ -304,11 +316,9 @@ class Attention(nn.Module):
         if self.clip_qkv is not None:
             q, kk, v = (jnp.clip(t, -self.clip_qkv, self.clip_qkv) for t in (q, kk, v))
         q, kk = apply_rope(q, cos_BLR, sin_BLR), apply_rope(kk, cos_BLR, sin_BLR)
-        if kv_cache is None:
+        if cache is None:
             chunk = CAUSAL_CHUNK if self.causal else None
-            return dot_attention(q, kk, v, bias_B1LS, chunk).reshape(b, l, h * k) @ wo
-        put = lambda buf, new: jax.lax.dynamic_update_slice_in_dim(
-            buf, new.astype(buf.dtype), offset, axis=1)
-        k_BSNK, v_BSNK = put(kv_cache[0], kk), put(kv_cache[1], v)
+            return dot_attention(q, kk, v, bias_B1LS, chunk).reshape(b, l, h * k) @ wo, None
+        k_BSNK, v_BSNK = cache.write(layer, kk, v)
         out = dot_attention(q, k_BSNK, v_BSNK, bias_B1LS)
         return out.reshape(b, l, h * k) @ wo, (k_BSNK, v_BSNK)

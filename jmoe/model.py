@@ -12,8 +12,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import flax.linen as nn
+
 from jmoe import routing as routing_lib
+from jmoe import sharding
 from jmoe import xla_options
+from jmoe.kv_cache import KVCache
+from jmoe.models.decoder import Decoder
 from jmoe.moe import resolve_backend
 
 
@@ -29,35 +34,34 @@ class Model:
         return dataclasses.replace(self, **kw)
 
 
-def model_module(config):
-    """The Flax module of a config's family."""
-    if config.family == "olmoe":
-        from jmoe.models.olmoe import OlmoeModel
-
-        return OlmoeModel(config)
-    if config.family == "llada2":
-        from jmoe.models.llada2 import LLaDA2Model
-
-        return LLaDA2Model(config)
-    raise ValueError(f"unknown model family {config.family!r}")
+def _init_boxed(config, seed: int = 0):
+    """Params with their logical axes (``flax.linen.LogicallyPartitioned`` boxes)."""
+    tokens = jnp.zeros((1, 4), jnp.int32)
+    budget = routing_lib.Budget(None, config.num_experts_per_tok)
+    return Decoder(config).init(jax.random.key(seed), tokens, jnp.ones((1, 4), bool),
+                                budget)["params"]
 
 
 def init_params(config, seed: int = 0):
-    """Random params for a config (normal(0.02) weights, unit norms).
+    """Random params for a config (normal(0.02) weights, unit norms, zero expert bias).
 
     Compiled as one program (about half the time of running ``init`` op by op;
     the same values)."""
-    tokens = jnp.zeros((1, 4), jnp.int32)
-    init = jax.jit(lambda key: model_module(config).init(key, tokens)["params"])
-    return init(jax.random.key(seed))
+    return jax.jit(lambda: nn.unbox(_init_boxed(config, seed)))()
 
 
 def abstract_params(config, as_struct: bool = False):
     """The params tree of a config without allocating it: shapes, or ShapeDtypeStructs."""
-    structs = jax.eval_shape(lambda: init_params(config))
+    structs = jax.eval_shape(lambda: nn.unbox(_init_boxed(config)))
     if as_struct:
         return structs
     return jax.tree.map(lambda s: tuple(s.shape), structs)
+
+
+def param_logical_axes(config):
+    """The logical axis names of every params leaf, as declared where each param is
+    created (a tree of ``PartitionSpec``s of names; ``jmoe.sharding`` maps them)."""
+    return nn.get_partition_spec(jax.eval_shape(lambda: _init_boxed(config)))
 
 
 def random_model(config, seed: int = 0, tokenizer=None) -> Model:
@@ -69,14 +73,47 @@ def random_model(config, seed: int = 0, tokenizer=None) -> Model:
     return Model(config, init_params(config, seed), tokenizer)
 
 
-@xla_options.jit(static_argnames=("config", "k_max", "capture"))
-def _forward(params, tokens_BL, valid_BL, budget_BL, *, config, k_max, capture):
-    logits, layer_aux = model_module(config).apply({"params": params}, tokens_BL, valid_BL,
-                                                   budget_BL, k_max)
+def shard_model(model: Model, mesh, **config_overrides) -> Model:
+    """The model on ``mesh``: params placed by their logical axes (routed experts on the
+    ``expert`` axis, the rest replicated), ``config.mesh`` set, so every MoE layer runs
+    expert-parallel; ``config_overrides`` too (e.g. ``ep_capacity_factor=1.25``).
+
+    Raises ValueError when ``num_experts`` does not split over the ``expert`` axis.
+
+    Example:
+        model = jmoe.shard_model(jmoe.random_model(cfg), jmoe.make_mesh(expert=8))
+    """
+    config = model.config.replace(mesh=mesh, **config_overrides)
+    params = sharding.shard_params(model.params, param_logical_axes(config), mesh,
+                                   num_experts=config.num_experts)
+    return model.replace(config=config, params=params)
+
+
+def apply(config, params, tokens_BL, *, valid_BL, budgets: routing_lib.Budget | None = None,
+          cache: KVCache | None = None, capture: bool = False):
+    """The model-call contract shared by ``forward``, the sampler and training.
+
+    ``tokens_BL`` int32 ``[B, L]``; ``valid_BL`` bool ``[B, L]`` (real tokens);
+    ``budgets`` a ``jmoe.routing.Budget`` (None: the model's top-k); ``cache`` a
+    ``jmoe.kv_cache.KVCache`` for a cached call (see ``jmoe.models.decoder.Decoder``).
+    Returns ``(logits_BLV float32, aux, cache)``: aux holds ``expert_counts [n_moe, E]``,
+    ``routed_pairs`` (a scalar), ``unrouted_tokens [n_moe]``, ``load_balancing_loss``,
+    ``ep_dropped`` when expert-parallel, and with ``capture`` ``router_logits
+    [n_moe, B, L, E]``, ``expert_ids`` and ``expert_weights`` ``[n_moe, B, L, K]``.
+    A cached call under expert choice is a ValueError: each expert picks among the
+    whole sequence, which a call on part of it does not see.
+    """
+    if cache is not None and config.routing == "expert_choice":
+        raise ValueError("routing='expert_choice' cannot run a cached call: each expert picks "
+                         "among the whole sequence's tokens, which a call on one block does "
+                         "not see; generate with cache=False (jmoe.generate(..., cache=False))")
+    budgets = budgets or routing_lib.Budget(None, config.num_experts_per_tok)
+    logits, layer_aux, cache = Decoder(config).apply({"params": params}, tokens_BL, valid_BL,
+                                                     budgets, cache)
     aux = {
-        "expert_counts": layer_aux["expert_counts"],  # [n_moe_layers, E]
+        "expert_counts": layer_aux["expert_counts"],
         "routed_pairs": layer_aux["routed_pairs"].sum(),
-        "unrouted_tokens": layer_aux["unrouted_tokens"],  # [n_moe_layers]
+        "unrouted_tokens": layer_aux["unrouted_tokens"],
         "load_balancing_loss": routing_lib.load_balancing_loss(layer_aux["lb_f"],
                                                                layer_aux["lb_p"]),
     }
@@ -85,25 +122,14 @@ def _forward(params, tokens_BL, valid_BL, budget_BL, *, config, k_max, capture):
     if capture:
         for name in ("router_logits", "expert_ids", "expert_weights"):
             aux[name] = layer_aux[name]
+    return logits, aux, cache
+
+
+@xla_options.jit(static_argnames=("config", "capture"))
+def _forward(params, tokens_BL, valid_BL, budget, *, config, capture):
+    logits, aux, _ = apply(config, params, tokens_BL, valid_BL=valid_BL, budgets=budget,
+                           capture=capture)
     return logits, aux
-
-
-def _budget_and_bound(config, experts_per_token, max_experts):
-    """Resolve ``experts_per_token`` into (budget array or None, static k_max)."""
-    top_k, e = config.num_experts_per_tok, config.num_experts
-    if max_experts is not None and not 1 <= int(max_experts) <= e:
-        raise ValueError(f"max_experts={max_experts} outside 1..num_experts={e}")
-    if experts_per_token is None:
-        return None, int(max_experts or top_k)
-    if isinstance(experts_per_token, (int, np.integer)) and not isinstance(experts_per_token, bool):
-        k = int(experts_per_token)
-        k_max = int(max_experts or max(k, top_k))
-        routing_lib.check_budget(k, k_max, e)
-        # a scalar is the model's own top-k for this call: a static k, no masking
-        return (None, k) if max_experts is None else (jnp.int32(k), k_max)
-    k_max = int(max_experts or top_k)
-    routing_lib.check_budget(experts_per_token, k_max, e)
-    return jnp.asarray(experts_per_token, jnp.int32), k_max
 
 
 def forward(model: Model, tokens_BL, *, attention_mask=None, experts_per_token=None,
@@ -139,12 +165,8 @@ def forward(model: Model, tokens_BL, *, attention_mask=None, experts_per_token=N
         valid = jnp.asarray(attention_mask).astype(bool)
         if valid.shape != tokens.shape:
             raise ValueError(f"attention_mask shape {valid.shape} != tokens shape {tokens.shape}")
-    budget, k_max = _budget_and_bound(config, experts_per_token, max_experts)
-    if budget is not None and getattr(config, "routing", "token_choice") == "expert_choice":
-        raise ValueError("experts_per_token as per-token budgets (or with max_experts) needs "
-                         "routing='token_choice'; with routing='expert_choice' pass a scalar k "
-                         "(it sets the capacity C = ceil(capacity_factor * L * k / E))")
+    budget = routing_lib.make_budget(config, experts_per_token, max_experts)
     logits, aux = _forward(model.params, jnp.asarray(tokens, jnp.int32), valid, budget,
-                           config=config, k_max=k_max, capture=bool(capture_router_logits))
+                           config=config, capture=bool(capture_router_logits))
     aux["moe_backend"] = resolve_backend(config.moe_backend, config.dtype)
     return logits, aux

@@ -34,9 +34,11 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from jmoe import cpu_kernels
+from jmoe import expert_parallel
 from jmoe import routing as routing_lib
-from jmoe import sharding
-from jmoe.layers import default_init
+from jmoe.layers import SwiGLU, logical_init
+from jmoe.routing import combine
+from jmoe.sharding import expert_parallel_active
 
 log = logging.getLogger("jmoe")
 
@@ -76,16 +78,6 @@ def swiglu_experts(x_ECD, w_gate_EDF, w_up_EDF, w_down_EFD):
     h = jax.nn.silu(jnp.einsum("ECD,EDF->ECF", x_ECD, w_gate_EDF))
     h = h * jnp.einsum("ECD,EDF->ECF", x_ECD, w_up_EDF)
     return jnp.einsum("ECF,EFD->ECD", h, w_down_EFD)
-
-
-def combine(y_AD, r: routing_lib.Routing, num_tokens: int):
-    """Weighted sum of assignment outputs into their tokens, ``[T, D]``."""
-    y_AD = y_AD * r.weight_A[:, None].astype(y_AD.dtype)
-    a = y_AD.shape[0]
-    if a % num_tokens == 0 and r.token_major:
-        # token-major layout (token choice): the K assignments of a token are adjacent
-        return y_AD.reshape(num_tokens, a // num_tokens, -1).sum(1)
-    return jax.ops.segment_sum(y_AD, r.token_A, num_segments=num_tokens)
 
 
 def dense_experts(x_TD, r, w_gate_EDF, w_up_EDF, w_down_EFD):
@@ -251,7 +243,7 @@ def ragged_experts(x_TD, r, w_gate_EDF, w_up_EDF, w_down_EFD):
     h = h * jax.lax.ragged_dot(xs_AD, w_up_EDF, counts)
     ys_AD = jax.lax.ragged_dot(h, w_down_EFD, counts)  # rows past sum(counts) are zeros
     y_AD = jnp.zeros_like(ys_AD).at[order].set(ys_AD)
-    return combine(y_AD, r, t)
+    return combine(y_AD, r)
 
 
 def cpu_gmm_experts(x_TD, r, w_gate_EDF, w_up_EDF, w_down_EFD):
@@ -268,23 +260,21 @@ def cpu_gmm_experts(x_TD, r, w_gate_EDF, w_up_EDF, w_down_EFD):
     # the kernel reads float32 or bfloat16 (all alike); anything else computes in float32
     same = jnp.bfloat16 if all(a.dtype == jnp.bfloat16 for a in arrays) else jnp.float32
     x, wg, wu, wd = (a.astype(same) for a in arrays)
-    meta = (r.num_experts, r.token_major, r.max_load)
-    y = _cpu_gmm(meta, x, r.weight_A.astype(jnp.float32), wg, wu, wd, r.token_A, r.expert_A,
-                 r.logits_TE)
+    meta = (r.num_experts, r.num_tokens, r.token_major, r.max_load)
+    y = _cpu_gmm(meta, x, r.weight_A.astype(jnp.float32), wg, wu, wd, r.token_A, r.expert_A)
     return y.astype(dtype)
 
 
-def _meta_routing(meta, token_A, expert_A, weight_A, logits_TE):
-    e, token_major, max_load = meta
+def _meta_routing(meta, token_A, expert_A, weight_A):
+    e, t, token_major, max_load = meta
     return routing_lib.Routing(token_A=token_A, expert_A=expert_A, weight_A=weight_A,
-                               logits_TE=logits_TE, num_experts=e, token_major=token_major,
+                               num_experts=e, num_tokens=t, token_major=token_major,
                                max_load=max_load)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _cpu_gmm(meta, x_TD, weight_A, w_gate_EDF, w_up_EDF, w_down_EFD, token_A, expert_A,
-             logits_TE):
-    r = _meta_routing(meta, token_A, expert_A, weight_A, logits_TE)
+def _cpu_gmm(meta, x_TD, weight_A, w_gate_EDF, w_up_EDF, w_down_EFD, token_A, expert_A):
+    r = _meta_routing(meta, token_A, expert_A, weight_A)
     t, a = x_TD.shape[0], r.token_A.shape[0]
     args = (x_TD, r.token_A, r.expert_A, r.weight_A, w_gate_EDF, w_up_EDF, w_down_EFD)
     if t and r.token_major and a % t == 0:  # the kernel sums each token's K rows itself
@@ -297,14 +287,14 @@ def _cpu_gmm_fwd(meta, *args):
 
 
 def _cpu_gmm_bwd(meta, args, g_TD):
-    x_TD, weight_A, w_gate_EDF, w_up_EDF, w_down_EFD, token_A, expert_A, logits_TE = args
+    x_TD, weight_A, w_gate_EDF, w_up_EDF, w_down_EFD, token_A, expert_A = args
 
     def same_function(x, w_A, wg, wu, wd):
-        r = _meta_routing(meta, token_A, expert_A, w_A, logits_TE)
+        r = _meta_routing(meta, token_A, expert_A, w_A)
         return bucketed_experts(x, r, wg, wu, wd)
 
     _, vjp = jax.vjp(same_function, x_TD, weight_A, w_gate_EDF, w_up_EDF, w_down_EFD)
-    return vjp(g_TD) + (None, None, None)
+    return vjp(g_TD) + (None, None)
 
 
 _cpu_gmm.defvjp(_cpu_gmm_fwd, _cpu_gmm_bwd)
@@ -333,14 +323,15 @@ def expert_compute(backend: str, x_TD, r, w_gate_EDF, w_up_EDF, w_down_EFD):
     return EXPERT_BACKENDS[backend](x_TD, r, w_gate_EDF, w_up_EDF, w_down_EFD)
 
 
-def layer_aux(r: routing_lib.Routing, logits_TE, valid_BL, top_k: int) -> dict:
-    """One MoE layer's aux (see ``MoEBlock``): router logits, chosen ids/weights
-    ``[B, L, K]``, expert counts, routed pairs, unrouted tokens, load-balancing stats."""
-    b, l = valid_BL.shape
+def layer_aux(r: routing_lib.Routing, logits_BLE, valid_BL, top_k: int) -> dict:
+    """One MoE layer's aux: router logits ``[B, L, E]``, chosen ids/weights ``[B, L, K]``,
+    expert counts ``[E]``, routed pairs, unrouted tokens, load-balancing stats."""
+    b, l, e = logits_BLE.shape
     valid_T = valid_BL.reshape(-1)
+    logits_TE = logits_BLE.reshape(b * l, e)
     ids_TK, w_TK = r.per_token()
     aux = {
-        "router_logits": logits_TE.reshape(b, l, -1),
+        "router_logits": logits_BLE,
         "expert_ids": ids_TK.reshape(b, l, -1),
         "expert_weights": w_TK.reshape(b, l, -1),
         "expert_counts": r.expert_counts(),
@@ -351,73 +342,49 @@ def layer_aux(r: routing_lib.Routing, logits_TE, valid_BL, top_k: int) -> dict:
     return aux
 
 
-class MoEBlock(nn.Module):
-    """Softmax-routed sparse MoE of SwiGLU experts (OLMoE / LLaDA-MoE).
+class MoE(nn.Module):
+    """The MoE of one decoder layer: route -> experts (backend) -> combine, plus the
+    always-on shared experts (``config.num_shared_experts``), for every family.
 
-    Returns ``(y_BLD, aux)``; aux holds float32 router logits ``[B, L, E]``, the
-    chosen expert ids / weights ``[B, L, K]`` (``Routing.per_token``: K = k_max for
-    token choice, K = E for expert choice), per-expert token counts ``[E]``, the
-    load-balancing statistics, the number of routed (token, expert) pairs and of
-    valid tokens no expert took (``unrouted_tokens``; always 0 for token choice).
+    ``__call__(x_BLD, valid_BL, budget) -> (y_BLD, aux)``. The router is the family's
+    (``config.router``, ``jmoe.routing.ROUTERS``) under ``config.routing``, in float32,
+    run once; with ``config.mesh`` holding an ``expert`` axis > 1 the experts run
+    expert-parallel (``jmoe.expert_parallel``). aux: ``layer_aux``, plus
+    ``ep_dropped`` when expert-parallel.
 
-    ``routing="expert_choice"`` routes within each sequence with capacity factor
-    ``capacity_factor`` and k = ``k_max`` (the model's top-k unless overridden);
-    per-token budgets apply only to token choice.
+    Params: ``router [D, E]``, the router's extra params (``expert_bias [E]`` float32
+    for the sigmoid router), ``w_gate``/``w_up [E, D, F]``, ``w_down [E, F, D]``, and
+    ``shared/{w_gate, w_up, w_down}`` (width ``F * num_shared_experts``).
     """
 
-    num_experts: int
-    top_k: int
-    intermediate_size: int
-    norm_topk_prob: bool
-    backend: str = "auto"
-    dtype: jnp.dtype = jnp.float32
-    routing: str = "token_choice"
-    capacity_factor: float = 1.0
-    mesh: Any = None  # a mesh with an ``expert`` axis > 1 runs the experts expert-parallel
-    ep_capacity_factor: float | None = None
-
-    def route(self, logits_TE, valid_BL, budget_BL, k_max):
-        b, l = valid_BL.shape
-        if self.routing == "expert_choice":
-            if budget_BL is not None:
-                raise ValueError("per-token experts_per_token budgets apply to routing="
-                                 "'token_choice'; expert choice takes a scalar k only")
-            return routing_lib.expert_choice(
-                logits_TE.reshape(b, l, -1), k=k_max, capacity_factor=self.capacity_factor,
-                valid_BL=valid_BL)
-        if self.routing != "token_choice":
-            raise ValueError(f"routing={self.routing!r}: expected 'token_choice' or "
-                             "'expert_choice'")
-        budget_T = None if budget_BL is None else jnp.broadcast_to(budget_BL, (b, l)).reshape(-1)
-        return routing_lib.softmax_topk(logits_TE, k_max=k_max, norm_topk_prob=self.norm_topk_prob,
-                                        budget_T=budget_T, valid_T=valid_BL.reshape(-1))
+    config: Any
 
     @nn.compact
-    def __call__(self, x_BLD, valid_BL, budget_BL=None, k_max=None):
+    def __call__(self, x_BLD, valid_BL, budget: routing_lib.Budget):
+        c = self.config
+        dt = jnp.dtype(c.dtype)
         b, l, d = x_BLD.shape
-        e, f = self.num_experts, self.intermediate_size
-        k_max = k_max or self.top_k
-        router_DE = self.param("router", default_init, (d, e), self.dtype)
-        w_gate_EDF = self.param("w_gate", default_init, (e, d, f), self.dtype)
-        w_up_EDF = self.param("w_up", default_init, (e, d, f), self.dtype)
-        w_down_EFD = self.param("w_down", default_init, (e, f, d), self.dtype)
+        e, f = c.num_experts, c.moe_intermediate_size
+        router_DE = self.param("router", logical_init(("embed", None)), (d, e), dt)
+        # router params (the selection bias) stay float32: tuned in small steps in training
+        router_params = {n: self.param(n, logical_init((None,), nn.initializers.zeros), (e,),
+                                       jnp.float32) for n in routing_lib.ROUTER_PARAMS[c.router]}
+        weights = (self.param("w_gate", logical_init(("expert", "embed", "mlp")), (e, d, f), dt),
+                   self.param("w_up", logical_init(("expert", "embed", "mlp")), (e, d, f), dt),
+                   self.param("w_down", logical_init(("expert", "mlp", "embed")), (e, f, d), dt))
 
-        x_TD = x_BLD.reshape(b * l, d)
-        logits_TE = jnp.einsum("TD,DE->TE", x_TD.astype(jnp.float32),
-                               router_DE.astype(jnp.float32))
-        r = self.route(logits_TE, valid_BL, budget_BL, k_max)
-        ep = sharding.expert_parallel_active(self.mesh)
-        if ep:
-            y_BLD, dropped = sharding.expert_parallel_moe(
-                self.mesh, x_BLD, logits_TE.reshape(b, l, e), valid_BL, budget_BL,
-                w_gate_EDF, w_up_EDF, w_down_EFD,
-                route_fn=lambda lg, v, k, _: self.route(lg, v, k, k_max), backend=self.backend,
-                expert_choice=self.routing == "expert_choice",
-                capacity_factor=self.ep_capacity_factor)
-            y_TD = y_BLD.reshape(b * l, d)
+        logits_BLE = jnp.einsum("BLD,DE->BLE", x_BLD.astype(jnp.float32),
+                                router_DE.astype(jnp.float32))
+        r = routing_lib.route(c, logits_BLE, router_params, valid_BL, budget)
+        aux = layer_aux(r, logits_BLE, valid_BL, c.num_experts_per_tok)
+        if expert_parallel_active(c.mesh):
+            y_BLD, aux["ep_dropped"] = expert_parallel.expert_parallel_moe(
+                c.mesh, x_BLD, r, weights, experts=partial(expert_compute, c.moe_backend),
+                capacity_factor=c.ep_capacity_factor)
         else:
-            y_TD = expert_compute(self.backend, x_TD, r, w_gate_EDF, w_up_EDF, w_down_EFD)
-        aux = layer_aux(r, logits_TE, valid_BL, self.top_k)
-        if ep:
-            aux["ep_dropped"] = dropped
-        return y_TD.reshape(b, l, d).astype(x_BLD.dtype), aux
+            y_BLD = expert_compute(c.moe_backend, x_BLD.reshape(b * l, d), r,
+                                   *weights).reshape(b, l, d)
+        y_BLD = y_BLD.astype(x_BLD.dtype)
+        if c.num_shared_experts:
+            y_BLD = y_BLD + SwiGLU(f * c.num_shared_experts, dt, name="shared")(x_BLD)
+        return y_BLD, aux

@@ -38,11 +38,17 @@ from jmoe import cpu_kernels
 
 @struct.dataclass
 class Routing:
+    """A flat list of A (token, expert, weight) assignments and their static bounds.
+
+    Router logits are not part of it: routers return them beside it (aux statistics
+    and capture need them; expert compute and expert parallelism do not).
+    """
+
     token_A: jax.Array    # int32 [A]: the token row each assignment reads and writes
     expert_A: jax.Array   # int32 [A]: expert id, == num_experts when dropped
     weight_A: jax.Array   # float32 [A]: combine weight, 0 when dropped
-    logits_TE: jax.Array  # float32 [T, E]: raw router logits (for capture and aux losses)
     num_experts: int = struct.field(pytree_node=False)
+    num_tokens: int = struct.field(pytree_node=False)
     # True when A = T*K with the K assignments of each token adjacent (token choice)
     token_major: bool = struct.field(pytree_node=False, default=True)
     # static bound on any expert's load; None means min(T, A) (a token meets an expert once)
@@ -58,23 +64,22 @@ class Routing:
 
     def load_bound(self) -> int:
         """Static upper bound on any expert's load (the dropless worst case)."""
-        t = self.logits_TE.shape[0]
-        bound = min(t, self.expert_A.shape[0])
+        bound = min(self.num_tokens, self.expert_A.shape[0])
         return bound if self.max_load is None else min(bound, self.max_load)
 
     def combine_weights(self):
         """Dense combine weights ``[T, E]`` float32 (0 where expert e did not take token t)."""
-        t, e = self.logits_TE.shape
+        t, e = self.num_tokens, self.num_experts
         w = jnp.zeros((t, e + 1), jnp.float32).at[self.token_A, self.expert_A].add(self.weight_A)
         return w[:, :e]
 
     def per_token(self):
         """``(expert_ids_TK, weights_TK)``: each token's experts, id ``E`` marking an empty slot.
 
-        Token choice: K = ``k_max``, ranked best first. Expert choice: K = E, slot e
-        holds expert e when it picked the token (so ids are ``e`` or ``E``).
+        Token choice: K = the budget bound, ranked best first. Expert choice: K = E,
+        slot e holds expert e when it picked the token (so ids are ``e`` or ``E``).
         """
-        t, e = self.logits_TE.shape
+        t, e = self.num_tokens, self.num_experts
         if self.token_major:
             return self.expert_A.reshape(t, -1), self.weight_A.reshape(t, -1)
         picked = jnp.zeros((t, e + 1), bool).at[self.token_A, self.expert_A].set(True)[:, :e]
@@ -83,10 +88,79 @@ class Routing:
 
     def unrouted_tokens(self, valid_T=None):
         """Number of valid tokens that no expert took (they pass through the residual only)."""
-        t = self.logits_TE.shape[0]
+        t = self.num_tokens
         routed = jnp.zeros((t,), jnp.int32).at[self.token_A].add(self.live_A.astype(jnp.int32))
         valid = jnp.ones((t,), bool) if valid_T is None else valid_T
         return jnp.sum((routed == 0) & valid).astype(jnp.int32)
+
+
+def combine(y_AD, r: Routing):
+    """Weighted sum of assignment outputs into their tokens, ``[T, D]``."""
+    y_AD = y_AD * r.weight_A[:, None].astype(y_AD.dtype)
+    t, a = r.num_tokens, y_AD.shape[0]
+    if t and a % t == 0 and r.token_major:
+        # token-major layout (token choice): the K assignments of a token are adjacent
+        return y_AD.reshape(t, a // t, -1).sum(1)
+    return jax.ops.segment_sum(y_AD, r.token_A, num_segments=t)
+
+
+@struct.dataclass
+class Budget:
+    """How many experts each token may take: the one budget value of a model call.
+
+    ``per_token`` is ``None`` (every token takes ``bound``), an int32 scalar, or an
+    int32 ``[B, L]`` array with values in ``1..bound`` (traced values are clipped to
+    that range). ``bound`` is static: the top-k the router computes and the most
+    experts any token can take. Under expert choice ``bound`` is the k of the capacity
+    ``C = ceil(capacity_factor * L * k / E)`` and ``per_token`` must be None. Built and
+    checked once at the API boundary (``make_budget``).
+    """
+
+    per_token: jax.Array | None
+    bound: int = struct.field(pytree_node=False)
+
+    def per_token_T(self, b: int, l: int):
+        """The budgets flattened to ``[B*L]`` (None when every token takes ``bound``)."""
+        if self.per_token is None:
+            return None
+        return jnp.broadcast_to(jnp.asarray(self.per_token, jnp.int32), (b, l)).reshape(-1)
+
+
+def make_budget(config, experts_per_token=None, max_experts=None) -> Budget:
+    """The ``Budget`` of a call from the public spellings, checked once.
+
+    ``experts_per_token``: None (the model's top-k), an int (this call's top-k, a static
+    bound), or an int array ``[B, L]`` of per-token budgets ``1..max_experts``.
+    ``max_experts``: the static bound (default: the model's top-k, or the int given;
+    at most ``num_experts``). Raises ValueError naming the bad value and the range;
+    per-token budgets with expert-choice routing are a ValueError too.
+    """
+    top_k, e = config.num_experts_per_tok, config.num_experts
+    if max_experts is not None and not (_is_int(max_experts) and 1 <= int(max_experts) <= e):
+        raise ValueError(f"max_experts={max_experts!r}: expected an int in 1..num_experts={e}")
+    if experts_per_token is None:
+        budget = Budget(None, int(max_experts or top_k))
+    elif _is_int(experts_per_token):
+        k = int(experts_per_token)
+        bound = int(max_experts or max(k, top_k))
+        check_budget(k, bound, e)
+        # a bare int is the model's top-k for this call: a static bound, no masking
+        budget = Budget(None, k) if max_experts is None else Budget(jnp.int32(k), bound)
+    else:
+        bound = int(max_experts or top_k)
+        check_budget(experts_per_token, bound, e)
+        budget = Budget(jnp.asarray(experts_per_token, jnp.int32), bound)
+    if budget.per_token is not None and config.routing == "expert_choice":
+        raise ValueError("experts_per_token as per-token budgets (or with max_experts) needs "
+                         "routing='token_choice'; with routing='expert_choice' pass a scalar k "
+                         "(it sets the capacity C = ceil(capacity_factor * L * k / E))")
+    return budget
+
+
+def _is_int(v) -> bool:
+    import numpy as np
+
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
 
 
 def argsort_ids(ids_A, num_values: int):
@@ -174,7 +248,7 @@ def softmax_topk(logits_TE, *, k_max: int, norm_topk_prob: bool, budget_T=None,
     expert_TK = jnp.where(live_TK, top_e_TK, e).astype(jnp.int32)
     token_TK = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[:, None], (t, k_max))
     return Routing(token_A=token_TK.reshape(-1), expert_A=expert_TK.reshape(-1),
-                   weight_A=w_TK.reshape(-1), logits_TE=logits_TE, num_experts=e)
+                   weight_A=w_TK.reshape(-1), num_experts=e, num_tokens=t)
 
 
 def expert_capacities(length: int, k: int, num_experts: int,
@@ -222,7 +296,7 @@ def expert_major_routing(pos_BEC, live_BEC, weight_BEC, logits_BLE) -> Routing:
     return Routing(token_A=token_BEC.reshape(-1).astype(jnp.int32),
                    expert_A=expert_BEC.reshape(-1).astype(jnp.int32),
                    weight_A=jnp.where(live_BEC, weight_BEC, 0.0).reshape(-1),
-                   logits_TE=logits_BLE.reshape(b * l, e), num_experts=e, token_major=False,
+                   num_experts=e, num_tokens=b * l, token_major=False,
                    max_load=b * pos_BEC.shape[-1])
 
 
@@ -303,7 +377,7 @@ def sigmoid_group_topk(logits_TE, expert_bias_E, *, k_max: int, n_group: int, to
     expert_TK = jnp.where(live_TK, top_e_TK, e).astype(jnp.int32)
     token_TK = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[:, None], (t, k_max))
     return Routing(token_A=token_TK.reshape(-1), expert_A=expert_TK.reshape(-1),
-                   weight_A=w_TK.reshape(-1), logits_TE=logits_TE, num_experts=e)
+                   weight_A=w_TK.reshape(-1), num_experts=e, num_tokens=t)
 
 
 def sigmoid_expert_choice(logits_BLE, *, k: int, capacity_factor: float = 1.0,
@@ -347,3 +421,63 @@ def sigmoid_expert_choice(logits_BLE, *, k: int, capacity_factor: float = 1.0,
         denom_BEC = picked_BEL.sum(1)[b_idx, pos_BEC]
         s_BEC = s_BEC / (denom_BEC + 1e-20)
     return expert_major_routing(pos_BEC, live_BEC, s_BEC * scaling, logits_BLE)
+
+
+# -- the router table: (router kind, routing strategy) -> Routing ------------------------------
+
+def _softmax_token_choice(config, logits_BLE, params, valid_BL, budget: Budget) -> Routing:
+    b, l, e = logits_BLE.shape
+    return softmax_topk(logits_BLE.reshape(b * l, e), k_max=budget.bound,
+                        norm_topk_prob=config.norm_topk_prob, budget_T=budget.per_token_T(b, l),
+                        valid_T=valid_BL.reshape(-1))
+
+
+def _softmax_expert_choice(config, logits_BLE, params, valid_BL, budget: Budget) -> Routing:
+    return expert_choice(logits_BLE, k=budget.bound, capacity_factor=config.capacity_factor,
+                         valid_BL=valid_BL)
+
+
+def _sigmoid_token_choice(config, logits_BLE, params, valid_BL, budget: Budget) -> Routing:
+    b, l, e = logits_BLE.shape
+    return sigmoid_group_topk(
+        logits_BLE.reshape(b * l, e), params["expert_bias"], k_max=budget.bound,
+        n_group=config.n_group, topk_group=config.topk_group,
+        scaling=config.routed_scaling_factor, normalize=config.num_experts_per_tok > 1,
+        budget_T=budget.per_token_T(b, l), valid_T=valid_BL.reshape(-1))
+
+
+def _sigmoid_expert_choice(config, logits_BLE, params, valid_BL, budget: Budget) -> Routing:
+    # the group limit and the expert bias do not apply (see sigmoid_expert_choice)
+    return sigmoid_expert_choice(
+        logits_BLE, k=budget.bound, capacity_factor=config.capacity_factor,
+        scaling=config.routed_scaling_factor, normalize=config.num_experts_per_tok > 1,
+        valid_BL=valid_BL)
+
+
+# A router kind is a family's choice (``config.router``): its score function and rule.
+# ``params`` are the router's own params besides the ``[D, E]`` projection (LLaDA2's
+# float32 ``expert_bias``); ``ROUTER_PARAMS`` names them for the MoE module.
+ROUTERS = {
+    ("softmax_topk", "token_choice"): _softmax_token_choice,
+    ("softmax_topk", "expert_choice"): _softmax_expert_choice,
+    ("sigmoid_group_topk", "token_choice"): _sigmoid_token_choice,
+    ("sigmoid_group_topk", "expert_choice"): _sigmoid_expert_choice,
+}
+ROUTER_PARAMS = {"softmax_topk": (), "sigmoid_group_topk": ("expert_bias",)}
+
+
+def route(config, logits_BLE, params, valid_BL, budget: Budget) -> Routing:
+    """The ``Routing`` of one MoE layer: ``config.router`` under ``config.routing``.
+
+    ``logits_BLE`` float32 router logits, ``params`` the router's extra params (a dict,
+    ``ROUTER_PARAMS``), ``valid_BL`` real tokens (padding is never routed), ``budget``
+    the call's ``Budget``. Per-token budgets under expert choice are a ValueError.
+    """
+    fn = ROUTERS.get((config.router, config.routing))
+    if fn is None:
+        raise ValueError(f"no router for router={config.router!r} with routing="
+                         f"{config.routing!r}; known: {sorted(ROUTERS)}")
+    if config.routing == "expert_choice" and budget.per_token is not None:
+        raise ValueError("per-token experts_per_token budgets need routing='token_choice'; "
+                         "routing='expert_choice' takes a scalar k only")
+    return fn(config, logits_BLE.astype(jnp.float32), params, valid_BL, budget)

@@ -26,7 +26,8 @@ from tqdm.auto import tqdm
 
 from jmoe import routing as routing_lib
 from jmoe import xla_options
-from jmoe.model import Model, init_params, model_module
+from jmoe import model as model_lib
+from jmoe.model import Model, init_params
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -67,12 +68,12 @@ def diffusion_loss(params, config, tokens_BL, valid_BL, answer_BL, key, lb_coef:
     t_B = 1.0 - (1.0 - eps) * jax.random.uniform(k_t, (b,))  # in (eps, 1]
     masked_BL = answer_BL & (jax.random.uniform(k_mask, tokens_BL.shape) < t_B[:, None])
     noisy_BL = jnp.where(masked_BL, config.mask_token_id, tokens_BL)
-    logits, aux = model_module(config).apply({"params": params}, noisy_BL, valid_BL, None, None)
+    logits, aux, _ = model_lib.apply(config, params, noisy_BL, valid_BL=valid_BL)
     logp = jax.nn.log_softmax(logits, axis=-1)
     nll_BL = -jnp.take_along_axis(logp, tokens_BL[..., None], axis=-1)[..., 0]
     answer_len_B = jnp.maximum(answer_BL.sum(-1), 1)
     ce = jnp.mean(jnp.where(masked_BL, nll_BL, 0.0).sum(-1) / t_B / answer_len_B)
-    lb = routing_lib.load_balancing_loss(aux["lb_f"], aux["lb_p"])
+    lb = aux["load_balancing_loss"]
     return ce + lb_coef * lb, {"ce": ce, "lb": lb}
 
 
@@ -162,8 +163,7 @@ def run_from_file(path: str, *, out: str | None = None, steps: int | None = None
     The trained model is saved as a jmoe checkpoint at ``out`` (atomically), with
     training checkpoints under ``out + ".train"`` for resuming.
     """
-    from checkpoints_convert.convert import atomic_dir
-    from jmoe.checkpoint import config_from_dict, save_checkpoint
+    from jmoe.checkpoint import atomic_dir, config_from_dict, save_checkpoint
     from jmoe.tokenizer import CharTokenizer
 
     with open(path) as f:

@@ -33,8 +33,10 @@ import jax.numpy as jnp
 import numpy as np
 
 import jmoe
-from jmoe import cpu_kernels, sharding
-from jmoe.moe import MoEBlock
+from jmoe import cpu_kernels, expert_parallel, sharding
+from jmoe.model import param_logical_axes
+from jmoe.moe import MoE
+from jmoe.routing import Budget
 
 MESHES = ((1, 8), (2, 4))  # (data, expert)
 TOL = 2e-5                 # float32, relative to the largest output entry
@@ -112,14 +114,27 @@ def layer_case(num_experts, b, l, seed=0):
     return params, x, jnp.asarray(valid), rng
 
 
+def layer_config(params_or_e, *, routing="token_choice", mesh=None, backend="dense", ep_cf=None):
+    """A one-layer config whose MoE has the case's experts (top-2, softmax router)."""
+    e, f = ((params_or_e["router"].shape[1], params_or_e["w_gate"].shape[-1])
+            if isinstance(params_or_e, dict) else (params_or_e, 8))
+    return tiny_olmoe(num_layers=1, hidden_size=16, num_experts=e, moe_intermediate_size=f,
+                      moe_backend=backend, routing=routing, mesh=mesh, ep_capacity_factor=ep_cf)
+
+
+def place(params, config, mesh):
+    """The MoE params on ``mesh`` by the logical axes the model declares for them."""
+    axes = param_logical_axes(config)["layer_0"]["moe"]
+    return sharding.shard_params(params, axes, mesh, num_experts=config.num_experts)
+
+
 def run_block(params, x, valid, budget, *, k_max, routing="token_choice", mesh=None,
               backend="dense", ep_cf=None):
-    e = params["router"].shape[1]
-    block = MoEBlock(e, 2, params["w_gate"].shape[-1], False, backend, jnp.float32, routing,
-                     1.0, mesh, ep_cf)
+    config = layer_config(params, routing=routing, mesh=mesh, backend=backend, ep_cf=ep_cf)
     if mesh is not None:
-        params = sharding.shard_params({"moe": params}, mesh)["moe"]
-    f = jax.jit(lambda p, x, v, k: block.apply({"params": p}, x, v, k, k_max))
+        params = place(params, config, mesh)
+    block = MoE(config)
+    f = jax.jit(lambda p, x, v, k: block.apply({"params": p}, x, v, Budget(k, k_max)))
     return f(params, x, valid, budget)
 
 
@@ -237,13 +252,14 @@ def layer_gradients_match_single_device():
     mesh = sharding.make_mesh(data=2, expert=4)
 
     def grads(p, routing, mesh):
-        block = MoEBlock(16, 2, 8, False, "bucketed", jnp.float32, routing, 1.0, mesh, None)
-        loss = lambda p, x: jnp.sum(block.apply({"params": p}, x, valid, None, 2)[0] * weights)
+        block = MoE(layer_config(16, routing=routing, mesh=mesh, backend="bucketed"))
+        loss = lambda p, x: jnp.sum(block.apply({"params": p}, x, valid, Budget(None, 2))[0]
+                                    * weights)
         return jax.jit(jax.grad(loss, argnums=(0, 1)))(p, x)
 
     for routing in ("token_choice", "expert_choice"):
         want = grads(params, routing, None)
-        got = grads(sharding.shard_params({"moe": params}, mesh)["moe"], routing, mesh)
+        got = grads(place(params, layer_config(16, routing=routing), mesh), routing, mesh)
         for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want)):
             close(g, w, TOL, f"{routing} gradient {jax.tree_util.keystr(path)}")
 
@@ -265,17 +281,15 @@ def all_to_all_bytes_formula_matches_the_program():
                                     ("token_choice", 1.25, (1, 8)),
                                     ("expert_choice", None, (2, 4))):
         mesh = sharding.make_mesh(data=mesh_shape[0], expert=mesh_shape[1])
-        cfg = tiny_olmoe(num_experts=16, routing=routing, ep_capacity_factor=cf, mesh=mesh)
-        block = MoEBlock(16, 2, 16, False, "dense", jnp.float32, routing, 1.0, mesh, cf)
+        cfg = tiny_olmoe(num_experts=16, moe_intermediate_size=16, routing=routing,
+                         ep_capacity_factor=cf, mesh=mesh, moe_backend="dense")
+        block = MoE(cfg)
         x, valid = jnp.zeros((3, 10, 32)), jnp.ones((3, 10), bool)
-        params = jax.eval_shape(lambda: MoEBlock(16, 2, 16, False).init(
-            jax.random.key(0), x, valid))
-        jaxpr = jax.make_jaxpr(lambda p: block.apply(p, x, valid, None, 2))(params)
+        params = jax.eval_shape(lambda: MoE(cfg.replace(mesh=None)).init(
+            jax.random.key(0), x, valid, Budget(None, 2)))
+        jaxpr = jax.make_jaxpr(lambda p: block.apply(p, x, valid, Budget(None, 2)))(params)
         got = all_to_all_operand_bytes(jaxpr.jaxpr)
-        want = sharding.all_to_all_bytes(cfg, 3, 10, mesh)
-        if routing == "expert_choice":  # the formula adds the all-gathered logits
-            plan = sharding.make_plan(mesh, 3, 10, 16, expert_choice=True, capacity_factor=cf)
-            want -= (plan.shards - 1) * plan.tokens_l * (4 * 16 + 1)
+        want = expert_parallel.all_to_all_bytes(cfg, 3, 10, mesh)
         if got != want:
             raise AssertionError(f"{routing} cf={cf}: program sends {got} bytes, formula {want}")
 
@@ -283,15 +297,15 @@ def all_to_all_bytes_formula_matches_the_program():
 @check
 def pack_sends_only_live_assignments():
     mesh = sharding.make_mesh(data=1, expert=8)
-    plan = sharding.make_plan(mesh, 1, 32, 16, expert_choice=False, capacity_factor=None)
+    plan = expert_parallel.make_plan(mesh, 1, 32, 16, expert_choice=False, capacity_factor=None)
     rng = np.random.default_rng(1)
     x = jnp.asarray(rng.normal(size=(4, 5)), jnp.float32)       # T_l = 4 tokens
     token = jnp.repeat(jnp.arange(4, dtype=jnp.int32), 3)       # k = 3
     expert = jnp.asarray(rng.permutation(16)[:12], jnp.int32)
     keep = jnp.asarray(rng.random(12) < 0.5)
     expert = jnp.where(keep, expert, 16)                         # budget-dropped: sentinel E
-    cap = sharding.capacity_rows(plan, 12)
-    send, send_e, slot, dropped = sharding.pack(plan, x, token, expert, keep, cap)
+    cap = expert_parallel.capacity_rows(plan, 3)
+    send, send_e, slot, dropped = expert_parallel.pack(plan, x, token, expert, keep, cap)
     sent = np.asarray(send_e).reshape(-1) < 2
     if sent.sum() != int(keep.sum()) or int(dropped) != 0:
         raise AssertionError(f"sent {sent.sum()} rows for {int(keep.sum())} live assignments")
@@ -309,9 +323,8 @@ def pack_sends_only_live_assignments():
 def experts_not_divisible_by_devices_is_a_clear_error():
     mesh = sharding.make_mesh(data=2, expert=4)
     cfg = tiny_olmoe(num_experts=6)
-    params = {"layer_0": {"moe": {"w_gate": np.zeros((6, 4, 2), np.float32)}}}
-    for attempt in (lambda: cfg.replace(mesh=mesh),
-                    lambda: sharding.shard_params(params, mesh)):
+    model = jmoe.random_model(cfg)
+    for attempt in (lambda: cfg.replace(mesh=mesh), lambda: jmoe.shard_model(model, mesh)):
         try:
             attempt()
         except ValueError as err:
@@ -352,7 +365,7 @@ def tokens_and_mask(b=2, l=12, vocab=97, seed=0):
 def compare_forward(model, meshes=MESHES, **kw):
     want, aux_w = jmoe.forward(model, **kw)
     for dp, ep in meshes:
-        sharded = sharding.shard_model(model, sharding.make_mesh(data=dp, expert=ep))
+        sharded = jmoe.shard_model(model, sharding.make_mesh(data=dp, expert=ep))
         got, aux_g = jmoe.forward(sharded, **kw)
         close(got, want, TOL, f"logits on data={dp} expert={ep}")
         np.testing.assert_array_equal(aux_g["expert_counts"], aux_w["expert_counts"])
@@ -445,7 +458,7 @@ def generate_same_tokens_sharded():
     from jmoe.sampling import AdaptiveExperts
 
     model = peaked(jmoe.random_model(tiny_olmoe(moe_backend="bucketed"), seed=4))
-    sharded = sharding.shard_model(model, sharding.make_mesh(data=2, expert=4))
+    sharded = jmoe.shard_model(model, sharding.make_mesh(data=2, expert=4))
     rows = [[5, 17, 42, 8, 9, 60, 11], [23, 7, 4]]
     kw = dict(gen_length=8, block_length=4, steps=8,
               adaptive=AdaptiveExperts(initial=1, maximum=4, update_interval=1))

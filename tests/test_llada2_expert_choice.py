@@ -27,7 +27,9 @@ import torch
 import jmoe
 from checkpoints_convert.cli import main as convert_main
 from jmoe import routing
-from jmoe.models.llada2 import LLaDA2Model, empty_kv_cache
+from jmoe.kv_cache import KVCache
+from jmoe.model import apply
+from jmoe.routing import Budget
 import llada2_reference as ref
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -232,19 +234,19 @@ def test_per_token_budgets_are_an_error(checkpoint):
     with pytest.raises(ValueError, match="routing='expert_choice'"):
         jmoe.forward(model, tokens, experts_per_token=np.full(tokens.shape, 2))
     with pytest.raises(ValueError, match="routing='expert_choice'"):  # inside the model
-        jax.eval_shape(lambda: LLaDA2Model(model.config).apply(
-            {"params": model.params}, jnp.asarray(tokens), jnp.asarray(valid),
-            jnp.full(tokens.shape, 2), 3))
+        jax.eval_shape(lambda: apply(
+            model.config, model.params, jnp.asarray(tokens), valid_BL=jnp.asarray(valid),
+            budgets=Budget(jnp.full(tokens.shape, 2), 3)))
 
 
 def test_cached_call_is_an_error(checkpoint):
     _, ck = checkpoint
     model = jmoe.load(ck, routing="expert_choice", attention_block_length=4)
-    cache = empty_kv_cache(model.config, 1, 8)
+    cache = KVCache.empty(model.config, 1, 8)
     with pytest.raises(ValueError, match=r"routing='expert_choice'.*cache=False"):
-        jax.eval_shape(lambda: LLaDA2Model(model.config).apply(
-            {"params": model.params}, jnp.zeros((1, 4), jnp.int32), None, None, 3,
-            cache=cache, offset=0))
+        jax.eval_shape(lambda: apply(
+            model.config, model.params, jnp.zeros((1, 4), jnp.int32),
+            valid_BL=jnp.ones((1, 4), bool), cache=cache))
     with pytest.raises(ValueError, match=r"routing='expert_choice'.*cache=False"):
         jmoe.generate(model, [[5, 17, 42, 8]], gen_length=4, block_length=4, steps=4,
                       cache=True)

@@ -19,10 +19,11 @@ import pytest
 import torch
 
 import jmoe
-import jmoe.models.llada2 as llada2_model
+import jmoe.models.decoder as llada2_model  # the one decoder stack
 from checkpoints_convert.cli import main as convert_main
 from jmoe.sampling import AdaptiveExperts, generate
-from jmoe.sampling.generate import resolve_convention
+from jmoe.sampling.conventions import CONVENTIONS
+from jmoe.sampling.options import resolve_convention
 
 import llada2_reference as ref
 
@@ -204,12 +205,13 @@ def test_cached_guidance_and_sampling_equal_uncached(checkpoint, monkeypatch):
 
 def test_convention_defaults_and_errors(checkpoint):
     _, model = checkpoint
-    assert resolve_convention(model.config, None, None) == ("llada2", True)
-    assert resolve_convention(model.config, "llada", None) == ("llada", False)
+    llada, llada2 = CONVENTIONS["llada"], CONVENTIONS["llada2"]
+    assert resolve_convention(model.config, None, None) == (llada2, True)
+    assert resolve_convention(model.config, "llada", None) == (llada, False)
     olmoe = jmoe.OlmoeConfig(vocab_size=97, hidden_size=32, num_layers=2, num_heads=4,
                              num_kv_heads=2, head_dim=8, moe_intermediate_size=16,
                              num_experts=8, num_experts_per_tok=2)
-    assert resolve_convention(olmoe, None, None) == ("llada", False)
+    assert resolve_convention(olmoe, None, None) == (llada, False)
     with pytest.raises(ValueError, match="block-causal"):
         resolve_convention(olmoe, "llada2", None)
     with pytest.raises(ValueError, match="convention="):

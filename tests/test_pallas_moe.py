@@ -46,7 +46,7 @@ def _case(name):
         r = routing_lib.Routing(token_A=jnp.asarray(token, jnp.int32),
                                 expert_A=jnp.asarray(expert, jnp.int32),
                                 weight_A=jnp.asarray(weight, jnp.float32),
-                                logits_TE=jnp.zeros((t, e)), num_experts=e, token_major=False)
+                                num_experts=e, num_tokens=t, token_major=False)
         return jnp.asarray(rng.normal(size=(t, D)), jnp.float32), r
     t, e, k = {"masked_budgets": (24, 8, 4), "empty_experts": (17, 8, 2),
                "one_expert": (13, 8, 1), "all_dropped": (9, 8, 2)}[name]

@@ -138,15 +138,16 @@ def test_string_prompts_and_texts(model):
 
 
 def test_generation_defaults():
-    opts = resolve_options(CONFIG, **_NONE_OPTIONS)
+    opts, _ = resolve_options(CONFIG, **_NONE_OPTIONS)
     assert (opts.gen_length, opts.block_length, opts.steps) == (128, 32, 128)
     gen = CONFIG.replace(generation={"gen_length": 32, "block_length": 8, "steps": 16,
                                      "threshold": 0.7})
-    opts = resolve_options(gen, **_NONE_OPTIONS)
+    opts, knobs = resolve_options(gen, **_NONE_OPTIONS)
     assert (opts.gen_length, opts.block_length, opts.steps, opts.thresholded) == (32, 8, 16, True)
-    opts = resolve_options(gen, **dict(_NONE_OPTIONS, gen_length=16, block_length=16))
+    assert float(knobs["threshold"]) == np.float32(0.7)  # the traced knob too
+    opts, _ = resolve_options(gen, **dict(_NONE_OPTIONS, gen_length=16, block_length=16))
     assert (opts.gen_length, opts.block_length, opts.steps) == (16, 16, 16)
-    opts = resolve_options(CONFIG, **dict(_NONE_OPTIONS, gen_length=16))
+    opts, _ = resolve_options(CONFIG, **dict(_NONE_OPTIONS, gen_length=16))
     assert (opts.block_length, opts.steps, opts.mask_id, opts.eos_id) == (16, 16, MASK, EOS)
 
 
@@ -155,6 +156,64 @@ _NONE_OPTIONS = dict(gen_length=None, block_length=None, steps=None, temperature
                      threshold_floor="one", adaptive=None, mask_id=None, eos_id=None,
                      logits_eos_inf=False, confidence_eos_eot_inf=False, early_stop=True,
                      return_trace=False)
+
+
+def test_library_defaults_fill_what_caller_and_model_leave():
+    opts, knobs = resolve_options(CONFIG)  # every option None: the library's defaults
+    assert (opts.sampled, opts.guided, opts.remasking, opts.thresholded) == (
+        False, False, "low_confidence", False)
+    assert (opts.threshold_floor, opts.convention.name, opts.cached) == ("one", "llada", False)
+    assert {k: float(v) for k, v in knobs.items()} == {"temperature": 0.0, "cfg_scale": 0.0,
+                                                       "threshold": 1.0}
+    gen = CONFIG.replace(generation={"temperature": 0.8, "cfg_scale": 0.5,
+                                     "remasking": "random"})
+    opts, knobs = resolve_options(gen)
+    assert (opts.sampled, opts.guided, opts.remasking) == (True, True, "random")
+    assert float(knobs["temperature"]) == np.float32(0.8)
+    assert float(knobs["cfg_scale"]) == 0.5
+    opts, knobs = resolve_options(gen, temperature=0.0, remasking="low_confidence")
+    assert (opts.sampled, opts.remasking, float(knobs["temperature"])) == (
+        False, "low_confidence", 0.0)  # the caller wins
+    with pytest.raises(ValueError, match="remasking='lowest'"):
+        resolve_options(CONFIG.replace(generation={"remasking": "lowest"}))
+
+
+def test_generation_threshold_is_the_threshold_used(model):
+    """A model whose generation config sets ``threshold`` generates exactly as passing
+    it (before: thresholding compiled on, but the traced threshold was 1.0)."""
+    kw = dict(gen_length=16, block_length=8, steps=8, return_trace=True)
+    t = 0.5
+    with_gen = model.replace(config=CONFIG.replace(generation={"threshold": t}))
+    out = generate(with_gen, ROWS, **kw)
+    explicit = generate(model, ROWS, threshold=t, **kw)
+    np.testing.assert_array_equal(out.tokens, explicit.tokens)
+    assert out.nfe == explicit.nfe
+    np.testing.assert_array_equal(out.trace["committed"], explicit.trace["committed"])
+    # and the threshold mattered: at 0.5 some step commits more than the floor of one,
+    # so the run takes fewer calls than a threshold no confidence reaches, and it is not
+    # the fixed schedule of threshold=None either
+    never = generate(model, ROWS, threshold=1.0, **kw)
+    assert (out.trace["committed"].sum(-1) > 1).any()
+    assert out.nfe < never.nfe
+    plain = generate(model, ROWS, threshold=None, **kw)
+    assert out.nfe != plain.nfe and (out.tokens != plain.tokens).any()
+
+
+def test_generation_sampling_options_are_used(model):
+    """``temperature``, ``cfg_scale`` and ``remasking`` from the generation config are
+    the ones used (before: ignored, every seed gave the greedy tokens)."""
+    kw = dict(gen_length=16, block_length=8, steps=8)
+    sampling = {"temperature": 1.0, "cfg_scale": 0.5, "remasking": "random"}
+    with_gen = model.replace(config=CONFIG.replace(generation=sampling))
+    outs = [generate(with_gen, ROWS, seed=seed, **kw) for seed in (0, 1)]
+    for seed, out in enumerate(outs):
+        explicit = generate(model, ROWS, seed=seed, **sampling, **kw)
+        np.testing.assert_array_equal(out.tokens, explicit.tokens)
+        assert out.expert_work == explicit.expert_work  # guidance: both halves computed
+    assert (outs[0].tokens != outs[1].tokens).any()  # sampled: the seed matters
+    greedy = generate(model, ROWS, **kw)
+    assert (outs[0].tokens != greedy.tokens).any()
+    assert outs[0].expert_work == 2 * greedy.expert_work  # cfg_scale > 0 doubles the batch
 
 
 def _replay_rule(trace, adaptive, gen_length, block_length):

@@ -7,10 +7,14 @@ generated positions decoded before the next block starts; *step* one model
 call; *commit* writing a sampled token for good; *remask* a masked position a
 step leaves masked; *budget* a position's number of experts (``experts_per_token``).
 
-Modules: ``schedules`` (blocks, the even schedule), ``remasking`` (sampling,
-confidence, commit rules), ``budgets`` (``AdaptiveExperts`` and growth), ``state``
-(static options and the loop carry), ``loop`` (``step`` and the compiled
-``lax.while_loop``), ``generate`` (the host-side API).
+Modules: ``conventions`` (the LLaDA and LLaDA2 rules as strategy objects: layout,
+lengths, commit and block-end rules, which rows a step computes), ``options`` (every
+option resolved once: caller, model's generation defaults, library), ``schedules``
+(blocks, the even schedule), ``remasking`` (sampling, confidence, commit rules),
+``budgets`` (``AdaptiveExperts`` and growth), ``state`` (static options and the loop
+carry), ``model_call`` (the one door to the model and its K/V cache), ``loop``
+(``step`` and the compiled ``lax.while_loop``), ``canvas`` (host-side canvas and
+output), ``generate`` (the host-side API).
 """
 
 from jmoe.sampling.budgets import AdaptiveExperts

@@ -8,19 +8,18 @@ generated), *block* (``block_length`` generated positions decoded together),
 (a masked position left masked by a step), *budget* (experts per token).
 
 The step composes small strategies picked once at trace time from the static
-options: a sampler (greedy or Gumbel), a confidence (remasking rule), a commit
-count (fixed schedule or threshold), a block-end rule and a budget update.
+options: a sampler (greedy or Gumbel), a confidence (remasking rule), and from the
+convention (``opts.convention``, see ``conventions.py``) the commit count, the block
+end, the rows a step computes, the reach of an uncached call and when a row is done;
+then a budget update. Every model call goes through ``model_call.call_model``.
 
-LLaDA2 convention (``opts.convention == "llada2"``): L is the canvas of whole aligned
-blocks, each row laid out from column 0 (position = column, padding on the right), and
-the generated region G starts at the first block holding some row's prompt tail. A
-step computes only the rows with a mask in the current block. With ``opts.cached`` the
-carry holds K/V buffers ``[layers, B, L, N, K]`` (``2B`` with guidance: the
-prompt-masked copies second): the blocks before G are written once before the loop
-(``prefill``), each step runs the model on the current block only (``block_call``:
-queries = block, keys = buffer + block), and a finished block is run once more with
-its final tokens to store its K/V (``_finish_block``). Block-causal attention makes
-this exact: a block's keys/values never depend on later blocks.
+Cached runs (``opts.cached``, block-causal conventions): L is a canvas of whole aligned
+blocks and the carry holds a K/V cache over it (``model_call.new_cache``; ``2B`` rows
+with guidance: the prompt-masked copies second). The blocks before G are written once
+before the loop (``prefill``), each step runs the model on the current block only
+(``block_call``: queries = block, keys = cache + block), and a finished block is run
+once more with its final tokens to store its K/V (``_finish_block``). Block-causal
+attention makes this exact: a block's keys/values never depend on later blocks.
 """
 
 from __future__ import annotations
@@ -31,10 +30,10 @@ import jax
 import jax.numpy as jnp
 
 from jmoe import xla_options
-from jmoe.model import model_module
 from jmoe.sampling import budgets as budgets_lib
 from jmoe.sampling import remasking as rm
 from jmoe.sampling import schedules
+from jmoe.sampling.model_call import call_model, new_cache
 from jmoe.sampling.state import SamplerOptions, SamplerState
 
 
@@ -42,7 +41,7 @@ def _guided_batch(tokens_BL, valid_BL, prompt_BL, budget_BL, opts: SamplerOption
     """With guidance the batch doubles: the rows, then copies with the prompt masked."""
     if not opts.guided:
         return tokens_BL, valid_BL, budget_BL
-    twice = lambda a: None if a is None else jnp.concatenate([a, a])
+    twice = lambda a: jnp.concatenate([a, a])
     uncond_BL = jnp.where(prompt_BL, opts.mask_id, tokens_BL)
     return jnp.concatenate([tokens_BL, uncond_BL]), twice(valid_BL), twice(budget_BL)
 
@@ -56,10 +55,6 @@ def _guide(logits, cfg_scale, opts: SamplerOptions):
     return un + (cfg_scale + 1.0) * (cond - un)
 
 
-def _k_max(config, opts: SamplerOptions):
-    return opts.adaptive.maximum if opts.adaptive else config.num_experts_per_tok
-
-
 def model_logits(params, tokens_BL, valid_BL, prompt_BL, budget_BL, cfg_scale, *, config,
                  opts: SamplerOptions):
     """Logits of the generated region ``[B, G, V]`` and the call's routed pairs.
@@ -67,78 +62,57 @@ def model_logits(params, tokens_BL, valid_BL, prompt_BL, budget_BL, cfg_scale, *
     With guidance both halves (the prompt masked in the second) go through one
     model call: ``un + (cfg_scale + 1) * (cond - un)``.
     """
-    tokens_BL, valid_BL, budget = _guided_batch(tokens_BL, valid_BL, prompt_BL,
-                                                budget_BL if opts.adaptive else None, opts)
-    logits, aux = model_module(config).apply({"params": params}, tokens_BL, valid_BL, budget,
-                                             _k_max(config, opts))
-    logits = _guide(logits[:, -opts.gen_length:], cfg_scale, opts)
-    return logits, aux["routed_pairs"].sum().astype(jnp.int32)
+    tokens_BL, valid_BL, budget_BL = _guided_batch(tokens_BL, valid_BL, prompt_BL, budget_BL,
+                                                   opts)
+    logits, pairs, _ = call_model(params, tokens_BL, valid_BL, budget_BL, config=config,
+                                  opts=opts)
+    return _guide(logits[:, -opts.gen_length:], cfg_scale, opts), pairs
 
 
 def block_call(params, tokens_BL, valid_BL, prompt_BL, budget_BL, rows_B, cache, block,
                cfg_scale, *, config, opts: SamplerOptions):
-    """Cached llada2: run the model on block ``block`` only, keys = cache + block.
+    """Cached: run the model on block ``block`` only, keys = cache + block.
 
     Only ``rows_B`` are computed (the others are invalid tokens: no expert work, their
     logits and K/V are garbage). With guidance the cache holds ``2B`` rows, the
     unconditional copies second. Returns logits ``[B, block_length, V]``, the call's
     routed pairs and the K/V buffers with this block's keys/values written in.
     """
-    from jmoe.models.llada2 import LLaDA2Model
-
     bl, l = opts.block_length, tokens_BL.shape[1]
     p0 = l - opts.gen_length + block * bl  # absolute position of the block's start
     cut = lambda a: jax.lax.dynamic_slice_in_dim(a, p0, bl, axis=1)
     valid_BK = cut(valid_BL) & rows_B[:, None]
-    tok_BK, valid_BK, budget = _guided_batch(cut(tokens_BL), valid_BK, cut(prompt_BL),
-                                             cut(budget_BL) if opts.adaptive else None, opts)
-    logits, aux, cache = LLaDA2Model(config).apply({"params": params}, tok_BK, valid_BK, budget,
-                                                   _k_max(config, opts), cache=cache, offset=p0)
-    return (_guide(logits, cfg_scale, opts), aux["routed_pairs"].sum().astype(jnp.int32),
-            cache)
+    tok_BK, valid_BK, budget_BK = _guided_batch(cut(tokens_BL), valid_BK, cut(prompt_BL),
+                                                cut(budget_BL), opts)
+    logits, pairs, cache = call_model(params, tok_BK, valid_BK, budget_BK, config=config,
+                                      opts=opts, cache=cache, offset=p0)
+    return _guide(logits, cfg_scale, opts), pairs, cache
 
 
 def prefill(params, tokens_BL, prompt_BL, budget_BL, cache, *, config, opts: SamplerOptions):
-    """Cached llada2: K/V of the canvas blocks before the first generated one (whole prompt
+    """Cached: K/V of the canvas blocks before the first generated one (whole prompt
     blocks of every row; with guidance also of the prompt-masked copies)."""
-    from jmoe.models.llada2 import LLaDA2Model
-
     p = tokens_BL.shape[1] - opts.gen_length
-    tok_BP, valid_BP, budget = _guided_batch(
+    tok_BP, valid_BP, budget_BP = _guided_batch(
         tokens_BL[:, :p], jnp.ones((tokens_BL.shape[0], p), bool), prompt_BL[:, :p],
-        budget_BL[:, :p] if opts.adaptive else None, opts)
-    _, aux, cache = LLaDA2Model(config).apply(
-        {"params": params}, tok_BP, valid_BP, budget, _k_max(config, opts), cache=cache,
-        offset=0)
-    return cache, aux["routed_pairs"].sum().astype(jnp.int32)
+        budget_BL[:, :p], opts)
+    _, pairs, cache = call_model(params, tok_BP, valid_BP, budget_BP, config=config,
+                                 opts=opts, cache=cache, offset=0)
+    return cache, pairs
 
 
 def _strategies(opts: SamplerOptions):
     sample = rm.sample_gumbel if opts.sampled else rm.sample_greedy
     unconfident = (opts.eos_id,) if opts.confidence_eos_eot_inf else ()
     confidence = partial(rm.CONFIDENCES[opts.remasking], unconfident_ids=unconfident)
-    count = rm.count_fixed
-    if opts.thresholded:
-        count = rm.count_threshold(opts.threshold_floor, strict=opts.convention == "llada2")
-    return sample, confidence, count
-
-
-def _block_over(opts: SamplerOptions, step, still_masked_BG):
-    """Fixed steps: after ``steps_per_block`` calls; threshold: when no mask is left;
-    llada2: whichever comes first."""
-    spent = step + 1 >= opts.steps_per_block
-    if opts.convention == "llada2":
-        return spent | ~still_masked_BG.any()
-    if opts.thresholded:
-        return ~still_masked_BG.any()
-    return spent
+    return sample, confidence, opts.convention.commit_count(opts)
 
 
 def _early_stop(opts: SamplerOptions, gen_BG, active_B, block, fixed_BG):
     """At a block's end: rows with a committed EOS stop; their later positions become EOS.
 
-    ``fixed_BG`` positions never count: prompts (llada2's first block may hold the
-    prompt's tail) and llada2's padding after a shorter row's canvas.
+    ``fixed_BG`` positions never count: prompts (llada2's first generated block may hold
+    the prompt's tail) and llada2's padding after a shorter row's canvas.
     """
     if not opts.early_stop or opts.eos_id is None:
         return gen_BG, active_B
@@ -186,12 +160,7 @@ def _predict(s: SamplerState, params, valid_BL, prompt_BL, rows_B, key, knobs, *
             jnp.full((b, g), -jnp.inf, jnp.float32), conf_BK, at, 1)
         return x0_BG, conf_BG, pairs
     call_valid_BL = valid_BL & rows_B[:, None]  # stopped rows cost no expert work
-    if opts.convention == "llada2":
-        # block-causal: later blocks cannot change this block, so they are left out
-        # (as the reference runs ``x[:, :window_end]``) and cost no expert work
-        l = s.tokens_BL.shape[1]
-        end = l - g + (s.block + 1) * opts.block_length
-        call_valid_BL = call_valid_BL & (jnp.arange(l) < end)
+    call_valid_BL = opts.convention.reach(call_valid_BL, s.block, opts)
     logits, pairs = model_logits(params, s.tokens_BL, call_valid_BL, prompt_BL, s.budget_BL,
                                  knobs["cfg_scale"], config=config, opts=opts)
     x0_BG, conf_BG = _sample(logits, jnp.arange(g), s.nfe, key, knobs, opts)
@@ -200,27 +169,16 @@ def _predict(s: SamplerState, params, valid_BL, prompt_BL, rows_B, key, knobs, *
 
 def _call(s: SamplerState, params, valid_BL, prompt_BL, cand_BG, key, knobs, *, config,
           opts: SamplerOptions):
-    """The step's model call: ``(x0_BG, conf_BG, pairs, called)``.
-
-    llada computes every active row. llada2 computes only the rows with a mask in the
-    current block (with mixed prompt lengths the rows' regions start in different
-    blocks; a row that emptied the block early waits), and a block where no row has
-    one (between a short row's region and a long prompt's) makes no call at all.
-    """
+    """The step's model call: ``(x0_BG, conf_BG, pairs, called)``; the convention picks
+    the rows it computes (``gate_call``) and whether it is made at all."""
     predict = partial(_predict, s, params, valid_BL, prompt_BL, key=key, knobs=knobs,
                       config=config, opts=opts)
-    if opts.convention != "llada2":
-        return *predict(s.active_B), jnp.bool_(True)
-    busy_B = cand_BG.any(-1)
-    b, g = cand_BG.shape
-    idle = lambda _: (jnp.zeros((b, g), jnp.int32), jnp.full((b, g), -jnp.inf, jnp.float32),
-                      jnp.zeros((), jnp.int32))
-    return *jax.lax.cond(busy_B.any(), predict, idle, busy_B), busy_B.any()
+    return opts.convention.gate_call(predict, cand_BG, s.active_B)
 
 
 def _finish_block(s: SamplerState, params, over, rows_B, tokens_BL, valid_BL, prompt_BL,
                   budget_BL, cfg_scale, *, config, opts: SamplerOptions):
-    """Cached llada2: at a block's end, K/V of its final tokens go into the cache once,
+    """Cached: at a block's end, K/V of its final tokens go into the cache once,
     for the rows that go on (``rows_B``) and have real tokens there (prompt-only
     blocks included); the others' are never read."""
     if not opts.cached:
@@ -263,13 +221,12 @@ def step(s: SamplerState, params, valid_BL, prompt_BL, key, knobs, *, config,
         new = _record(trace, s.nfe, commit_BG, s.budget_BL[:, -g:], remask_BG, s.block)
         trace = jax.tree.map(lambda n, o: jnp.where(called, n, o), new, trace)
 
-    over = _block_over(opts, s.step, still_BG)
+    over = opts.convention.block_over(opts, s.step, still_BG)
     tokens_BL = s.tokens_BL.at[:, -g:].set(gen_BG)
     budget_BL = s.budget_BL.at[:, -g:].set(budget_BG)
     fixed_BG = prompt_BL[:, -g:] | ~valid_BL[:, -g:]
     stopped_gen_BG, stopped_active_B = _early_stop(opts, gen_BG, s.active_B, s.block, fixed_BG)
-    if opts.convention == "llada2":  # a row with no mask left is done (regions end apart)
-        stopped_active_B = stopped_active_B & (stopped_gen_BG == opts.mask_id).any(-1)
+    stopped_active_B = opts.convention.rows_done(stopped_gen_BG, stopped_active_B, opts)
     cache, fill_pairs = _finish_block(s, params, over, stopped_active_B, tokens_BL, valid_BL,
                                       prompt_BL, budget_BL, knobs["cfg_scale"], config=config,
                                       opts=opts)
@@ -303,10 +260,8 @@ def initial_state(tokens_BL, prompt_region_BL, *, config, opts: SamplerOptions,
     work_S = jnp.zeros((n,), jnp.int32)
     cache = None
     if opts.cached:
-        from jmoe.models.llada2 import empty_kv_cache
-
         # guidance: the prompt-masked copies get their own K/V rows, after the B rows
-        cache = empty_kv_cache(config, 2 * b if opts.guided else b, tokens_BL.shape[1])
+        cache = new_cache(config, 2 * b if opts.guided else b, tokens_BL.shape[1])
         if tokens_BL.shape[1] > g:  # whole prompt blocks before the first generated one
             cache, pairs = prefill(params, tokens_BL, prompt_region_BL, budget_BL, cache,
                                    config=config, opts=opts)
@@ -321,9 +276,10 @@ def run(params, tokens_BL, valid_BL, prompt_BL, key, knobs, *, config,
         opts: SamplerOptions) -> SamplerState:
     """The whole generation, all blocks and steps, as one compiled ``lax.while_loop``.
 
-    ``tokens_BL`` holds the left-padded prompts then ``gen_length`` mask tokens (llada2:
-    each row's prompt from column 0, its masks, then padding); ``valid_BL`` marks real
-    tokens; ``prompt_BL`` the real prompt tokens.
+    ``tokens_BL``, ``valid_BL`` (real tokens) and ``prompt_BL`` (real prompt tokens) are
+    the convention's canvas (``Convention.layout``): for llada the left-padded prompts
+    then ``gen_length`` mask tokens, for llada2 each row's prompt from column 0, its
+    masks, then padding.
     """
     # llada2's generated region may start with the prompt's tail: prompt budgets there too
     prompt_region_BL = (jnp.arange(tokens_BL.shape[1]) < tokens_BL.shape[1] - opts.gen_length

@@ -1,22 +1,28 @@
 """The sampler's static options and its ``lax.while_loop`` carry.
 
-Shape letters: B batch, L internal sequence (bucketed prompt + generated), G
-generated positions, S the most model calls a run can make (the trace length).
+Shape letters: B batch, L the canvas (prompt region + generated region), G generated
+positions (the loop's region), S the most model calls a run can make (the trace
+length), N kv heads, K head dim. Terms: *block* ``block_length`` generated positions
+decoded together; *step* one model call; *remask* a masked position a step leaves
+masked; *budget* a position's number of experts.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import jax
 from flax import struct
 
 from jmoe.sampling.budgets import AdaptiveExperts
+from jmoe.sampling.conventions import Convention
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class SamplerOptions:
-    """Everything that fixes the compiled loop (a jit static argument).
+    """Everything that fixes the compiled loop (a jit static argument), built once by
+    ``options.resolve_options`` from the resolved option values.
 
     Float knobs (temperature, cfg_scale, threshold) are traced arguments instead,
     so changing their values does not recompile; only whether they are on does.
@@ -37,13 +43,9 @@ class SamplerOptions:
     confidence_eos_eot_inf: bool
     early_stop: bool
     return_trace: bool
-    # "llada": prompt-relative blocks, ``steps`` over the whole generation.
-    # "llada2": rows laid out from position 0, the generated region starts at the first
-    # aligned block holding some row's prompt tail (prompt positions stay fixed),
-    # ``steps`` per block, threshold strictly greater, a block ends when ``steps`` are
-    # spent or no row has a mask left in it.
-    convention: str = "llada"
-    cached: bool = False  # llada2: K/V of finished blocks cached, block-sized model calls
+    convention: Convention  # the layout, length, commit and stop rules (conventions.py)
+    cached: bool = False  # block-causal conventions: K/V of finished blocks cached,
+    #                       block-sized model calls
 
     @property
     def num_blocks(self) -> int:
@@ -51,19 +53,12 @@ class SamplerOptions:
 
     @property
     def steps_per_block(self) -> int:
-        if self.convention == "llada2":
-            return self.steps
-        return self.steps // self.num_blocks
+        return self.convention.steps_per_block(self)
 
     @property
     def max_calls(self) -> int:
-        """Fixed steps make exactly ``steps`` calls; threshold decoding commits at
-        least one token per call, so at most ``gen_length``."""
-        if self.convention == "llada2":
-            return self.num_blocks * self.steps
-        if self.thresholded:
-            return max(self.gen_length, self.steps) if self.threshold_floor == "one" else self.steps
-        return self.steps
+        """The most model calls a run can make (the trace's length)."""
+        return self.convention.max_calls(self)
 
 
 @struct.dataclass
@@ -77,5 +72,5 @@ class SamplerState:
     nfe: jax.Array           # int32 model calls so far
     work_S: jax.Array        # int32 routed token-expert pairs of each model call
     trace: dict | None = None  # with return_trace: committed_SBG, budget_SBG, remask_SBG, block_S
-    cache: dict | None = None  # cached llada2: {"k", "v"} [layers, B, L, N, K] K/V buffers
-    #                            (2B rows with guidance: the prompt-masked copies second)
+    cache: Any = None  # cached runs: ``model_call.new_cache``'s K/V buffers over the canvas
+    #                    (2B rows with guidance: the prompt-masked copies second)

@@ -131,7 +131,11 @@ swiglu_rows.defvjp(_forward, _backward)
 def moe_experts(x_TD, r, w_gate_EDF, w_up_EDF, w_down_EFD, *, backend: str = "pallas",
                 lowering: str | None = None, interpret: bool | None = None,
                 blocks: BlockSizes | None = None):
-    """Routed SwiGLU experts for a ``jmoe.routing.Routing``; returns ``y_TD``.
+    """Routed SwiGLU experts for a routing; returns ``y_TD``.
+
+    ``r`` is any object with ``token_A``, ``expert_A`` (== ``num_experts`` when
+    dropped), ``weight_A``, ``num_experts``, ``num_tokens`` and ``token_major`` (such as
+    ``jmoe.routing.Routing``): this package imports nothing from jmoe.
 
     Dropped assignments (expert id E) are sorted past the live rows and never
     computed; the weighted outputs are summed into their tokens. Differentiable in
@@ -140,8 +144,6 @@ def moe_experts(x_TD, r, w_gate_EDF, w_up_EDF, w_down_EFD, *, backend: str = "pa
     Example:
       y_TD = moe_experts(x_TD, routing, w_gate_EDF, w_up_EDF, w_down_EFD)
     """
-    from jmoe.moe import combine  # lazy: jmoe.moe imports this module lazily too
-
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r}: expected one of {BACKENDS}")
     t, d = x_TD.shape
@@ -159,4 +161,14 @@ def moe_experts(x_TD, r, w_gate_EDF, w_up_EDF, w_down_EFD, *, backend: str = "pa
     xs_MD = jnp.concatenate([x_TD, zero_row])[layout.row_token_M]  # padding rows read zeros
     ys_MD = swiglu_rows(impl, xs_MD, w_gate_EDF, w_up_EDF, w_down_EFD, layout)
     y_AD = jnp.concatenate([ys_MD, zero_row])[layout.row_A]  # dropped -> the zero row
-    return combine(y_AD, r, t)
+    return _combine(y_AD, r)
+
+
+def _combine(y_AD, r):
+    """Each token's weighted sum of its assignment outputs ``[T, D]`` (token-major
+    routings, A = T*K with each token's K adjacent, sum in place)."""
+    y_AD = y_AD * r.weight_A[:, None].astype(y_AD.dtype)
+    t, a = r.num_tokens, y_AD.shape[0]
+    if t and a % t == 0 and r.token_major:
+        return y_AD.reshape(t, a // t, -1).sum(1)
+    return jax.ops.segment_sum(y_AD, r.token_A, num_segments=t)

@@ -1,0 +1,274 @@
+"""Sampler conventions: the rules by which LLaDA and LLaDA2 generate, one object each.
+
+Shape letters: B batch, P a prompt's length, G generated positions (the loop's
+region, ``opts.gen_length``), L the canvas, V vocab. Diffusion terms: *mask* the mask
+token on a position not yet generated; *block* ``block_length`` generated positions
+decoded before the next block starts; *step* one model call; *commit* writing a
+sampled token for good; *remask* a masked position a step leaves masked; *budget* a
+position's number of experts; *canvas* the token grid the loop runs on.
+
+A convention is a frozen (hashable) dataclass: it rides in ``SamplerOptions``, a jit
+static argument, and the loop calls its methods at trace time. It decides
+
+- the layout: how prompts and masks are laid onto the canvas (``layout``) and how
+  the output is cut back from it (``output``);
+- the lengths: ``default_steps``, ``check_lengths``, ``steps_per_block``, ``max_calls``;
+- the commit count: threshold comparison (``threshold_strict``) and the default floor
+  (``threshold_floor``); the block end (``block_over``);
+- which rows a step computes (``gate_call``), how far an uncached call reaches
+  (``reach``), when a row is done (``rows_done``);
+- whether its attention is block-causal (``block_causal``: the exact K/V cache of
+  finished blocks needs it) and which models can run it (``check_model``).
+
+``LLaDA``: prompts right-aligned before ``G`` masks (prompt-relative blocks), ``steps``
+over the whole generation, threshold ``>=`` with at least one commit. ``LLaDA2``
+(LLaDA2's published ``generate``): each row from position 0 on a canvas of whole
+blocks aligned to absolute positions, block-causal attention, ``steps`` per block,
+threshold ``>`` with the schedule as floor, a block ends early when it has no mask.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jmoe.sampling import canvas as cv
+from jmoe.sampling import remasking as rm
+from jmoe.sampling import schedules
+
+
+@dataclasses.dataclass(frozen=True)
+class Convention:
+    """The rules both conventions share; subclasses override what differs."""
+
+    name: str
+    threshold_strict: bool  # threshold decoding commits conf > t (else conf >= t)
+    threshold_floor: str    # default least commits of a thresholded step
+    block_causal: bool      # a block attends only to itself and earlier blocks
+
+    def check_model(self, config) -> None:
+        """Raise ValueError if ``config``'s model cannot run this convention."""
+
+    def default_steps(self, gen_length: int, block_length: int) -> int:
+        raise NotImplementedError
+
+    def check_lengths(self, gen_length: int, block_length: int, steps: int) -> None:
+        schedules.check_lengths(gen_length, block_length, steps)
+
+    def steps_per_block(self, opts) -> int:
+        raise NotImplementedError
+
+    def max_calls(self, opts) -> int:
+        """The most model calls a run can make (the trace's length)."""
+        raise NotImplementedError
+
+    def commit_count(self, opts):
+        """``count(conf_BG, candidates_BG, schedule_B, threshold) -> n_B``."""
+        if not opts.thresholded:
+            return rm.count_fixed
+        return rm.count_threshold(opts.threshold_floor, strict=self.threshold_strict)
+
+    def block_over(self, opts, step, still_masked_BG):
+        """Whether the current block ends after step ``step`` (0-based)."""
+        raise NotImplementedError
+
+    def gate_call(self, predict, candidates_BG, active_B):
+        """Run ``predict(rows_B) -> (x0_BG, conf_BG, pairs)`` on the rows this step
+        computes; return its results and whether a model call was made."""
+        return *predict(active_B), jnp.bool_(True)
+
+    def reach(self, valid_BL, block, opts):
+        """``valid_BL`` of an uncached call: the canvas positions it computes."""
+        return valid_BL
+
+    def rows_done(self, gen_BG, active_B, opts):
+        """At a block's end, after early stopping: the rows that go on."""
+        return active_B
+
+    def layout(self, rows: list[list[int]], opts, config) -> cv.Canvas:
+        raise NotImplementedError
+
+    def output(self, model, state, canvas: cv.Canvas) -> cv.GenerateOutput:
+        raise NotImplementedError
+
+
+@dataclasses.dataclass(frozen=True)
+class LLaDA(Convention):
+    """LLaDA's ``generate``: prompt-relative blocks, ``steps`` over the whole generation."""
+
+    name: str = "llada"
+    threshold_strict: bool = False
+    threshold_floor: str = "one"
+    block_causal: bool = False
+
+    def default_steps(self, gen_length: int, block_length: int) -> int:
+        return gen_length
+
+    def steps_per_block(self, opts) -> int:
+        return opts.steps // opts.num_blocks
+
+    def max_calls(self, opts) -> int:
+        """Fixed steps make exactly ``steps`` calls; threshold decoding with floor one
+        commits at least one token per call, so at most ``gen_length``."""
+        if opts.thresholded and opts.threshold_floor == "one":
+            return max(opts.gen_length, opts.steps)
+        return opts.steps
+
+    def block_over(self, opts, step, still_masked_BG):
+        """Fixed steps: after ``steps_per_block`` calls; threshold: when no mask is left."""
+        if opts.thresholded:
+            return ~still_masked_BG.any()
+        return step + 1 >= opts.steps_per_block
+
+    def layout(self, rows, opts, config) -> cv.Canvas:
+        """Right-align each prompt in a bucketed prompt region, then ``G`` mask tokens.
+
+        The bucket (``canvas.bucket_length``) lets similar prompt lengths share one
+        compiled loop; left padding is invalid, so it changes no position or attention.
+        """
+        p, g = max(len(r) for r in rows), opts.gen_length
+        cv.check_fits(p + g, config, f"prompt length {p} + gen_length {g}")
+        p_b = cv.bucket_length(p)
+        b, l = len(rows), p_b + g
+        pad = cv.pad_id(config)
+        tokens = np.full((b, l), pad, np.int32)
+        tokens[:, p_b:] = opts.mask_id
+        valid = np.zeros((b, l), bool)
+        valid[:, p_b:] = True
+        for i, r in enumerate(rows):
+            if r:
+                tokens[i, p_b - len(r):p_b] = r
+                valid[i, p_b - len(r):p_b] = True
+        prompt = valid & (np.arange(l) < p_b)
+        return cv.Canvas(tokens_BL=tokens, valid_BL=valid, prompt_BL=prompt,
+                         lens_B=np.array([len(r) for r in rows]), pad_id=pad, gen_length=g,
+                         config=config, opts=opts)
+
+    def output(self, model, state, canvas: cv.Canvas) -> cv.GenerateOutput:
+        """The canvas without the bucket's extra padding: ``[B, P + G]``."""
+        p_b = canvas.tokens_BL.shape[1] - canvas.gen_length
+        out = cv.state_output(state, canvas, p_b - int(canvas.lens_B.max()))
+        return cv.with_texts(out, model.tokenizer, canvas.gen_length, canvas.opts.eos_id)
+
+
+@dataclasses.dataclass(frozen=True)
+class LLaDA2(Convention):
+    """LLaDA2's ``generate``: aligned blocks, block-causal attention, ``steps`` per block.
+
+    Rows of different prompt lengths in one batch each generate as they would alone:
+    a step computes only the rows with a mask in the current block, a block with none
+    makes no call, and a row with no mask left is done.
+    """
+
+    name: str = "llada2"
+    threshold_strict: bool = True
+    threshold_floor: str = "schedule"
+    block_causal: bool = True
+
+    def check_model(self, config) -> None:
+        # any family's bidirectional model can run block-causal (the LLaDA2 reference
+        # generate builds its mask from block_length); a causal one was never trained
+        # to see later positions inside a block
+        if config.causal:
+            raise ValueError(f"convention={self.name!r} runs block-causal attention "
+                             "(bidirectional inside a block), which a causal model "
+                             "(causal=True) does not have: use convention='llada'")
+
+    def default_steps(self, gen_length: int, block_length: int) -> int:
+        return block_length  # counted per block
+
+    def check_lengths(self, gen_length: int, block_length: int, steps: int) -> None:
+        # positive ints; gen_length need not fill whole blocks (the canvas is padded)
+        schedules.check_lengths(block_length, block_length, steps)
+        schedules.check_lengths(gen_length, 1, gen_length)
+
+    def steps_per_block(self, opts) -> int:
+        return opts.steps
+
+    def max_calls(self, opts) -> int:
+        return opts.num_blocks * opts.steps
+
+    def block_over(self, opts, step, still_masked_BG):
+        """When ``steps`` are spent or no row has a mask left in the block."""
+        return (step + 1 >= opts.steps_per_block) | ~still_masked_BG.any()
+
+    def gate_call(self, predict, candidates_BG, active_B):
+        """Only the rows with a mask in the current block: with mixed prompt lengths the
+        rows' regions start in different blocks, and a row that emptied the block early
+        waits. A block where no row has one (between a short row's region and a long
+        prompt's) makes no call at all."""
+        busy_B = candidates_BG.any(-1)
+        b, g = candidates_BG.shape
+        idle = lambda _: (jnp.zeros((b, g), jnp.int32), jnp.full((b, g), -jnp.inf, jnp.float32),
+                          jnp.zeros((), jnp.int32))
+        return *jax.lax.cond(busy_B.any(), predict, idle, busy_B), busy_B.any()
+
+    def reach(self, valid_BL, block, opts):
+        """Block-causal: later blocks cannot change this block, so they are left out (as
+        the reference runs ``x[:, :window_end]``) and cost no expert work."""
+        l = valid_BL.shape[1]
+        end = l - opts.gen_length + (block + 1) * opts.block_length
+        return valid_BL & (jnp.arange(l) < end)
+
+    def rows_done(self, gen_BG, active_B, opts):
+        """A row with no mask left is done (rows' regions end in different blocks)."""
+        return active_B & (gen_BG == opts.mask_id).any(-1)
+
+    def layout(self, rows, opts, config) -> cv.Canvas:
+        """Each row on a canvas of whole aligned blocks from position 0.
+
+        Row ``i`` (prompt length ``P_i``) holds its prompt, then masks up to its own last
+        block ``ceil((P_i + G) / block_length)``, then padding: positions equal canvas
+        columns in every row, so blocks are the same columns for all rows (and the K/V
+        cache offsets too). The loop's generated region (``G'``) starts at the first
+        block holding some row's prompt tail, ``min_i P_i // block_length``.
+        """
+        bl, g = opts.block_length, opts.gen_length
+        lens = np.array([len(r) for r in rows])
+        ends = -(-(lens + g) // bl) * bl  # each row's canvas: whole blocks
+        l = int(ends.max())
+        cv.check_fits(l, config, f"prompt length {int(lens.max())} + gen_length {g} padded "
+                                 f"to whole blocks")
+        pad = cv.pad_id(config)
+        cols = np.arange(l)
+        tokens = np.where(cols < ends[:, None], opts.mask_id, pad).astype(np.int32)
+        for i, r in enumerate(rows):
+            tokens[i, :len(r)] = r
+        return cv.Canvas(
+            tokens_BL=tokens, valid_BL=cols < ends[:, None], prompt_BL=cols < lens[:, None],
+            lens_B=lens, pad_id=pad, gen_length=g,
+            config=config.replace(attention_block_length=bl),
+            opts=dataclasses.replace(opts, gen_length=l - int((lens // bl).min()) * bl))
+
+    def output(self, model, state, canvas: cv.Canvas) -> cv.GenerateOutput:
+        """Canvas columns to the output's: row ``i``'s first ``P_i + G`` columns,
+        right-aligned to ``max P + G`` (left-padded as the llada layout). Trace arrays,
+        ``[nfe, B, G']`` over the loop's region, come back on the same columns."""
+        out = cv.state_output(state, canvas, 0)
+        lens, g, g_loop = canvas.lens_B, canvas.gen_length, canvas.opts.gen_length
+        l = out.tokens.shape[-1]
+        src_BK = np.arange(int(lens.max()) + g)[None] - (lens.max() - lens)[:, None]
+        inside_BK = src_BK >= 0
+        src_BK = np.maximum(src_BK, 0)
+
+        def relayout(a_L, fill=0):
+            got = np.take_along_axis(a_L, np.broadcast_to(src_BK, a_L.shape[:-2] + src_BK.shape),
+                                     -1)
+            return np.where(inside_BK, got, fill).astype(a_L.dtype)
+
+        trace = out.trace
+        if trace is not None:  # the loop's region back on canvas columns, then relaid
+            canvas_cols = lambda a: np.concatenate(
+                [np.zeros(a.shape[:-1] + (l - g_loop,), a.dtype), a], -1)
+            trace = dict(trace, **{n: relayout(canvas_cols(trace[n]))
+                                   for n in ("committed", "experts_per_token", "remask_count")})
+        out = dataclasses.replace(out, tokens=relayout(out.tokens, canvas.pad_id),
+                                  experts_per_token=relayout(out.experts_per_token),
+                                  remask_count=relayout(out.remask_count), trace=trace)
+        return cv.with_texts(out, model.tokenizer, g, canvas.opts.eos_id)
+
+
+CONVENTIONS: dict[str, Convention] = {"llada": LLaDA(), "llada2": LLaDA2()}

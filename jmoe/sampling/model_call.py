@@ -1,0 +1,55 @@
+"""The sampler's one door to the model: every model call and every K/V cache it makes.
+
+Shape letters: B batch, L the call's sequence (the whole canvas, or one block of it
+when cached), V vocab, S cache length (canvas positions), N kv heads, K head dim.
+Terms: *budget* a position's number of experts; *routed pairs* the call's
+token-expert assignments summed over layers (the sampler's measure of expert work);
+*cached block call* a call on positions ``offset .. offset + L - 1`` only, whose
+keys/values are written into the cache and which attends to the cache's earlier
+positions (LLaDA2's block-causal attention makes this exact).
+
+Nothing else in ``jmoe.sampling`` imports the model: the sampler meets the model-call
+contract (``jmoe.model.apply`` with a ``jmoe.routing.Budget`` and a
+``jmoe.kv_cache.KVCache``) here only, so a change of contract means editing this
+module only.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from jmoe import model as model_lib
+from jmoe.kv_cache import KVCache
+from jmoe.routing import Budget
+
+
+def k_max(config, opts) -> int:
+    """The most experts any position can get: a static bound for the MoE's buffers."""
+    return opts.adaptive.maximum if opts.adaptive else config.num_experts_per_tok
+
+
+def call_model(params, tokens_BL, valid_BL, budget_BL, *, config, opts, cache=None,
+               offset=None):
+    """One model call: ``(logits_BLV float32, routed_pairs int32 scalar, cache)``.
+
+    ``valid_BL`` marks real tokens (invalid ones cost no expert work; their logits are
+    garbage). ``budget_BL`` holds per-position expert budgets, used only with
+    ``opts.adaptive`` (otherwise every position gets the model's top-k). Without
+    ``cache`` the call is bidirectional or block-causal as ``config`` says and returns
+    ``cache=None``; with ``cache`` (from ``new_cache``) it is a cached block call at
+    absolute position ``offset`` (an int32 scalar, may be traced) and returns the cache
+    with this call's K/V written in: keep it to store them, drop it to re-run the block.
+    """
+    budgets = Budget(budget_BL if opts.adaptive else None, k_max(config, opts))
+    if cache is not None:
+        # the loop says where each call sits; the cache's own length then needs no tracking
+        cache = cache.replace(length=jnp.asarray(offset, jnp.int32))
+    logits, aux, cache = model_lib.apply(config, params, tokens_BL, valid_BL=valid_BL,
+                                         budgets=budgets, cache=cache)
+    return logits, jnp.asarray(aux["routed_pairs"]).sum().astype(jnp.int32), cache
+
+
+def new_cache(config, batch: int, length: int) -> KVCache:
+    """Empty K/V buffers for ``batch`` rows over canvas positions ``0 .. length - 1``
+    (``config`` must have block-causal attention)."""
+    return KVCache.empty(config, batch, length)
