@@ -116,12 +116,48 @@ def load(path: str | os.PathLike | None = None, *, tokenizer: bool = True,
     """Open a jmoe checkpoint, or an HF folder (converted in memory); no path: the
     small trained default model shipped with jmoe.
 
-    ``config_overrides`` replace config fields for this load (an unknown field is
-    a ValueError), e.g. ``causal=False``, ``mask_token_id=...``, ``dtype=...``,
-    ``moe_backend=...``, ``routing="expert_choice"`` with ``capacity_factor=...`` (either
-    family). ``mesh=jmoe.make_mesh(...)`` returns params already placed
-    on it (routed experts on ``expert``, the rest replicated) and runs the MoE
-    layers expert-parallel; ``ep_capacity_factor`` sets its buffer policy.
+    Args:
+        path: a folder (str or ``os.PathLike``), or None (default: the shipped default
+            model). A jmoe checkpoint (``config.json`` with a ``family`` key and an
+            orbax ``params/``) is restored; an HF folder (``config.json`` of a
+            supported ``model_type``: ``olmoe``, ``llada``/``lladamoe``,
+            ``llada2_moe``; ``model.safetensors`` or a sharded
+            ``model.safetensors.index.json``) is read tensor by tensor (``jmoe.hf``),
+            its ``generation_config.json`` refining the generation defaults.
+        tokenizer: bool, default True: load the folder's tokenizer (jmoe's character
+            tokenizer, or ``transformers.AutoTokenizer`` when HF tokenizer files are
+            there; None when there are none). False: ``Model.tokenizer`` is None.
+        **config_overrides: config fields replaced for this load, e.g.
+            ``dtype="float32" | "bfloat16"`` (params cast, float32 ``expert_bias``
+            kept; default the checkpoint's, for an HF folder bfloat16 when its weights
+            are 16-bit, else float32), ``causal=False``, ``attention_block_length=N``
+            (block-causal attention; a bidirectional model then generates with the
+            llada2 convention, blocks of N and the exact K/V cache), ``mask_token_id``,
+            ``moe_backend``, ``routing="expert_choice"`` with ``capacity_factor``,
+            ``generation={...}``. ``mesh=jmoe.make_mesh(...)`` restores the params
+            straight into their shards (routed experts split over ``expert``, the rest
+            replicated) and runs the MoE layers expert-parallel; ``ep_capacity_factor``
+            (None: dropless, or a float > 0) sets its buffer policy.
+
+    Returns:
+        ``jmoe.Model(config, params, tokenizer)``: the frozen config with the
+        overrides, the params pytree of jax arrays (placed on ``mesh`` if given) and
+        the tokenizer or None.
+
+    Raises:
+        FileNotFoundError: no ``config.json`` in ``path`` (or the shipped model is
+            missing); an HF folder with neither ``model.safetensors`` nor
+            ``model.safetensors.index.json``, or without a shard its index names.
+        ValueError: a jmoe ``config.json`` whose ``family`` is unknown; an HF
+            ``model_type`` jmoe does not read, or a setting it does not implement
+            (an activation other than SiLU, attention or linear biases, RoPE
+            scaling, ...); a missing, unexpected or mis-shaped HF tensor (named); an
+            unknown override field (named) or a value the config rejects (``dtype``
+            not float32/bfloat16, ``attention_block_length`` with ``causal=True``,
+            ...); ``num_experts`` not divisible by the mesh's ``expert`` axis.
+
+    Orbax's and transformers' own errors surface unchanged for a damaged ``params/``
+    or tokenizer (``tokenizer=False`` skips the tokenizer).
 
     Example:
         model = jmoe.load("ckpt/olmoe", dtype="float32")

@@ -62,7 +62,7 @@ class MoEConfig:
     capacity_factor: float = 1.0
     generation: Mapping[str, Any] | None = None
     # runtime placement, not saved: a jax Mesh (hashable, so the config stays a jit
-    # static arg); an ``expert`` axis > 1 runs the MoE layers expert-parallel (jmoe.sharding)
+    # static arg); an ``expert`` axis > 1 runs the MoE layers expert-parallel (jmoe.expert_parallel)
     mesh: Any = dataclasses.field(default=None, repr=False)
     # expert-parallel buffer policy: None = worst-case buffers (never drops); a float f =
     # f x the balanced load per buffer, overflow dropped and counted in aux["ep_dropped"]

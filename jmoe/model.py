@@ -76,9 +76,26 @@ def random_model(config, seed: int = 0, tokenizer=None) -> Model:
 def shard_model(model: Model, mesh, **config_overrides) -> Model:
     """The model on ``mesh``: params placed by their logical axes (routed experts on the
     ``expert`` axis, the rest replicated), ``config.mesh`` set, so every MoE layer runs
-    expert-parallel; ``config_overrides`` too (e.g. ``ep_capacity_factor=1.25``).
+    expert-parallel (``jmoe.expert_parallel``).
 
-    Raises ValueError when ``num_experts`` does not split over the ``expert`` axis.
+    Args:
+        model: a ``jmoe.Model`` (params on one device or already placed).
+        mesh: a ``jax.sharding.Mesh`` with axes ``data`` and ``expert``
+            (``jmoe.make_mesh``); an ``expert`` axis of size 1 places params but runs
+            the MoE layers as on one device.
+        **config_overrides: config fields replaced as well, e.g.
+            ``ep_capacity_factor=1.25`` (None, the default, sizes the all-to-all
+            buffers for the worst case and never drops; a float f > 0 sizes them at
+            f x the balanced load and counts overflow in ``aux["ep_dropped"]``).
+
+    Returns:
+        A new ``jmoe.Model``: the config with ``mesh`` and the overrides, the params
+        ``device_put`` onto their shardings, the same tokenizer.
+
+    Raises:
+        ValueError: ``num_experts`` not divisible by the ``expert`` axis size (the
+            message lists the sizes that work); an unknown override field (named) or
+            a value the config rejects.
 
     Example:
         model = jmoe.shard_model(jmoe.random_model(cfg), jmoe.make_mesh(expert=8))
@@ -93,15 +110,37 @@ def apply(config, params, tokens_BL, *, valid_BL, budgets: routing_lib.Budget | 
           cache: KVCache | None = None, capture: bool = False):
     """The model-call contract shared by ``forward``, the sampler and training.
 
-    ``tokens_BL`` int32 ``[B, L]``; ``valid_BL`` bool ``[B, L]`` (real tokens);
-    ``budgets`` a ``jmoe.routing.Budget`` (None: the model's top-k); ``cache`` a
-    ``jmoe.kv_cache.KVCache`` for a cached call (see ``jmoe.models.decoder.Decoder``).
-    Returns ``(logits_BLV float32, aux, cache)``: aux holds ``expert_counts [n_moe, E]``,
-    ``routed_pairs`` (a scalar), ``unrouted_tokens [n_moe]``, ``load_balancing_loss``,
-    ``ep_dropped`` when expert-parallel, and with ``capture`` ``router_logits
-    [n_moe, B, L, E]``, ``expert_ids`` and ``expert_weights`` ``[n_moe, B, L, K]``.
-    A cached call under expert choice is a ValueError: each expert picks among the
-    whole sequence, which a call on part of it does not see.
+    Args:
+        config: the model's frozen config (hashable: a jit static argument).
+        params: the params pytree (``init_params``, ``jmoe.load``; logical axes as
+            ``param_logical_axes`` declares them).
+        tokens_BL: int32 ``[B, L]`` token ids in ``[0, V)`` (not checked here).
+        valid_BL: bool ``[B, L]``, keyword-only and required: real tokens. Padding is
+            never routed; without ``cache`` it is never attended to either and
+            positions count from each row's first real token.
+        budgets: a ``jmoe.routing.Budget`` (built by ``jmoe.routing.make_budget``), or
+            None (default): every token takes the model's top-k.
+        cache: a ``jmoe.kv_cache.KVCache`` or None (default). With a cache the L
+            tokens sit at absolute positions ``cache.length .. cache.length + L - 1``
+            in every row, their keys/values are written there and queries attend over
+            the buffers under the cache's mask (``valid_BL`` then gates routing only).
+        capture: bool, default False: add the router's logits and choices to aux.
+
+    Returns:
+        ``(logits_BLV, aux, cache)``: logits float32 ``[B, L, V]``; aux holds
+        ``expert_counts [n_moe, E]``, ``routed_pairs`` (a scalar),
+        ``unrouted_tokens [n_moe]``, ``load_balancing_loss``, ``ep_dropped`` when
+        expert-parallel, and with ``capture`` ``router_logits [n_moe, B, L, E]``,
+        ``expert_ids`` and ``expert_weights`` ``[n_moe, B, L, K]``; the cache with
+        ``length + L`` (keep it to commit the call's tokens) or None without one.
+
+    Raises:
+        ValueError: a cached call under expert choice (each expert picks among the
+            whole sequence, which a call on part of it does not see); per-token
+            budgets under expert choice.
+
+    Example:
+        logits, aux, cache = jmoe.model.apply(cfg, params, tokens_BL, valid_BL=mask_BL)
     """
     if cache is not None and config.routing == "expert_choice":
         raise ValueError("routing='expert_choice' cannot run a cached call: each expert picks "
@@ -136,19 +175,66 @@ def forward(model: Model, tokens_BL, *, attention_mask=None, experts_per_token=N
             max_experts=None, capture_router_logits=False):
     """Logits ``[B, L, V]`` (float32) and an aux dict, from one compiled call.
 
-    ``attention_mask`` ``[B, L]`` marks real tokens (1) and padding (0); positions
-    count from each row's first real token. ``experts_per_token`` is an int (the
-    model's top-k for this call) or an int array ``[B, L]`` of per-token budgets
-    ``1 <= k_i <= max_experts`` (default bound: the model's top-k).
-    aux: ``expert_counts [n_moe_layers, E]``, ``routed_pairs``,
-    ``load_balancing_loss``, ``moe_backend``, ``unrouted_tokens [n_moe_layers]``
-    (tokens no expert picked; expert choice only); with ``capture_router_logits``
-    also ``router_logits [n_moe_layers, B, L, E]`` (float32), ``expert_ids`` and
-    ``expert_weights`` ``[n_moe_layers, B, L, K]`` (id == E marks an empty slot;
-    K = E under expert choice, slot e holding expert e when it picked the token).
+    Compiled once per config, input shapes, budget form and capture flag (jmoe's jit,
+    ``jmoe.xla_options``); later calls of the same kind reuse it.
+
+    Args:
+        model: a ``jmoe.Model`` (``jmoe.load``, ``jmoe.random_model``); with
+            ``config.mesh`` holding an ``expert`` axis > 1 the MoE layers run
+            expert-parallel.
+        tokens_BL: int token ids ``[B, L]`` (a NumPy or jax array, or nested lists),
+            each in ``[0, V)``.
+        attention_mask: ``[B, L]`` bool or 0/1 ints marking real tokens (1) and
+            padding (0), or None (default: every token is real). Padding is never
+            routed nor attended to, and positions count from each row's first real
+            token, so left padding never changes a row's result.
+        experts_per_token: None (default: every token takes the model's top-k,
+            ``config.num_experts_per_tok``); an int k in ``1..E`` (this call's top-k
+            for every token; under expert choice the k of the per-sequence capacity
+            ``C = ceil(capacity_factor * L * k / E)``); or an int array ``[B, L]`` (or
+            broadcastable to it) of per-token budgets ``1 <= k_i <= max_experts``,
+            token choice only. Concrete values are checked; traced ones (under an
+            outer jit) are clipped to ``[1, max_experts]``.
+        max_experts: None (default) or an int in ``1..E``: K, the static bound on any
+            token's experts (the width of the router's top-k and of the captured
+            ``expert_ids``). None: the model's top-k, or k for an int k. Given with an
+            int k, k becomes a masked budget under bound ``max_experts``; given alone,
+            every token takes ``max_experts`` experts (expert choice: the capacity's k).
+        capture_router_logits: bool, default False: also return the router's logits
+            and choices in aux.
+
+    Returns:
+        ``(logits_BLV, aux)``: logits float32 ``[B, L, V]`` (before softmax; values
+        at padding positions mean nothing) and a dict, n_moe being the MoE layers
+        (``num_layers - first_k_dense_replace``):
+        ``expert_counts`` int32 ``[n_moe, E]`` (assignments each expert took),
+        ``routed_pairs`` int32 scalar (token-expert assignments summed over the MoE
+        layers; shared experts not counted), ``unrouted_tokens`` int32 ``[n_moe]``
+        (real tokens no expert took; nonzero under expert choice only),
+        ``load_balancing_loss`` float32 scalar (the Switch/OLMoE loss over real
+        tokens at the model's top-k, before ``router_aux_loss_coef``), ``moe_backend``
+        str (the expert backend, ``auto`` resolved), ``ep_dropped`` int32 scalar when
+        expert-parallel (assignments dropped by ``ep_capacity_factor`` buffers; 0 when
+        it is None); with ``capture_router_logits`` also ``router_logits`` float32
+        ``[n_moe, B, L, E]``, ``expert_ids`` int32 and ``expert_weights`` float32
+        ``[n_moe, B, L, K]`` (token choice: ranked best first, id == E marking an
+        empty slot, beyond a token's budget or on padding; expert choice: K = E, slot
+        e holding e when expert e picked the token, else E).
+
+    Raises:
+        ValueError: ``tokens_BL`` not 2-D; a token id outside ``[0, V)``;
+            ``attention_mask`` of another shape than ``tokens_BL``; ``max_experts``
+            not an int in ``1..E``; ``experts_per_token`` not integers, a value below
+            1 or above ``max_experts``, or an int above E; per-token budgets (an
+            array, or an int with ``max_experts``) under ``routing="expert_choice"``;
+            an array of budgets not broadcastable to ``[B, L]``;
+            ``moe_backend="cpu_gmm"`` on a platform other than CPU.
+        RuntimeError: ``moe_backend="cpu_gmm"`` set explicitly and jmoe's CPU kernels
+            cannot be built here (with the compiler's message).
 
     Example:
-        logits, aux = jmoe.forward(model, tokens, capture_router_logits=True)
+        logits_BLV, aux = jmoe.forward(model, [[5, 17, 42]], experts_per_token=2,
+                                       capture_router_logits=True)
     """
     config = model.config
     tokens = np.asarray(tokens_BL) if not isinstance(tokens_BL, jax.Array) else tokens_BL

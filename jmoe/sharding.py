@@ -23,8 +23,27 @@ DEFAULT_RULES = (("batch", DATA_AXIS), ("expert", EXPERT_AXIS))
 def make_mesh(data: int = 1, expert: int | None = None, *, devices=None):
     """A ``(data, expert)`` mesh over the available devices (all hosts' under ``jax.distributed``).
 
-    ``expert`` defaults to ``len(devices) // data``; ``data * expert`` must equal the
-    number of devices. Axes are ``Auto`` so unsharded inputs still enter jit.
+    Args:
+        data: int >= 1, default 1: the ``data`` axis size (the batch is split over
+            it); must divide the number of devices.
+        expert: int >= 1, or None (default: ``len(devices) // data``): the ``expert``
+            axis size (routed experts, and each data shard's tokens, are split over
+            it); ``data * expert`` must equal the number of devices. A model placed
+            on the mesh needs ``num_experts`` divisible by it (checked by ``jmoe.load``
+            and ``jmoe.shard_model``).
+        devices: keyword-only, a sequence of ``jax.Device`` or None (default:
+            ``jax.devices()``, every process's devices), arranged by
+            ``jax.make_mesh``.
+
+    Returns:
+        A ``jax.sharding.Mesh`` of shape ``(data, expert)`` with axis names
+        ``("data", "expert")``, both ``AxisType.Auto`` so unsharded inputs still
+        enter jit.
+
+    Raises:
+        ValueError: ``data`` not a positive int dividing the number of devices;
+            ``expert`` not a positive int, or ``data * expert`` not the number of
+            devices.
 
     Example:
         mesh = jmoe.make_mesh(data=2, expert=4)

@@ -13,7 +13,7 @@ for OLMoE / LLaDA-MoE, sigmoid group-limited top-k for LLaDA2) and ``routing``
 (``causal``, ``attention_block_length``), q/k norm (``qk_norm``: whole or per head),
 ``clip_qkv``, ``rotary_fraction`` and tied embeddings.
 
-Params tree (what ``checkpoints_convert``'s key tables map HF keys onto):
+Params tree (what the key tables of ``jmoe.hf_keys`` map HF keys onto):
   embed/embedding [V, D]
   layer_{i}/input_norm/scale, layer_{i}/post_attn_norm/scale [D]
   layer_{i}/attn/{wq [D, H*K], wk [D, N*K], wv [D, N*K], wo [H*K, D]}

@@ -108,8 +108,9 @@ def generate(model, prompts, *, gen_length=None, block_length=None, steps=None,
         convention: ``"llada"`` (prompt-relative blocks, ``steps`` over the whole
             generation) or ``"llada2"`` (LLaDA2's generate: blocks aligned to absolute
             positions, the first may hold the prompt's tail; block-causal attention;
-            ``steps`` per block; stop after a block holding EOS). Default: the model
-            family's (llada2 for LLaDA2 models, else llada).
+            ``steps`` per block; stop after a block holding EOS). Default: llada2 for a
+            block-causal model (``attention_block_length`` set, any family) and for
+            LLaDA2 models, else llada.
         cache: bool, llada2 only: keys/values of the prompt and of each finished block are
             computed once and each step runs the model on the current block only (the
             same tokens, with ``cfg_scale`` and ``temperature`` too). Default: on for
@@ -128,7 +129,7 @@ def generate(model, prompts, *, gen_length=None, block_length=None, steps=None,
             ``remasking``, ``threshold_floor`` or ``convention`` not a known name;
             ``threshold`` outside (0, 1]; ``adaptive`` not an ``AdaptiveExperts`` or its
             maximum above ``num_experts``; no mask token; a mask or EOS id outside the
-            vocabulary; llada2 on a model without block-causal attention; ``cache=True``
+            vocabulary; llada2 on a causal model (``causal=True``); ``cache=True``
             with llada or with expert-choice routing.
 
     Example:
