@@ -75,7 +75,7 @@ def make_layer(backend, k_max, bias_E):
     def layer(x_TD, router_DE, w_gate_EDF, w_up_EDF, w_down_EFD, budget_T):
         logits_TE = jnp.einsum("TD,DE->TE", x_TD.astype(jnp.float32),
                                router_DE.astype(jnp.float32)) + bias_E
-        r = routing.softmax_topk(logits_TE, k_max=k_max, norm_topk_prob=False, budget_T=budget_T)
+        r = routing.softmax_topk(logits_TE, bound=k_max, norm_topk_prob=False, budget_T=budget_T)
         y_TD = moe.expert_compute(backend, x_TD, r, w_gate_EDF, w_up_EDF, w_down_EFD)
         return y_TD, r.expert_counts()
 

@@ -78,7 +78,7 @@ def main(argv=None):
     for backend in ("pallas", "xla"):
         base = None
         for name, budget in budgets.items():
-            r = routing_lib.softmax_topk(logits, k_max=k, norm_topk_prob=True,
+            r = routing_lib.softmax_topk(logits, bound=k, norm_topk_prob=True,
                                          budget_T=jnp.asarray(np.minimum(budget, k)))
             lay = make_layout(r.token_A, r.expert_A, num_experts=e, num_tokens=t, tm=blocks.tm)
             fn = jax.jit(lambda x, *w, r=r: api.moe_experts(

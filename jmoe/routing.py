@@ -5,7 +5,7 @@ OLMoE scores softmax (``softmax_topk``, ``expert_choice``); LLaDA2 scores sigmoi
 pick through one ``expert_choice_slots``.
 
 Shape letters: B batch, L sequence, T tokens (flattened B*L), E experts, K experts
-per token (a static bound ``k_max``), C per-expert capacity (a static bound), A
+per token (a static bound ``bound``), C per-expert capacity (a static bound), A
 assignments. Router math is float32 throughout: in bfloat16, ties between close
 scores change which experts are selected.
 
@@ -186,10 +186,10 @@ def top_k_ids(scores_TE, k: int):
     return jax.lax.top_k(scores_TE, k)[1]
 
 
-def check_budget(experts_per_token, k_max: int, num_experts: int):
+def check_budget(experts_per_token, bound: int, num_experts: int):
     """Validate a concrete budget outside jit: a ValueError naming the bad value.
 
-    Inside jit budgets cannot be inspected; they are clipped to ``[1, k_max]`` there.
+    Inside jit budgets cannot be inspected; they are clipped to ``[1, bound]`` there.
     """
     if experts_per_token is None or isinstance(experts_per_token, jax.core.Tracer):
         return
@@ -198,55 +198,55 @@ def check_budget(experts_per_token, k_max: int, num_experts: int):
     k = np.asarray(experts_per_token)
     if not np.issubdtype(k.dtype, np.integer):
         raise ValueError(f"experts_per_token must be integers, got dtype {k.dtype}")
-    if k_max > num_experts:
-        raise ValueError(f"max_experts={k_max} exceeds num_experts={num_experts}")
-    if k.size and (k.min() < 1 or k.max() > k_max):
+    if bound > num_experts:
+        raise ValueError(f"max_experts={bound} exceeds num_experts={num_experts}")
+    if k.size and (k.min() < 1 or k.max() > bound):
         bad = int(k.min()) if k.min() < 1 else int(k.max())
         raise ValueError(
-            f"experts_per_token value {bad} is outside the allowed range 1..{k_max} "
-            f"(max_experts={k_max}, num_experts={num_experts})")
+            f"experts_per_token value {bad} is outside the allowed range 1..{bound} "
+            f"(max_experts={bound}, num_experts={num_experts})")
 
 
-def rank_mask(k_max: int, budget_T, valid_T):
+def rank_mask(bound: int, budget_T, valid_T):
     """``[T, K]`` bool: slot j of token t is live iff ``j < budget_t`` and t is valid."""
     t = valid_T.shape[0]
     if budget_T is None:
-        live = jnp.ones((t, k_max), bool)
+        live = jnp.ones((t, bound), bool)
     else:
-        budget = jnp.clip(jnp.broadcast_to(budget_T, (t,)), 1, k_max)
-        live = jnp.arange(k_max)[None, :] < budget[:, None]
+        budget = jnp.clip(jnp.broadcast_to(budget_T, (t,)), 1, bound)
+        live = jnp.arange(bound)[None, :] < budget[:, None]
     return live & valid_T[:, None]
 
 
-def softmax_topk(logits_TE, *, k_max: int, norm_topk_prob: bool, budget_T=None,
+def softmax_topk(logits_TE, *, bound: int, norm_topk_prob: bool, budget_T=None,
                  valid_T=None) -> Routing:
     """OLMoE token choice: softmax over all experts, keep the top-k_i of each token.
 
     Weights are the softmax probabilities of the kept experts, renormalised over
-    the kept set when ``norm_topk_prob``. With every budget equal to ``k_max`` this
+    the kept set when ``norm_topk_prob``. With every budget equal to ``bound`` this
     is bit-identical to plain top-k. A concrete out-of-range budget is a
     ValueError; a traced one (inside jit) cannot be inspected and is clipped to
-    ``[1, k_max]``. Ties: the lower expert id ranks first.
+    ``[1, bound]``. Ties: the lower expert id ranks first.
 
     Example:
-        r = softmax_topk(logits_TE, k_max=8, norm_topk_prob=False, budget_T=k_T)
+        r = softmax_topk(logits_TE, bound=8, norm_topk_prob=False, budget_T=k_T)
     """
     logits_TE = logits_TE.astype(jnp.float32)
     t, e = logits_TE.shape
-    if not (isinstance(k_max, int) and 1 <= k_max <= e):
-        raise ValueError(f"k_max={k_max!r}: expected an int in 1..num_experts={e}")
-    check_budget(budget_T, k_max, e)
+    if not (isinstance(bound, int) and 1 <= bound <= e):
+        raise ValueError(f"bound={bound!r}: expected an int in 1..num_experts={e}")
+    check_budget(budget_T, bound, e)
     if valid_T is None:
         valid_T = jnp.ones((t,), bool)
     probs_TE = jax.nn.softmax(logits_TE, axis=-1)
-    top_e_TK = top_k_ids(probs_TE, k_max)
+    top_e_TK = top_k_ids(probs_TE, bound)
     top_p_TK = jnp.take_along_axis(probs_TE, top_e_TK, axis=-1)
-    live_TK = rank_mask(k_max, budget_T, valid_T)
+    live_TK = rank_mask(bound, budget_T, valid_T)
     w_TK = jnp.where(live_TK, top_p_TK, 0.0)
     if norm_topk_prob:
         w_TK = w_TK / jnp.maximum(w_TK.sum(-1, keepdims=True), jnp.finfo(jnp.float32).tiny)
     expert_TK = jnp.where(live_TK, top_e_TK, e).astype(jnp.int32)
-    token_TK = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[:, None], (t, k_max))
+    token_TK = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[:, None], (t, bound))
     return Routing(token_A=token_TK.reshape(-1), expert_A=expert_TK.reshape(-1),
                    weight_A=w_TK.reshape(-1), num_experts=e, num_tokens=t)
 
@@ -346,7 +346,7 @@ def load_balancing_loss(f_LE, p_LE):
     return e * jnp.sum(f_LE.mean(0) * p_LE.mean(0))
 
 
-def sigmoid_group_topk(logits_TE, expert_bias_E, *, k_max: int, n_group: int, topk_group: int,
+def sigmoid_group_topk(logits_TE, expert_bias_E, *, bound: int, n_group: int, topk_group: int,
                        scaling: float, normalize: bool = True, budget_T=None,
                        valid_T=None) -> Routing:
     """LLaDA2 token choice: sigmoid scores, group-limited top-k with a selection bias.
@@ -368,14 +368,14 @@ def sigmoid_group_topk(logits_TE, expert_bias_E, *, k_max: int, n_group: int, to
     _, keep_groups = jax.lax.top_k(group_score_TG, topk_group)
     group_live_TG = jnp.zeros((t, n_group), bool).at[jnp.arange(t)[:, None], keep_groups].set(True)
     expert_live_TE = jnp.repeat(group_live_TG, e // n_group, axis=1)
-    top_e_TK = top_k_ids(jnp.where(expert_live_TE, biased_TE, -jnp.inf), k_max)
-    live_TK = rank_mask(k_max, budget_T, valid_T)
+    top_e_TK = top_k_ids(jnp.where(expert_live_TE, biased_TE, -jnp.inf), bound)
+    live_TK = rank_mask(bound, budget_T, valid_T)
     w_TK = jnp.where(live_TK, jnp.take_along_axis(scores_TE, top_e_TK, axis=1), 0.0)
     if normalize:
         w_TK = w_TK / (w_TK.sum(-1, keepdims=True) + 1e-20)
     w_TK = w_TK * scaling
     expert_TK = jnp.where(live_TK, top_e_TK, e).astype(jnp.int32)
-    token_TK = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[:, None], (t, k_max))
+    token_TK = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[:, None], (t, bound))
     return Routing(token_A=token_TK.reshape(-1), expert_A=expert_TK.reshape(-1),
                    weight_A=w_TK.reshape(-1), num_experts=e, num_tokens=t)
 
@@ -427,7 +427,7 @@ def sigmoid_expert_choice(logits_BLE, *, k: int, capacity_factor: float = 1.0,
 
 def _softmax_token_choice(config, logits_BLE, params, valid_BL, budget: Budget) -> Routing:
     b, l, e = logits_BLE.shape
-    return softmax_topk(logits_BLE.reshape(b * l, e), k_max=budget.bound,
+    return softmax_topk(logits_BLE.reshape(b * l, e), bound=budget.bound,
                         norm_topk_prob=config.norm_topk_prob, budget_T=budget.per_token_T(b, l),
                         valid_T=valid_BL.reshape(-1))
 
@@ -440,7 +440,7 @@ def _softmax_expert_choice(config, logits_BLE, params, valid_BL, budget: Budget)
 def _sigmoid_token_choice(config, logits_BLE, params, valid_BL, budget: Budget) -> Routing:
     b, l, e = logits_BLE.shape
     return sigmoid_group_topk(
-        logits_BLE.reshape(b * l, e), params["expert_bias"], k_max=budget.bound,
+        logits_BLE.reshape(b * l, e), params["expert_bias"], bound=budget.bound,
         n_group=config.n_group, topk_group=config.topk_group,
         scaling=config.routed_scaling_factor, normalize=config.num_experts_per_tok > 1,
         budget_T=budget.per_token_T(b, l), valid_T=valid_BL.reshape(-1))

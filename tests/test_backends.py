@@ -57,7 +57,7 @@ def make_routing(kind, logits, k, budget=None, valid=None, batch=1, cf=1.0):
         return routing.expert_choice(logits.reshape(b, -1, logits.shape[-1]), k=k,
                                      capacity_factor=cf,
                                      valid_BL=None if valid is None else valid.reshape(b, -1))
-    return routing.softmax_topk(logits, k_max=k, norm_topk_prob=False, budget_T=budget,
+    return routing.softmax_topk(logits, bound=k, norm_topk_prob=False, budget_T=budget,
                                 valid_T=valid)
 
 
@@ -161,12 +161,12 @@ def test_bucket_falls_with_budgets_and_never_drops():
     rows = {}
     for mean_k in (8, 2, 1):
         budget = jnp.full((t,), mean_k)
-        r = routing.softmax_topk(logits, k_max=k, norm_topk_prob=False, budget_T=budget)
+        r = routing.softmax_topk(logits, bound=k, norm_topk_prob=False, budget_T=budget)
         rows[mean_k] = plan_rows(r.expert_counts(), buckets, 2)
     assert rows[1] < rows[2] < rows[8]
     # every token on one expert: its load T goes mostly to the overflow of 2 hot experts
     hot = logits.at[:, 3].add(100.0)
-    r = routing.softmax_topk(hot, k_max=1, norm_topk_prob=False)
+    r = routing.softmax_topk(hot, bound=1, norm_topk_prob=False)
     assert plan_rows(r.expert_counts(), buckets, 2) <= e * 8 + 2 * t
 
 

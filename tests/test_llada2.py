@@ -113,7 +113,7 @@ def test_sigmoid_group_router_matches_oracle(seed):
     logits = rng.standard_normal((t, e)).astype(np.float32)
     bias = (0.3 * rng.standard_normal(e)).astype(np.float32)
     k_i = rng.integers(1, k_max + 1, t)
-    r = routing.sigmoid_group_topk(logits, bias, k_max=k_max, n_group=n_group,
+    r = routing.sigmoid_group_topk(logits, bias, bound=k_max, n_group=n_group,
                                    topk_group=topk_group, scaling=2.5, budget_T=k_i)
     ids, w = router_oracle(logits, bias, k_i, k_max, n_group, topk_group, 2.5)
     np.testing.assert_array_equal(np.asarray(r.expert_A).reshape(t, k_max), ids)
@@ -122,7 +122,7 @@ def test_sigmoid_group_router_matches_oracle(seed):
     # kept group, but its weight is its unbiased score
     big = bias.copy()
     big[0] = 10.0
-    r2 = routing.sigmoid_group_topk(logits, big, k_max=k_max, n_group=n_group,
+    r2 = routing.sigmoid_group_topk(logits, big, bound=k_max, n_group=n_group,
                                     topk_group=topk_group, scaling=1.0, normalize=False)
     first = np.asarray(r2.expert_A).reshape(t, k_max)[:, 0]
     assert (first == 0).all()

@@ -127,7 +127,7 @@ def test_full_capacity_is_token_choice_over_all_experts():
     logits = jnp.asarray(rng.standard_normal((2, 5, 8)), jnp.float32)
     both = jax.jit(lambda x: (
         routing.sigmoid_expert_choice(x, k=2, capacity_factor=4.0, scaling=2.5),
-        routing.sigmoid_group_topk(x.reshape(10, 8), jnp.zeros(8), k_max=8, n_group=1,
+        routing.sigmoid_group_topk(x.reshape(10, 8), jnp.zeros(8), bound=8, n_group=1,
                                    topk_group=1, scaling=2.5)))
     ec, tc = both(logits)
     np.testing.assert_allclose(np.asarray(ec.combine_weights()), np.asarray(tc.combine_weights()),

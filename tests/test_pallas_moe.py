@@ -60,7 +60,7 @@ def _case(name):
         valid[:] = True
     if name == "all_dropped":
         valid[:] = False
-    r = routing_lib.softmax_topk(jnp.asarray(logits, jnp.float32), k_max=k, norm_topk_prob=True,
+    r = routing_lib.softmax_topk(jnp.asarray(logits, jnp.float32), bound=k, norm_topk_prob=True,
                                  budget_T=jnp.asarray(budget), valid_T=jnp.asarray(valid))
     return jnp.asarray(rng.normal(size=(t, D)), jnp.float32), r
 

@@ -20,7 +20,7 @@ from jmoe import routing
 
 SETTINGS = settings(max_examples=25, deadline=None, derandomize=True)
 # one compiled call per drawn shape is much cheaper than op-by-op dispatch
-topk_jit = jax.jit(routing.softmax_topk, static_argnames=("k_max", "norm_topk_prob"))
+topk_jit = jax.jit(routing.softmax_topk, static_argnames=("bound", "norm_topk_prob"))
 expert_choice_jit = jax.jit(routing.expert_choice, static_argnames=("k", "capacity_factor"))
 
 
@@ -88,7 +88,7 @@ def token_choice_case(draw):
 @given(token_choice_case())
 def test_masked_topk_matches_oracle(case):
     logits, budget, valid, k_max, norm = case
-    r = topk_jit(jnp.asarray(logits), k_max=k_max, norm_topk_prob=norm,
+    r = topk_jit(jnp.asarray(logits), bound=k_max, norm_topk_prob=norm,
                  budget_T=jnp.asarray(budget), valid_T=jnp.asarray(valid))
     got, want = routed_dict(r), oracle_token_choice(logits, budget, valid, norm)
     assert set(got) == set(want)  # padding tokens get nothing
@@ -105,8 +105,8 @@ def test_full_budget_is_bit_identical_to_plain_topk():
     rng = np.random.default_rng(0)
     logits = jnp.asarray(rng.normal(size=(10, 8)), jnp.float32)
     for norm in (False, True):
-        plain = routing.softmax_topk(logits, k_max=3, norm_topk_prob=norm)
-        masked = routing.softmax_topk(logits, k_max=3, norm_topk_prob=norm,
+        plain = routing.softmax_topk(logits, bound=3, norm_topk_prob=norm)
+        masked = routing.softmax_topk(logits, bound=3, norm_topk_prob=norm,
                                       budget_T=jnp.full((10,), 3, jnp.int32))
         for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(masked)):
             assert np.array_equal(np.asarray(a), np.asarray(b))
@@ -114,7 +114,7 @@ def test_full_budget_is_bit_identical_to_plain_topk():
 
 def test_token_choice_ties_go_to_lower_expert_id():
     logits = jnp.zeros((2, 6), jnp.float32)
-    r = routing.softmax_topk(logits, k_max=3, norm_topk_prob=False,
+    r = routing.softmax_topk(logits, bound=3, norm_topk_prob=False,
                              budget_T=jnp.array([2, 3]))
     ids = np.asarray(r.expert_A).reshape(2, 3)
     assert ids.tolist() == [[0, 1, 6], [0, 1, 2]]
@@ -125,21 +125,21 @@ def test_out_of_range_budget_is_a_clear_error(bad):
     logits = jnp.zeros((3, 6), jnp.float32)
     budget = np.array([1, bad, 2])
     with pytest.raises(ValueError, match=f"value {bad} is outside the allowed range 1..3"):
-        routing.softmax_topk(logits, k_max=3, norm_topk_prob=False, budget_T=budget)
+        routing.softmax_topk(logits, bound=3, norm_topk_prob=False, budget_T=budget)
 
 
 def test_non_integer_budget_and_bad_k_max_are_errors():
     logits = jnp.zeros((3, 6), jnp.float32)
     with pytest.raises(ValueError, match="must be integers"):
-        routing.softmax_topk(logits, k_max=3, norm_topk_prob=False, budget_T=np.ones(3) * 1.5)
-    with pytest.raises(ValueError, match="k_max=7"):
-        routing.softmax_topk(logits, k_max=7, norm_topk_prob=False)
+        routing.softmax_topk(logits, bound=3, norm_topk_prob=False, budget_T=np.ones(3) * 1.5)
+    with pytest.raises(ValueError, match="bound=7"):
+        routing.softmax_topk(logits, bound=7, norm_topk_prob=False)
 
 
 def test_budgets_are_clipped_inside_jit():
     rng = np.random.default_rng(1)
     logits = jnp.asarray(rng.normal(size=(4, 6)), jnp.float32)
-    f = jax.jit(lambda x, b: routing.softmax_topk(x, k_max=3, norm_topk_prob=True, budget_T=b))
+    f = jax.jit(lambda x, b: routing.softmax_topk(x, bound=3, norm_topk_prob=True, budget_T=b))
     clipped = f(logits, jnp.array([0, 5, 2, -3]))
     expected = f(logits, jnp.array([1, 3, 2, 1]))
     for a, b in zip(jax.tree.leaves(clipped), jax.tree.leaves(expected)):

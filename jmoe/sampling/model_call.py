@@ -23,7 +23,7 @@ from jmoe.kv_cache import KVCache
 from jmoe.routing import Budget
 
 
-def k_max(config, opts) -> int:
+def budget_bound(config, opts) -> int:
     """The most experts any position can get: a static bound for the MoE's buffers."""
     return opts.adaptive.maximum if opts.adaptive else config.num_experts_per_tok
 
@@ -40,7 +40,7 @@ def call_model(params, tokens_BL, valid_BL, budget_BL, *, config, opts, cache=No
     absolute position ``offset`` (an int32 scalar, may be traced) and returns the cache
     with this call's K/V written in: keep it to store them, drop it to re-run the block.
     """
-    budgets = Budget(budget_BL if opts.adaptive else None, k_max(config, opts))
+    budgets = Budget(budget_BL if opts.adaptive else None, budget_bound(config, opts))
     if cache is not None:
         # the loop says where each call sits; the cache's own length then needs no tracking
         cache = cache.replace(length=jnp.asarray(offset, jnp.int32))
