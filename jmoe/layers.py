@@ -96,7 +96,7 @@ def xla_rope(x_BLHK, cos_BLR, sin_BLR):
     return jnp.concatenate([out, x_pass], axis=-1) if x_pass.shape[-1] else out
 
 
-def attention_bias(key_valid_BS, causal: bool, q_len: int | None = None):
+def attention_bias(key_valid_BS, causal: bool):
     """Additive mask ``[B, 1, L, S]``: 0 where a query may see a key, NEG_INF elsewhere.
 
     Causality is by index (query i sees keys j <= i), padding by ``key_valid``.
@@ -104,8 +104,7 @@ def attention_bias(key_valid_BS, causal: bool, q_len: int | None = None):
     s = key_valid_BS.shape[-1]
     allowed = key_valid_BS[:, None, None, :]  # [B, 1, 1, S]
     if causal:
-        lq = s if q_len is None else q_len
-        tri = jnp.arange(lq)[:, None] >= jnp.arange(s)[None, :]
+        tri = jnp.arange(s)[:, None] >= jnp.arange(s)[None, :]
         allowed = allowed & tri[None, None]
     return jnp.where(allowed, 0.0, NEG_INF).astype(jnp.float32)
 

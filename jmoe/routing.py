@@ -31,6 +31,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
 from jmoe import cpu_kernels
@@ -158,8 +159,6 @@ def make_budget(config, experts_per_token=None, max_experts=None) -> Budget:
 
 
 def _is_int(v) -> bool:
-    import numpy as np
-
     return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
 
 
@@ -193,8 +192,6 @@ def check_budget(experts_per_token, bound: int, num_experts: int):
     """
     if experts_per_token is None or isinstance(experts_per_token, jax.core.Tracer):
         return
-    import numpy as np
-
     k = np.asarray(experts_per_token)
     if not np.issubdtype(k.dtype, np.integer):
         raise ValueError(f"experts_per_token must be integers, got dtype {k.dtype}")

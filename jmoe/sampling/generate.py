@@ -76,7 +76,8 @@ def generate(model, prompts, *, gen_length=None, block_length=None, steps=None,
             in length; each generates as it would alone.
         gen_length: int, tokens to generate per row. Model, else 128.
         block_length: int, generated positions decoded before the next block starts.
-            Model, else ``min(32, gen_length)``. llada: ``gen_length`` must be a multiple.
+            Model, else the model's ``attention_block_length`` if set, else
+            ``min(32, gen_length)``. llada: ``gen_length`` must be a multiple.
         steps: int, model calls of the fixed schedule. Model, else llada: ``gen_length``
             (over the whole generation; a multiple of the number of blocks); llada2:
             ``block_length`` (counted per block).

@@ -48,7 +48,7 @@ def resolve_convention(config, convention=None, cache=None) -> tuple[Convention,
             raise ValueError(f"convention={convention!r}: expected one of {tuple(CONVENTIONS)}")
         convention = CONVENTIONS[convention]
     convention.check_model(config)
-    expert_choice = getattr(config, "routing", "token_choice") == "expert_choice"
+    expert_choice = config.routing == "expert_choice"
     if cache is None:
         cache = convention.block_causal and not expert_choice
     if cache and expert_choice:
