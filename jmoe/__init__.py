@@ -6,17 +6,17 @@ The curated public API; everything else is importable from its module.
 from jmoe.config import LLADA2_MINI, LLADA_MOE_7B, OLMOE_1B_7B, LLaDA2Config, OlmoeConfig
 from jmoe.checkpoint import load
 from jmoe.model import Model, forward, init_params, random_model, shard_model
-from jmoe.capture import get_router_logits
+from jmoe.capture import get_router_logits, get_routing
 from jmoe import analysis
 from jmoe.sampling import AdaptiveExperts, GenerateOutput, generate
-from jmoe import sharding
+from jmoe import aot, sharding
 from jmoe.sharding import make_mesh
 
 __all__ = [
     "OlmoeConfig", "OLMOE_1B_7B", "LLADA_MOE_7B", "LLaDA2Config", "LLADA2_MINI",
     "Model", "forward", "init_params", "random_model", "shard_model", "load",
-    "get_router_logits", "analysis",
+    "get_router_logits", "get_routing", "analysis",
     "generate", "GenerateOutput", "AdaptiveExperts",
-    "make_mesh", "sharding",
+    "make_mesh", "sharding", "aot",
 ]
 __version__ = "0.1.0"

@@ -1,10 +1,11 @@
-"""Router-logit capture: every MoE layer's raw router logits, on the host.
+"""Router capture: every MoE layer's raw router logits and chosen experts, on the host.
 
-Shape letters: B batch, L sequence, N real (non-padding) tokens, E experts.
+Shape letters: B batch, L sequence, N real (non-padding) tokens, E experts, K experts
+per token.
 
-The logits come back as a forward output (``capture_router_logits=True``), so
-nothing is stored globally and capturing costs one extra device-to-host copy of
-``[n_moe_layers, B, L, E]`` float32 per batch.
+The logits and expert ids come back as forward outputs (``capture_router_logits=True``),
+so nothing is stored globally and capturing costs one extra device-to-host copy of
+``[n_moe_layers, B, L, E]`` float32 and ``[n_moe_layers, B, L, K]`` int32 per batch.
 """
 
 from __future__ import annotations
@@ -26,18 +27,48 @@ def get_router_logits(model, texts_or_token_batches, layers=None, *,
     lengths, or a mapping with ``input_ids`` and optionally ``attention_mask``); or
     an iterable of such batches. Padding is removed and tokens are concatenated
     in input order, merged over all batches. ``layers`` picks MoE layer ids (default
-    all). A model without MoE layers gives ``{}`` and a warning.
+    all; a model with dense first layers numbers its MoE layers from there). A model
+    without MoE layers gives ``{}`` and a warning. For the experts each token used,
+    see ``get_routing``.
 
     Example:
         logits = jmoe.get_router_logits(model, [tokens_BL, more_tokens_BL], layers=[0, 3])
         logits[0].shape  # (num_real_tokens, num_experts)
     """
+    got = _capture(model, texts_or_token_batches, layers, batch_size, None)
+    return {i: logits for i, (logits, _) in got.items()}
+
+
+def get_routing(model, texts_or_token_batches, layers=None, *, batch_size: int = 8,
+                experts_per_token=None) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """Each MoE layer's router logits and the experts the model actually used.
+
+    ``{layer_id: (logits float32 [num_tokens, E], expert_ids int32 [num_tokens, K])}``:
+    the ids come from the family's own router (``jmoe.routing.route``: LLaDA2's
+    expert bias and group limit included), ``E`` marking an empty slot (under expert
+    choice K = E, slot e holding e when expert e took the token). Inputs, padding,
+    merge order and ``layers`` as in ``get_router_logits``; ``experts_per_token`` an
+    int routes with that top-k (expert choice: that k's capacity) instead of the
+    model's. ``jmoe.analysis.analyze_expert_usage`` takes the result.
+
+    Example:
+        routing = jmoe.capture.get_routing(model, tokens_BL)
+        logits_NE, ids_NK = routing[model.config.moe_layers[0]]
+    """
+    if experts_per_token is not None and not _is_int(experts_per_token):
+        raise ValueError(f"experts_per_token={experts_per_token!r}: expected None or an int "
+                         "(one top-k for every token)")
+    return _capture(model, texts_or_token_batches, layers, batch_size, experts_per_token)
+
+
+def _capture(model, inputs, layers, batch_size: int, experts_per_token):
+    """``{layer_id: (logits [N, E], expert_ids [N, K])}`` over all batches, padding removed."""
     from jmoe.model import forward  # late import: jmoe.model imports the model stack
 
     moe_layers = tuple(getattr(model.config, "moe_layers", ()))
     if not moe_layers:
         warnings.warn(f"model {type(model.config).__name__} has no MoE layers; "
-                      "get_router_logits returns {}", stacklevel=2)
+                      "router capture returns {}", stacklevel=3)
         return {}
     if layers is None:
         chosen = moe_layers
@@ -47,19 +78,27 @@ def get_router_logits(model, texts_or_token_batches, layers=None, *,
         if bad:
             raise ValueError(f"layers {bad} are not MoE layers of this model; "
                              f"MoE layers: {list(moe_layers)}")
+    # the stacked aux holds MoE layers only: MoE layer id -> its row
     index = [moe_layers.index(i) for i in chosen]
     pad_id = getattr(model.config, "pad_token_id", None) or 0
-    parts: dict[int, list[np.ndarray]] = {i: [] for i in chosen}
-    for tokens_BL, mask_BL in _batches(model, texts_or_token_batches, batch_size, pad_id):
+    logits_parts: dict[int, list[np.ndarray]] = {i: [] for i in chosen}
+    ids_parts: dict[int, list[np.ndarray]] = {i: [] for i in chosen}
+    for tokens_BL, mask_BL in _batches(model, inputs, batch_size, pad_id):
         if not mask_BL.any():
             continue
-        _, aux = forward(model, tokens_BL, attention_mask=mask_BL, capture_router_logits=True)
-        logits = np.asarray(jax.device_get(aux["router_logits"]))  # [n_moe, B, L, E]
-        for layer_id, j in zip(chosen, index):
-            parts[layer_id].append(logits[j][mask_BL])
+        _, aux = forward(model, tokens_BL, attention_mask=mask_BL,
+                         experts_per_token=experts_per_token, capture_router_logits=True)
+        logits, ids = jax.device_get((aux["router_logits"], aux["expert_ids"]))
+        for layer_id, j in zip(chosen, index):  # [n_moe, B, L, E] and [n_moe, B, L, K]
+            logits_parts[layer_id].append(np.asarray(logits)[j][mask_BL])
+            ids_parts[layer_id].append(np.asarray(ids)[j][mask_BL])
     e = model.config.num_experts
-    return {i: (np.concatenate(p) if p else np.zeros((0, e), np.float32))
-            for i, p in parts.items()}
+    k = e if getattr(model.config, "routing", None) == "expert_choice" else (
+        experts_per_token or model.config.num_experts_per_tok)
+    return {i: (np.concatenate(logits_parts[i]) if logits_parts[i]
+                else np.zeros((0, e), np.float32),
+                np.concatenate(ids_parts[i]) if ids_parts[i] else np.zeros((0, k), np.int32))
+            for i in chosen}
 
 
 def _batches(model, inputs, batch_size: int, pad_id: int):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -43,8 +44,12 @@ def _adaptive(args):
                                 update_interval=args.update_interval)
 
 
-def _show_steps(out, model, prompt_len: int, delay: float = 0.08) -> None:
-    """Redraw each row's denoising in place: committed tokens appear step by step."""
+def _show_steps(out, model, animate: bool, delay: float = 0.08) -> None:
+    """Each row's denoising step by step: committed tokens appear, ``_`` still masked.
+
+    ``animate`` (stdout a terminal): each frame redraws the last in place. Otherwise
+    (a file, a pipe) plain lines, one frame after another, with no escape codes.
+    """
     import numpy as np
 
     committed = np.asarray(out.trace["committed"])  # [nfe, B, G]
@@ -52,17 +57,31 @@ def _show_steps(out, model, prompt_len: int, delay: float = 0.08) -> None:
     done = np.zeros(committed.shape[1:], bool)
     tok = model.tokenizer
     rows = committed.shape[1]
+    clear = "\x1b[K" if animate else ""
     for s in range(committed.shape[0]):
         done |= committed[s]
-        if s:
+        if s and animate:
             sys.stdout.write(f"\x1b[{rows + 1}F")  # back to the first line of the frame
-        sys.stdout.write(f"step {s + 1}/{committed.shape[0]}\x1b[K\n")
+        sys.stdout.write(f"step {s + 1}/{committed.shape[0]}{clear}\n")
         for b in range(rows):
             cells = [tok.decode([t]) if tok and d else ("_" if not d else str(t))
                      for t, d in zip(gen[b], done[b])]
-            sys.stdout.write(("" if tok else " ").join(c or "." for c in cells) + "\x1b[K\n")
+            sys.stdout.write(("" if tok else " ").join(c or "." for c in cells) + clear + "\n")
         sys.stdout.flush()
-        time.sleep(delay)
+        if animate:
+            time.sleep(delay)
+
+
+def _id_prompts(prompts: list[str]) -> list[list[int]]:
+    """Prompts of a model without a tokenizer: space-separated token ids."""
+    rows = []
+    for p in prompts:
+        try:
+            rows.append([int(t) for t in p.split()])
+        except ValueError:
+            raise ValueError(f"prompt {p!r} is not token ids: a model without a tokenizer "
+                             f"takes space-separated ints, e.g. '5 17 42'") from None
+    return rows
 
 
 def _generate(args) -> int:
@@ -82,21 +101,28 @@ def _generate(args) -> int:
               convention=args.convention, cache=args.cache,
               return_trace=args.show_steps)
     if model.tokenizer is None:
-        prompts = [[int(t) for t in p.split()] for p in prompts]  # token ids, space separated
+        prompts = _id_prompts(prompts)
     out = jmoe.generate(model, prompts, **kw)
     if args.show_steps and not args.json:
-        _show_steps(out, model, out.tokens.shape[1])
-    # without a tokenizer, show the whole rows as ids
-    texts = out.texts if out.texts is not None else [
-        " ".join(map(str, r)) for r in np.asarray(out.tokens)]
+        _show_steps(out, model, animate=sys.stdout.isatty())
+    texts = out.texts
+    if texts is None:  # no tokenizer: the generated ids (cut at EOS, as texts are)
+        from jmoe.sampling.canvas import cut_eos
+
+        eos = args.eos_id if args.eos_id is not None else model.config.eos_token_id
+        g = out.tokens.shape[1] - max(len(p) for p in prompts)
+        texts = [" ".join(map(str, cut_eos(r[-g:], eos))) for r in np.asarray(out.tokens).tolist()]
     if args.json:
         print(json.dumps({"prompts": prompts,
                           "texts": texts, "nfe": int(out.nfe),
                           "expert_work": int(out.expert_work),
                           "tokens": np.asarray(out.tokens).tolist()}))
-    else:
+    elif model.tokenizer is not None:
         for p, t in zip(prompts, texts):
-            print(f"{p if isinstance(p, str) else ' '.join(map(str, p))}{t}")
+            print(f"{p}{t}")
+    else:  # ids: prompt and generation apart
+        for p, t in zip(prompts, texts):
+            print(f"{' '.join(map(str, p))} -> {t}")
     return 0
 
 
@@ -104,11 +130,16 @@ def _routing(args) -> int:
     import jmoe
 
     model = _load(args.model)
-    logits = jmoe.get_router_logits(model, [args.text])
-    if not logits:
+    top_k = model.config.num_experts_per_tok if args.top_k is None else args.top_k
+    if top_k > model.config.num_experts:
+        raise ValueError(f"--top-k {top_k}: expected an int in 1..num_experts="
+                         f"{model.config.num_experts}")
+    # the experts each layer really chose (LLaDA2: bias and group limit included)
+    routing = jmoe.get_routing(model, [args.text], experts_per_token=top_k)
+    if not routing:
         print("the model has no MoE layers")
         return 0
-    stats = jmoe.analysis.analyze_expert_usage(logits, args.top_k or model.config.num_experts_per_tok)
+    stats = jmoe.analysis.analyze_expert_usage(routing, router=model.config.router)
     print(f"{'layer':>5} {'tokens':>7} {'experts':>7} {'used':>5} {'max/mean':>9} {'cv':>6} "
           f"{'entropy':>8} {'usage H / log E':>16}")
     for layer, s in stats.items():
@@ -133,7 +164,8 @@ def _bench(args) -> int:
     import jmoe
 
     model = _load(args.model)
-    prompts = ["123+456=", "7+8=", "999+1=", "40+2="] * (args.batch // 4 or 1)
+    base = ["123+456=", "7+8=", "999+1=", "40+2="]
+    prompts = [base[i % len(base)] for i in range(args.batch)]  # exactly --batch rows
     rows = []
     for name, adaptive in (("fixed top-k", None),
                            ("adaptive linear", jmoe.AdaptiveExperts(
@@ -160,6 +192,12 @@ def _convert(args) -> int:
     return run(args)
 
 
+def _plan(args) -> int:
+    from jmoe.aot import run
+
+    return run(args)
+
+
 def _forward(args) -> int:
     import numpy as np
 
@@ -178,6 +216,29 @@ def _forward(args) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    """argparse type: an int >= 1 (a bad value is the parser's one-line error)."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive int, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive int (>= 1), got {v}")
+    return v
+
+
+def _shipped_generation() -> str:
+    """The shipped model's generation config, for the help texts ('' if unreadable)."""
+    from jmoe.checkpoint import DEFAULT_MODEL_DIR
+
+    try:
+        with open(os.path.join(DEFAULT_MODEL_DIR, "config.json")) as f:
+            gen = json.load(f).get("generation") or {}
+    except (OSError, ValueError, AttributeError):
+        return ""
+    return ", ".join(f"{k} {v}" for k, v in gen.items())
+
+
 def _add_sampler_options(g) -> None:
     g.add_argument("prompt", nargs="*", help="prompt text(s) (token ids, space separated, "
                    "for a model without tokenizer)")
@@ -185,40 +246,60 @@ def _add_sampler_options(g) -> None:
     g.add_argument("--model", help="jmoe checkpoint or HF folder (default: the shipped model)")
     # unset options (None) are filled once by jmoe.generate: the model's generation
     # config, else the library's default (which the help texts state)
-    g.add_argument("--gen-length", type=int,
+    g.add_argument("--gen-length", type=_positive_int,
                    help="tokens to generate (default: the model's generation config, else 128)")
-    g.add_argument("--block-length", type=int, help="block size (default: the model's "
-                   "generation config, else min(32, gen-length))")
-    g.add_argument("--steps", type=int, help="denoising steps (default: the model's generation "
-                   "config, else gen-length; llada2: block-length, per block)")
-    g.add_argument("--temperature", type=float, help="Gumbel temperature, 0 = argmax (default: "
-                   "the model's generation config, else 0)")
-    g.add_argument("--cfg-scale", type=float, help="classifier-free guidance scale, 0 = off "
-                   "(default: the model's generation config, else 0)")
+    g.add_argument("--block-length", type=_positive_int, help="block size (default: the "
+                   "model's generation config, else its attention block length, else 32; "
+                   "when unset it is fitted to --gen-length: llada takes it if it divides "
+                   "gen-length, else gen-length (one block); llada2 library: "
+                   "min(32, gen-length))")
+    g.add_argument("--steps", type=_positive_int, help="denoising steps (default: the model's "
+                   "generation config, fitted to --gen-length/--block-length when these are "
+                   "given, else llada: gen-length over the whole generation; llada2: "
+                   "block-length per block; llada2 caps any value at gen-length)")
+    g.add_argument("--temperature", type=float, help="Gumbel temperature, a finite number "
+                   ">= 0, 0 = argmax (default: the model's generation config, else 0)")
+    g.add_argument("--cfg-scale", type=float, help="classifier-free guidance scale, a finite "
+                   "number >= 0, 0 = off (default: the model's generation config, else 0)")
     g.add_argument("--remasking", choices=("low_confidence", "random"),
                    help="which masked positions a step commits (default: the model's "
                    "generation config, else low_confidence)")
-    g.add_argument("--threshold", type=float, help="confidence-threshold parallel decoding "
-                   "(default: the model's generation config, else off)")
+    g.add_argument("--threshold", type=float, help="confidence-threshold parallel decoding, "
+                   "in (0, 1] (default: the model's generation config, else off)")
     g.add_argument("--threshold-floor", choices=("one", "schedule"),
-                   help="least commits per step in threshold mode (default: the convention's)")
+                   help="least commits per step in threshold mode (default: the convention's, "
+                   "llada: one, llada2: schedule)")
     g.add_argument("--convention", choices=("llada", "llada2"),
-                   help="block convention (default: the model family's)")
+                   help="block convention (default: llada2 for a block-causal or LLaDA2 "
+                   "model, else llada)")
     g.add_argument("--cache", action=argparse.BooleanOptionalAction, default=None,
-                   help="exact KV cache of finished blocks (llada2; default on there)")
+                   help="exact KV cache of finished blocks (llada2 only; default: on for "
+                   "llada2 except under expert-choice routing, off for llada)")
     g.add_argument("--adaptive", choices=("linear", "exponential"),
-                   help="adaptive per-token expert budgets with this growth")
-    g.add_argument("--adaptive-initial", type=int, default=1, help="initial budget")
-    g.add_argument("--adaptive-maximum", type=int, default=8, help="maximum budget")
-    g.add_argument("--update-interval", type=int, default=8, help="model calls between growths")
-    g.add_argument("--mask-id", type=int, help="mask token id (model default)")
-    g.add_argument("--eos-id", type=int, help="EOS token id (model default)")
-    g.add_argument("--logits-eos-inf", action="store_true", help="forbid EOS")
-    g.add_argument("--confidence-eos-eot-inf", action="store_true", help="never commit EOS early")
-    g.add_argument("--no-early-stop", action="store_true", help="generate every block")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--show-steps", action="store_true", help="redraw the denoising in place")
-    g.add_argument("--json", action="store_true", help="print one JSON object")
+                   help="adaptive per-token expert budgets with this growth (default: off, "
+                   "the model's top-k everywhere)")
+    g.add_argument("--adaptive-initial", type=_positive_int, default=1,
+                   help="initial budget with --adaptive (default: %(default)s)")
+    g.add_argument("--adaptive-maximum", type=_positive_int, default=8,
+                   help="maximum budget with --adaptive, at most the model's experts "
+                   "(default: %(default)s)")
+    g.add_argument("--update-interval", type=_positive_int, default=8,
+                   help="model calls between growths with --adaptive (default: %(default)s)")
+    g.add_argument("--mask-id", type=int, help="mask token id (default: the model's "
+                   "mask_token_id)")
+    g.add_argument("--eos-id", type=int, help="EOS token id (default: the model's "
+                   "eos_token_id)")
+    g.add_argument("--logits-eos-inf", action="store_true", help="forbid EOS (default: off)")
+    g.add_argument("--confidence-eos-eot-inf", action="store_true",
+                   help="never commit EOS early (default: off)")
+    g.add_argument("--no-early-stop", action="store_true",
+                   help="generate every block (default: a row stops after a block with EOS)")
+    g.add_argument("--seed", type=int, default=0,
+                   help="random seed, an int in [0, 2**64) (default: %(default)s)")
+    g.add_argument("--show-steps", action="store_true", help="show the denoising step by "
+                   "step: redrawn in place on a terminal, plain lines into a file or pipe "
+                   "(default: off)")
+    g.add_argument("--json", action="store_true", help="print one JSON object (default: off)")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -229,32 +310,44 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="jmoe", description="JAX/Flax MoE diffusion language models.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    g = sub.add_parser("generate", help="masked-diffusion generation")
+    shipped = _shipped_generation()
+    g = sub.add_parser("generate", help="masked-diffusion generation",
+                       epilog=shipped and f"The shipped model's generation config: {shipped}.")
     _add_sampler_options(g)
     g.set_defaults(func=_generate)
     r = sub.add_parser("routing", help="router statistics per layer for a text")
     r.add_argument("text")
     r.add_argument("--model", help="jmoe checkpoint or HF folder (default: the shipped model)")
-    r.add_argument("--top-k", type=int, help="k for the usage counts (default: the model's)")
+    r.add_argument("--top-k", type=_positive_int, help="k for the usage counts, 1..experts "
+                   "(default: the model's num_experts_per_tok)")
     r.set_defaults(func=_routing)
     t = sub.add_parser("train", help="train a model from a JSON spec")
     t.add_argument("--config", required=True, help="JSON with model, train, task, out")
-    t.add_argument("--out", help="output folder (overrides the spec's out)")
-    t.add_argument("--steps", type=int, help="override the number of steps")
+    t.add_argument("--out", help="output folder (default: the spec's out)")
+    t.add_argument("--steps", type=_positive_int, help="training steps (default: the spec's)")
     t.set_defaults(func=_train)
     b = sub.add_parser("bench", help="time generation, fixed vs adaptive budgets")
     b.add_argument("--model", help="jmoe checkpoint (default: the shipped model)")
-    b.add_argument("--batch", type=int, default=8)
-    b.add_argument("--repeats", type=int, default=3)
+    b.add_argument("--batch", type=_positive_int, default=8,
+                   help="prompts per call (default: %(default)s)")
+    b.add_argument("--repeats", type=_positive_int, default=3,
+                   help="timed calls per setting (default: %(default)s)")
     b.set_defaults(func=_bench)
     f = sub.add_parser("forward", help="one forward pass; prints shapes and expert usage")
-    f.add_argument("text", nargs="?", default="123+456=", help="input text")
+    f.add_argument("text", nargs="?", default="123+456=",
+                   help="input text (default: %(default)s)")
     f.add_argument("--model", help="jmoe checkpoint or HF folder (default: the shipped model)")
     f.set_defaults(func=_forward)
     from jmoe.convert import add_arguments
 
     c = add_arguments(sub.add_parser("convert", help="convert HF checkpoints to jmoe and back"))
     c.set_defaults(func=_convert)
+    from jmoe.aot import add_arguments as plan_arguments
+
+    pl = plan_arguments(sub.add_parser(
+        "plan", help="compile for a TPU/GPU slice without one and size each program",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter))
+    pl.set_defaults(func=_plan)
     return p
 
 
@@ -263,7 +356,7 @@ def main(argv=None) -> int:
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, FileExistsError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print("error: " + " ".join(str(e).split()), file=sys.stderr)  # always one line
         return 2
 
 

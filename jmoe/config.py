@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import os
 from typing import Any, Mapping
 
@@ -64,6 +63,9 @@ class MoEConfig:
     # runtime placement, not saved: a jax Mesh (hashable, so the config stays a jit
     # static arg); an ``expert`` axis > 1 runs the MoE layers expert-parallel (jmoe.expert_parallel)
     mesh: Any = dataclasses.field(default=None, repr=False)
+    # runtime, not saved: the platform of the devices the model's programs target
+    # ("cpu" | "gpu" | "tpu" | None), which picks every kernel (``jmoe.platform``)
+    platform: str | None = dataclasses.field(default=None, repr=False)
     # expert-parallel buffer policy: None = worst-case buffers (never drops); a float f =
     # f x the balanced load per buffer, overflow dropped and counted in aux["ep_dropped"]
     ep_capacity_factor: float | None = None
@@ -107,6 +109,8 @@ class MoEConfig:
         _check(self.clip_qkv is None or self.clip_qkv > 0, "clip_qkv", self.clip_qkv,
                "None or > 0")
         self._check_stack()
+        _check(self.platform in (None, "cpu", "gpu", "tpu"), "platform", self.platform,
+               "None, 'cpu', 'gpu' or 'tpu' (set from the target devices)")
         if self.mesh is not None:
             from jmoe.sharding import check_experts_divisible
 
@@ -154,7 +158,7 @@ class MoEConfig:
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(dataclasses.replace(self, mesh=None))
-        del d["mesh"]  # placement is chosen at load time, not stored
+        del d["mesh"], d["platform"]  # placement is chosen at load time, not stored
         d["generation"] = dict(self.generation) if self.generation is not None else None
         d["family"] = self.family
         return d
@@ -180,10 +184,14 @@ class OlmoeConfig(MoEConfig):
         """Build from an HF ``config.json`` (a dict, the file, or its folder).
 
         Understands ``model_type`` ``olmoe`` (OLMoE) and ``llada``/``lladamoe``
-        (LLaDA-MoE). Example:
+        (LLaDA-MoE). Every field read is applied exactly or refused with a ValueError
+        naming it: a missing required field, RoPE scaling, two different RoPE values
+        (top level and ``rope_parameters``), a token id outside the vocabulary or a
+        list of different ids (give the id as an override, e.g. ``eos_token_id=None``,
+        to replace it). Example:
             cfg = OlmoeConfig.from_hf_config("path/to/hf_folder")
         """
-        hf = read_hf_config(hf)
+        hf = _with_given_ids(read_hf_config(hf), overrides)
         model_type = hf.get("model_type")
         if model_type == "olmoe":
             fields = _olmoe_fields(hf)
@@ -218,7 +226,24 @@ def replace_fields(cfg, overrides: Mapping[str, Any]):
     return dataclasses.replace(cfg, **overrides)
 
 
+# the token ids jmoe reads from config.json (jmoe's config fields have the same names)
+TOKEN_ID_FIELDS = ("mask_token_id", "eos_token_id", "pad_token_id")
+
+
+def read_json(path: str) -> Any:
+    """A JSON file's content; invalid JSON is a ValueError naming the file and the place."""
+    try:
+        with open(path, "rb") as f:
+            return json.loads(f.read())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e.msg}: line {e.lineno}, column "
+                         f"{e.colno})") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON (not UTF-8 text: {e.reason})") from None
+
+
 def read_hf_config(hf) -> dict:
+    """An HF ``config.json`` as a dict: given a dict, the file, or its folder."""
     if isinstance(hf, Mapping):
         return dict(hf)
     path = os.fspath(hf)
@@ -226,27 +251,117 @@ def read_hf_config(hf) -> dict:
         path = os.path.join(path, "config.json")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no HF config.json at {path!r}")
-    with open(path) as f:
-        return json.load(f)
+    raw = read_json(path)
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: expected a JSON object of config fields, got a JSON "
+                         f"{type(raw).__name__}")
+    return raw
+
+
+def _int(hf, name: str, default=None):
+    """A positive int field of config.json (required when ``default`` is None)."""
+    v = hf.get(name)
+    if v is None and default is not None:
+        return default
+    if v is None:
+        raise ValueError(f"config.json has no {name!r}: expected a positive int")
+    if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+        raise ValueError(f"config.json {name}={v!r}: expected a positive int")
+    return v
+
+
+def _number(hf, name: str, default):
+    v = hf.get(name)
+    if v is None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise ValueError(f"config.json {name}={v!r}: expected a number")
+    return float(v)
+
+
+def _bool(hf, name: str, default: bool) -> bool:
+    v = hf.get(name)
+    if v is None:
+        return default
+    if not isinstance(v, bool):
+        raise ValueError(f"config.json {name}={v!r}: expected true or false")
+    return v
 
 
 def _token_id(hf, name):
-    """An id from an HF config (an int or a list: jmoe keeps the first).
+    """An id from an HF config: an int, or a list whose entries are all that int.
 
-    Tiny test configs often keep the hub's ids past their small vocab; such an id
-    is dropped with a warning rather than failing the whole config.
+    Applied exactly or refused: an id outside ``[0, vocab_size)``, several different
+    ids (jmoe keeps one EOS / pad / mask id) or a non-integer is a ValueError naming
+    it; pass the field as an override (``eos_token_id=None`` or an id) to
+    ``from_hf_config`` / ``jmoe.load`` / ``hf_to_jmoe`` to replace it.
     """
     v = hf.get(name)
     if isinstance(v, (list, tuple)):
+        if len(set(v)) > 1:
+            raise ValueError(f"config.json {name}={v!r}: jmoe uses one {name}; pass {name}=<id> "
+                             "to choose one")
         v = v[0] if v else None
     if v is None:
         return None
-    if not 0 <= int(v) < hf["vocab_size"]:
-        logging.getLogger("jmoe").warning(
-            "config.json %s=%s is outside the vocabulary [0, %s); ignoring it", name, v,
-            hf["vocab_size"])
-        return None
-    return int(v)
+    vocab = _int(hf, "vocab_size")
+    if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < vocab:
+        raise ValueError(f"config.json {name}={v!r}: expected a token id in [0, vocab_size="
+                         f"{vocab}); pass {name}=None (or an id) to replace it")
+    return v
+
+
+def _family_id(hf, name, default: int):
+    """``name`` from config.json, or when absent the family tokenizer's id ``default``
+    (None if the vocabulary is too small to hold it: a tiny test model)."""
+    if name in hf:
+        return _token_id(hf, name)
+    return default if default < _int(hf, "vocab_size") else None
+
+
+def _with_given_ids(hf: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict:
+    # token ids given as overrides replace config.json's before they are checked
+    return {**hf, **{k: overrides[k] for k in TOKEN_ID_FIELDS if k in overrides}}
+
+
+_ROPE_KEYS = ("rope_type", "type", "rope_theta", "partial_rotary_factor")
+
+
+def _rope_fields(hf) -> dict:
+    """``rope_theta`` and ``rotary_fraction`` wherever transformers writes them: top level,
+    ``rope_parameters`` (transformers 5) or a legacy ``rope_scaling``. RoPE scaling, keys
+    of other RoPE types and two different values for one setting are refused."""
+    found: dict[str, list] = {"rope_theta": [], "partial_rotary_factor": []}
+    for k in found:
+        if hf.get(k) is not None:
+            found[k].append((k, hf[k]))
+    for where in ("rope_parameters", "rope_scaling"):
+        sec = hf.get(where)
+        if sec is None:
+            continue
+        if not isinstance(sec, Mapping):
+            raise ValueError(f"config.json {where}={sec!r}: expected a JSON object")
+        kind = sec.get("rope_type", sec.get("type", "default"))
+        if kind != "default":
+            raise ValueError(f"config.json {where}={dict(sec)!r}: rope_type {kind!r} is RoPE "
+                             "scaling; expected plain RoPE (rope_type 'default')")
+        unknown = sorted(set(sec) - set(_ROPE_KEYS))
+        if unknown:
+            raise ValueError(f"config.json {where} has {unknown}: expected only {_ROPE_KEYS} "
+                             "(plain RoPE)")
+        for k in found:
+            if sec.get(k) is not None:
+                found[k].append((f"{where}.{k}", sec[k]))
+    out = {}
+    for k, default in (("rope_theta", 10000.0), ("partial_rotary_factor", 1.0)):
+        for where, v in found[k]:
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise ValueError(f"config.json {where}={v!r}: expected a number")
+        if len({float(v) for _, v in found[k]}) > 1:
+            both = " and ".join(f"{w}={v!r}" for w, v in found[k])
+            raise ValueError(f"config.json sets {both}: expected one value")
+        out[k] = float(found[k][0][1]) if found[k] else default
+    return dict(rope_theta=out["rope_theta"], rotary_fraction=out["partial_rotary_factor"])
 
 
 def _common_fields(hf: Mapping[str, Any]) -> dict:
@@ -254,36 +369,36 @@ def _common_fields(hf: Mapping[str, Any]) -> dict:
         raise ValueError(f"config.json hidden_act={hf['hidden_act']!r}: expected 'silu'")
     if hf.get("attention_bias", False):
         raise ValueError("config.json attention_bias=True: jmoe's OLMoE has no attention bias")
-    rope = hf.get("rope_parameters") or {}
-    scaling = hf.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default"
-                                         else None)
-    if scaling:
-        raise ValueError(f"config.json rope scaling {scaling!r}: expected plain (default) RoPE")
-    heads = hf["num_attention_heads"]
+    heads, hidden = _int(hf, "num_attention_heads"), _int(hf, "hidden_size")
+    _int(hf, "vocab_size")
     return dict(
         vocab_size=hf["vocab_size"],
-        hidden_size=hf["hidden_size"],
-        num_layers=hf["num_hidden_layers"],
+        hidden_size=hidden,
+        num_layers=_int(hf, "num_hidden_layers"),
         num_heads=heads,
-        num_kv_heads=hf.get("num_key_value_heads") or heads,
-        head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
-        num_experts=hf["num_experts"],
-        num_experts_per_tok=hf["num_experts_per_tok"],
-        rope_theta=float(hf.get("rope_theta", rope.get("rope_theta", 10000.0))),
-        rotary_fraction=float(hf.get("partial_rotary_factor", 1.0) or 1.0),
-        rms_norm_eps=float(hf.get("rms_norm_eps", 1e-5)),
-        max_position_embeddings=hf.get("max_position_embeddings", 4096),
-        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        num_kv_heads=_int(hf, "num_key_value_heads", heads),
+        head_dim=_int(hf, "head_dim", hidden // heads),
+        num_experts=_int(hf, "num_experts"),
+        num_experts_per_tok=_int(hf, "num_experts_per_tok"),
+        **_rope_fields(hf),
+        rms_norm_eps=_number(hf, "rms_norm_eps", 1e-5),
+        max_position_embeddings=_int(hf, "max_position_embeddings", 4096),
+        tie_word_embeddings=_bool(hf, "tie_word_embeddings", False),
         eos_token_id=_token_id(hf, "eos_token_id"),
         pad_token_id=_token_id(hf, "pad_token_id"),
-        router_aux_loss_coef=float(hf.get("router_aux_loss_coef", 0.01)),
+        router_aux_loss_coef=_number(hf, "router_aux_loss_coef", 0.01),
     )
 
 
 def _olmoe_fields(hf) -> dict:
-    return dict(_common_fields(hf), moe_intermediate_size=hf["intermediate_size"],
-                clip_qkv=hf.get("clip_qkv"),
-                norm_topk_prob=bool(hf.get("norm_topk_prob", False)), qk_norm="whole",
+    common = _common_fields(hf)
+    if common["rotary_fraction"] != 1.0:
+        raise ValueError(f"config.json partial_rotary_factor={common['rotary_fraction']!r} with "
+                         "model_type 'olmoe': transformers' OLMoE ignores it and rotates whole "
+                         "heads; expected 1.0 or none")
+    return dict(common, moe_intermediate_size=_int(hf, "intermediate_size"),
+                clip_qkv=_number(hf, "clip_qkv", None),
+                norm_topk_prob=_bool(hf, "norm_topk_prob", False), qk_norm="whole",
                 causal=True)
 
 
@@ -296,19 +411,17 @@ def _llada_moe_fields(hf) -> dict:
                          f"{hf['shared_expert_intermediate_size']!r}: expected none for LLaDA-MoE")
     if hf.get("moe_router_enable_expert_bias"):
         raise ValueError("config.json moe_router_enable_expert_bias=True: expected False for LLaDA-MoE")
-    hf = dict(hf)
-    # LLaDA-MoE's tokenizer ids; its configs may omit them
-    hf.setdefault("mask_token_id", 156895)
-    hf.setdefault("eos_token_id", 156892)
+    # LLaDA-MoE's tokenizer ids where its config.json omits them
+    common = _common_fields(dict(hf, eos_token_id=_family_id(hf, "eos_token_id", 156892)))
     return dict(
-        _common_fields(hf),
-        clip_qkv=hf.get("clip_qkv"),
-        moe_intermediate_size=hf.get("expert_intermediate_size") or hf["intermediate_size"],
+        common,
+        clip_qkv=_number(hf, "clip_qkv", None),
+        moe_intermediate_size=_int(hf, "expert_intermediate_size", 0) or _int(hf, "intermediate_size"),
         # the published modeling file hard-codes norm_topk_prob = False
         norm_topk_prob=False,
-        qk_norm="per_head" if hf.get("qk_layernorm", True) else "none",
+        qk_norm="per_head" if _bool(hf, "qk_layernorm", True) else "none",
         causal=False,
-        mask_token_id=_token_id(hf, "mask_token_id"),
+        mask_token_id=_family_id(hf, "mask_token_id", 156895),
     )
 
 
@@ -386,8 +499,9 @@ class LLaDA2Config(MoEConfig):
 
     @classmethod
     def from_hf_config(cls, hf, **overrides) -> "LLaDA2Config":
-        """Build from an HF ``config.json`` of ``model_type`` ``llada2_moe``."""
-        hf = read_hf_config(hf)
+        """Build from an HF ``config.json`` of ``model_type`` ``llada2_moe`` (see
+        ``OlmoeConfig.from_hf_config``)."""
+        hf = _with_given_ids(read_hf_config(hf), overrides)
         if hf.get("model_type") != "llada2_moe":
             raise ValueError(f"config.json model_type={hf.get('model_type')!r}: expected "
                              "'llada2_moe' for LLaDA2Config")
@@ -397,20 +511,21 @@ class LLaDA2Config(MoEConfig):
         for flag in ("use_qkv_bias", "use_bias"):
             if hf.get(flag):
                 raise ValueError(f"config.json {flag}=True: jmoe's LLaDA2 has no linear biases")
-        hf = dict(hf)
-        hf.setdefault("mask_token_id", 156895)  # LLaDA2's tokenizer; configs may omit it
-        hf.setdefault("eos_token_id", 156892)
-        fields = _common_fields(hf)
+        if _bool(hf, "norm_topk_prob", True) is not True:
+            raise ValueError("config.json norm_topk_prob=False: jmoe's LLaDA2 router always "
+                             "normalises the kept experts' weights (expected true)")
+        # LLaDA2's tokenizer ids where its config.json omits them
+        fields = _common_fields(dict(hf, eos_token_id=_family_id(hf, "eos_token_id", 156892)))
         fields.update(
-            intermediate_size=hf["intermediate_size"],
-            moe_intermediate_size=hf["moe_intermediate_size"],
+            intermediate_size=_int(hf, "intermediate_size"),
+            moe_intermediate_size=_int(hf, "moe_intermediate_size"),
             num_shared_experts=hf.get("num_shared_experts") or 0,
             first_k_dense_replace=hf.get("first_k_dense_replace", 0),
-            n_group=hf.get("n_group") or 1, topk_group=hf.get("topk_group") or 1,
-            routed_scaling_factor=float(hf.get("routed_scaling_factor", 1.0)),
-            qk_norm="per_head" if hf.get("use_qk_norm", True) else "none",
-            mask_token_id=_token_id(hf, "mask_token_id"),
-            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            n_group=_int(hf, "n_group", 1), topk_group=_int(hf, "topk_group", 1),
+            routed_scaling_factor=_number(hf, "routed_scaling_factor", 1.0),
+            qk_norm="per_head" if _bool(hf, "use_qk_norm", True) else "none",
+            mask_token_id=_family_id(hf, "mask_token_id", 156895),
+            rms_norm_eps=_number(hf, "rms_norm_eps", 1e-6),
             generation=dict(LLADA2_GENERATION),
         )
         return replace_fields(cls(**fields), overrides)
@@ -432,3 +547,6 @@ LLADA2_MINI = LLaDA2Config(
 
 # model family -> its config class (the ``family`` key of a jmoe checkpoint's config.json)
 CONFIG_CLASSES = {"olmoe": OlmoeConfig, "llada2": LLaDA2Config}
+
+# named presets, as ``jmoe.aot.plan`` and ``jmoe plan --model`` take them
+PRESETS = {"olmoe-1b-7b": OLMOE_1B_7B, "llada-moe-7b": LLADA_MOE_7B, "llada2-mini": LLADA2_MINI}

@@ -16,8 +16,10 @@ import sys
 import numpy as np
 from tqdm.auto import tqdm
 
-from jmoe.checkpoint import atomic_dir, load, save_checkpoint
-from jmoe.hf import config_from_hf_dir, get_path, read_params
+from jmoe.checkpoint import (atomic_dir, check_matches_weights, expected_params, load,
+                             save_checkpoint)
+from jmoe.config import TOKEN_ID_FIELDS, read_json
+from jmoe.hf import config_from_hf_dir, get_path, read_params, require_folder
 from jmoe.hf_keys import hf_config_from, rules_for
 
 # Files besides weights that travel with a checkpoint (tokenizer, generation defaults).
@@ -57,38 +59,48 @@ def _fused_rows(config, key: str) -> int:
 def copy_side_files(src: str, dst: str):
     for name in SIDE_FILES:
         p = os.path.join(src, name)
-        if os.path.isfile(p):
-            shutil.copy2(p, os.path.join(dst, name))
+        if os.path.isfile(p):  # contents only: the copy's mode follows the umask
+            shutil.copyfile(p, os.path.join(dst, name))
 
 
 def hf_to_jmoe(hf_dir: str, out: str, *, dtype: str | None = None, overwrite: bool = False,
                progress: bool = True, **config_overrides) -> str:
     """Convert an HF folder into a jmoe checkpoint at ``out`` (atomic).
 
+    ``out`` is checked before any weight is read (``jmoe.checkpoint.atomic_dir``): it
+    must not be, contain or sit inside ``hf_dir``, must not exist unless ``overwrite``,
+    and must be creatable. Work in progress goes to a hidden ``.OUT.partial-*`` folder
+    beside ``out`` (the previous ``out`` to ``.OUT.old-*`` during an overwrite's swap);
+    the next run to ``out`` removes those a killed run left. ``dtype`` None keeps the
+    weights' own precision (float32 or bfloat16; float16 weights need ``dtype``).
+    ``config_overrides`` must keep every weight's shape (``jmoe.load``'s rule).
+
     Example:
         hf_to_jmoe("hf/OLMoE-1B-7B-0924", "ckpt/olmoe", dtype="bfloat16")
     """
-    if not os.path.isdir(hf_dir):
-        raise FileNotFoundError(f"HF folder {hf_dir!r} does not exist")
-    config = config_from_hf_dir(hf_dir, **config_overrides)
-    params, dtype = read_params(hf_dir, config, dtype, progress)
-    config = config.replace(dtype=dtype)
-    with atomic_dir(out, overwrite) as tmp:
+    hf_dir = require_folder(hf_dir)
+    with atomic_dir(out, overwrite, sources=[hf_dir]) as tmp:
+        ids = {k: config_overrides[k] for k in TOKEN_ID_FIELDS if k in config_overrides}
+        config = config_from_hf_dir(hf_dir, **ids)
+        config = check_matches_weights(config, config_overrides, expected_params(config), hf_dir)
+        params, dtype = read_params(hf_dir, config, dtype, progress)
+        config = config.replace(dtype=dtype)
         save_checkpoint(tmp, config, params)
         copy_side_files(hf_dir, tmp)
-        shutil.copy2(os.path.join(hf_dir, "config.json"), os.path.join(tmp, "hf_config.json"))
+        shutil.copyfile(os.path.join(hf_dir, "config.json"), os.path.join(tmp, "hf_config.json"))
     return out
 
 
 def jmoe_to_hf(ckpt: str, out: str, *, overwrite: bool = False, progress: bool = True) -> str:
-    """Export a jmoe checkpoint back to an HF folder (safetensors shards + config)."""
-    model = load(ckpt, tokenizer=False)
-    base = None
-    hf_cfg_path = os.path.join(ckpt, "hf_config.json")
-    if os.path.isfile(hf_cfg_path):
-        with open(hf_cfg_path) as f:
-            base = json.load(f)
-    with atomic_dir(out, overwrite) as tmp:
+    """Export a jmoe checkpoint back to an HF folder (safetensors shards + config); ``out``
+    is checked and written as by ``hf_to_jmoe``."""
+    ckpt = require_folder(ckpt, "jmoe checkpoint")
+    with atomic_dir(out, overwrite, sources=[ckpt]) as tmp:
+        model = load(ckpt, tokenizer=False)
+        hf_cfg_path = os.path.join(ckpt, "hf_config.json")
+        base = read_json(hf_cfg_path) if os.path.isfile(hf_cfg_path) else None
+        if base is not None and not isinstance(base, dict):
+            raise ValueError(f"{hf_cfg_path}: expected a JSON object, got {type(base).__name__}")
         _write_shards(tmp, iter_hf_tensors(model.params, model.config), progress)
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(hf_config_from(model.config, base), f, indent=2)
@@ -137,9 +149,12 @@ def _write_shards(folder: str, tensors, progress: bool, max_bytes: int = MAX_SHA
 
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--hf-dir", help="HF model folder (config.json + safetensors) to convert")
-    p.add_argument("--out", required=True, help="output folder (written atomically)")
+    p.add_argument("--out", required=True,
+                   help="output folder (written atomically; work in progress in a hidden "
+                        ".OUT.partial-* folder beside it, removed by the next run if killed)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"),
-                   help="param dtype of the jmoe checkpoint (default: the source's)")
+                   help="param dtype of the jmoe checkpoint (default: the source's own, "
+                        "float32 or bfloat16; float16 sources need it)")
     p.add_argument("--to-hf", metavar="JMOE_DIR",
                    help="export the jmoe checkpoint JMOE_DIR back to the HF layout at --out")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
@@ -169,6 +184,6 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     try:
         return run(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
+    except (ValueError, OSError) as e:  # OSError: FileNotFoundError, FileExistsError, ...
         print(f"error: {e}", file=sys.stderr)
         return 2

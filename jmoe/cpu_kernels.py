@@ -162,11 +162,6 @@ def available() -> bool:
         return False
 
 
-def use_on_this_platform() -> bool:
-    """Whether jmoe's defaults use these kernels now: XLA:CPU and ``available()``."""
-    return jax.default_backend() == "cpu" and available()
-
-
 def grouped_swiglu(x_TD, token_A, expert_A, weight_A, w_gate_EDF, w_up_EDF, w_down_EFD,
                    *, combine_k: int = 0, variant: tuple[str, ...] = ()):
     """The raw expert kernel. Row a's output is

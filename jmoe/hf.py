@@ -10,13 +10,13 @@ HF tensors read one at a time (per-expert tensors into their slot of the stacked
 from __future__ import annotations
 
 import contextlib
-import json
+import logging
 import os
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from jmoe.config import CONFIG_CLASSES, read_hf_config
+from jmoe.config import CONFIG_CLASSES, TOKEN_ID_FIELDS, read_hf_config, read_json
 from jmoe.hf_keys import rules_for
 from jmoe.model import abstract_params
 
@@ -26,35 +26,77 @@ HF_MODEL_TYPES = {"olmoe": "olmoe", "llada": "olmoe", "lladamoe": "olmoe", "llad
 GENERATION_KEYS = ("gen_length", "block_length", "steps", "temperature", "cfg_scale",
                    "remasking", "threshold")
 _HF_GENERATION_ALIASES = {"max_new_tokens": "gen_length"}
+# generation_config.json keys that change nothing jmoe generates: metadata and output flags
+_GENERATION_NO_EFFECT = ("_from_model_config", "transformers_version", "use_cache",
+                         "output_attentions", "output_hidden_states", "output_scores",
+                         "output_logits", "return_dict_in_generate", "bos_token_id",
+                         "decoder_start_token_id")
+_log = logging.getLogger("jmoe")
 
 
-def generation_defaults(folder: str) -> dict | None:
+def require_folder(path: str, what: str = "HF folder") -> str:
+    """``path`` as a str; FileNotFoundError if it does not exist, ValueError if it is a file."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{what} {path!r} does not exist")
+    if not os.path.isdir(path):
+        raise ValueError(f"{what} {path!r} is a file, not a folder: expected a model folder "
+                         "(config.json + weights)")
+    return path
+
+
+def generation_defaults(folder: str, config=None) -> dict | None:
+    """The sampler defaults of a folder's ``generation_config.json`` (None: no file or
+    none set). Keys jmoe cannot honour (``do_sample``, ``top_p``, ``max_length``, ...; a
+    token id other than ``config``'s) are ignored with a warning naming them."""
     path = os.path.join(folder, "generation_config.json")
     if not os.path.isfile(path):
         return None
-    with open(path) as f:
-        raw = json.load(f)
-    out = {}
+    raw = read_json(path)
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: expected a JSON object of generation settings, got a JSON "
+                         f"{type(raw).__name__}")
+    out, ignored = {}, []
     for k, v in raw.items():
-        k = _HF_GENERATION_ALIASES.get(k, k)
-        if k in GENERATION_KEYS and isinstance(v, (int, float, str)):
-            out[k] = v
+        name = _HF_GENERATION_ALIASES.get(k, k)
+        if name in GENERATION_KEYS and isinstance(v, (int, float, str)) and not isinstance(v, bool):
+            out[name] = v
+        elif k in TOKEN_ID_FIELDS and config is not None:
+            ids = set(v) if isinstance(v, (list, tuple)) else {v}
+            if ids != {getattr(config, k)}:
+                ignored.append(f"{k}={v!r} (the model's {k} is {getattr(config, k)!r})")
+        elif k not in _GENERATION_NO_EFFECT:
+            ignored.append(f"{k}={v!r}")
+    if ignored:
+        _log.warning("%s: jmoe cannot honour %s; ignored (jmoe's generation keys: %s)", path,
+                     ", ".join(ignored), ", ".join(GENERATION_KEYS + ("max_new_tokens",)))
     return out or None
 
 
 def config_from_hf_dir(hf_dir: str, **overrides):
-    """The jmoe config of an HF folder (``config.json`` + ``generation_config.json``)."""
+    """The jmoe config of an HF folder (``config.json`` + ``generation_config.json``).
+
+    Errors in ``config.json`` are ValueErrors naming the file and the field; token ids
+    given in ``overrides`` replace ``config.json``'s before they are checked.
+    """
+    hf_dir = require_folder(hf_dir)
+    cfg_path = os.path.join(hf_dir, "config.json")
     hf = read_hf_config(hf_dir)
     model_type = hf.get("model_type")
     family = HF_MODEL_TYPES.get(model_type)
     if family is None:
-        raise ValueError(f"config.json model_type={model_type!r} in {hf_dir!r}: expected one of "
+        raise ValueError(f"{cfg_path}: model_type={model_type!r}: expected one of "
                          f"{sorted(HF_MODEL_TYPES)}")
-    config = CONFIG_CLASSES[family].from_hf_config(hf)
-    gen = generation_defaults(hf_dir)
-    if gen and "generation" not in overrides:
-        # the folder's generation_config.json refines the family's defaults
-        overrides = dict(overrides, generation={**(config.generation or {}), **gen})
+    ids = {k: overrides[k] for k in TOKEN_ID_FIELDS if k in overrides}
+    try:
+        config = CONFIG_CLASSES[family].from_hf_config(hf, **ids)
+    except ValueError as e:
+        msg = str(e)
+        raise ValueError(cfg_path + msg[len("config.json"):] if msg.startswith("config.json")
+                         else f"{cfg_path}: {msg}") from None
+    gen = generation_defaults(hf_dir, config)
+    if gen:  # the folder's generation_config.json refines the family's defaults
+        config = config.replace(generation={**(config.generation or {}), **gen})
     return config.replace(**overrides) if overrides else config
 
 
@@ -68,31 +110,42 @@ def np_dtype(name: str):
     raise ValueError(f"dtype={name!r}: expected 'float32' or 'bfloat16'")
 
 
+def _open_safetensors(path: str):
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        return safe_open(path, framework="numpy")
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
+
+
 class SafetensorsReader:
-    """Reads named tensors from a folder's ``model.safetensors`` or sharded index."""
+    """Reads named tensors from a folder's ``model.safetensors`` or sharded index.
+
+    A damaged, empty or tensor-less file, or an index naming what its shards lack, is a
+    ValueError naming the file; a missing file a FileNotFoundError.
+    """
 
     def __init__(self, hf_dir: str):
         self.hf_dir = hf_dir
+        self._stack = contextlib.ExitStack()
+        self._handles = {}
         index = os.path.join(hf_dir, "model.safetensors.index.json")
         single = os.path.join(hf_dir, "model.safetensors")
         if os.path.isfile(index):
-            with open(index) as f:
-                weight_map = json.load(f)["weight_map"]
-            for shard in sorted(set(weight_map.values())):
+            self.key_to_file = _weight_map(index)
+            for shard in sorted(set(self.key_to_file.values())):
                 if not os.path.isfile(os.path.join(hf_dir, shard)):
                     raise FileNotFoundError(
                         f"shard {shard!r} named in {index} is missing from {hf_dir!r}")
-            self.key_to_file = dict(weight_map)
         elif os.path.isfile(single):
-            from safetensors import safe_open
-
-            with safe_open(single, framework="numpy") as f:
+            with _open_safetensors(single) as f:
                 self.key_to_file = {k: "model.safetensors" for k in f.keys()}
+            if not self.key_to_file:
+                raise ValueError(f"{single}: holds no tensors: expected the model's weights")
         else:
             raise FileNotFoundError(
                 f"no model.safetensors or model.safetensors.index.json in {hf_dir!r}")
-        self._stack = contextlib.ExitStack()
-        self._handles = {}
 
     def keys(self):
         return self.key_to_file.keys()
@@ -107,24 +160,86 @@ class SafetensorsReader:
         return self._handle(key).get_tensor(key)
 
     def _handle(self, key):
-        from safetensors import safe_open
-
         if key not in self.key_to_file:
             raise KeyError(key)
         fname = self.key_to_file[key]
         if fname not in self._handles:
-            self._handles[fname] = self._stack.enter_context(
-                safe_open(os.path.join(self.hf_dir, fname), framework="numpy"))
+            path = os.path.join(self.hf_dir, fname)
+            handle = self._stack.enter_context(_open_safetensors(path))
+            lacking = sorted({k for k, f in self.key_to_file.items() if f == fname}
+                             - set(handle.keys()))
+            if lacking:
+                raise ValueError(f"{path}: lacks tensor(s) {lacking[:5]} that its index places "
+                                 "there")
+            self._handles[fname] = handle
         return self._handles[fname]
 
     def close(self):
         self._stack.close()
 
 
-def source_dtype(reader: SafetensorsReader) -> str:
-    """jmoe dtype matching the checkpoint: bfloat16 for 16-bit weights, else float32."""
-    first = next(iter(reader.keys()))
-    return "bfloat16" if reader.dtype(first) in ("BF16", "F16") else "float32"
+def _weight_map(index: str) -> dict:
+    raw = read_json(index)
+    wm = raw.get("weight_map") if isinstance(raw, dict) else None
+    if not isinstance(wm, dict) or not all(isinstance(v, str) for v in wm.values()):
+        raise ValueError(f"{index}: expected a JSON object with a 'weight_map' of tensor name "
+                         "-> shard file")
+    if not wm:
+        raise ValueError(f"{index}: its weight_map names no tensors: expected the model's weights")
+    return dict(wm)
+
+
+# safetensors dtype names -> numpy/jmoe names
+_SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64"}
+
+
+def declared_dtype(hf_dir: str) -> str | None:
+    """The dtype ``config.json`` declares for the weights (``dtype``, or the older
+    ``torch_dtype``), or None."""
+    path = os.path.join(hf_dir, "config.json")
+    hf = read_hf_config(path) if os.path.isfile(path) else {}
+    names = {str(hf[k]).removeprefix("torch.") for k in ("dtype", "torch_dtype")
+             if hf.get(k) not in (None, "auto")}
+    if len(names) > 1:
+        raise ValueError(f"{path}: dtype={hf['dtype']!r} and torch_dtype={hf['torch_dtype']!r} "
+                         "disagree: expected one weight dtype")
+    return names.pop() if names else None
+
+
+def source_dtype(reader: SafetensorsReader, keys=None, declared: str | None = None) -> str:
+    """The jmoe dtype of the weights ``keys`` (default all): exactly the stored one.
+
+    Weights stored as float32 or bfloat16 keep their precision. Float16 or float64
+    weights, weights of mixed dtypes, or a ``declared`` (config.json) dtype other than the
+    weights' are ValueErrors naming the dtypes and a tensor: jmoe never changes a
+    checkpoint's precision unasked (pass ``dtype`` to convert).
+    """
+    first: dict[str, str] = {}
+    for k in keys if keys is not None else reader.keys():
+        first.setdefault(_dtype_name(reader, k), k)
+    if len(first) > 1:
+        mix = ", ".join(f"{d} ({k!r})" for d, k in first.items())
+        raise ValueError(f"the weights in {reader.hf_dir!r} mix dtypes {mix}: pass "
+                         "dtype='float32' or dtype='bfloat16' (--dtype) to convert them to one")
+    (name, key), = first.items()
+    if name not in ("float32", "bfloat16"):
+        raise ValueError(f"the weights in {reader.hf_dir!r} are {name} (e.g. {key!r}): jmoe "
+                         "computes in float32 or bfloat16 and does not change a checkpoint's "
+                         "precision unasked: pass dtype='float32' or dtype='bfloat16' "
+                         "(--dtype) to convert")
+    if declared is not None and declared != name:
+        raise ValueError(f"{os.path.join(reader.hf_dir, 'config.json')} declares dtype="
+                         f"{declared!r} but the weights are {name} (e.g. {key!r}): pass "
+                         "dtype='float32' or dtype='bfloat16' (--dtype) to choose")
+    return name
+
+
+def _dtype_name(reader, key) -> str:
+    st = reader.dtype(key)
+    if st not in _SAFETENSORS_DTYPES:
+        raise ValueError(f"tensor {key!r} in {reader.hf_dir!r} has dtype {st}: expected floating "
+                         f"weights ({', '.join(_SAFETENSORS_DTYPES)})")
+    return _SAFETENSORS_DTYPES[st]
 
 
 def _set_path(tree: dict, path, value):
@@ -136,13 +251,13 @@ def _set_path(tree: dict, path, value):
 def read_params(hf_dir: str, config, dtype: str | None = None, progress: bool = True):
     """HF folder -> jmoe params (a nested dict of NumPy arrays in ``dtype``).
 
-    Raises ValueError naming the tensor for a missing, unexpected or mis-shaped
-    tensor. Expected shapes come from ``init_params`` of the config (abstractly).
+    ``dtype`` None keeps the weights' own (``source_dtype``: float32 or bfloat16,
+    else refused); ``"float32"`` or ``"bfloat16"`` converts them. Raises ValueError
+    naming the tensor for a missing, unexpected or mis-shaped tensor. Expected shapes
+    come from ``init_params`` of the config (abstractly).
     """
     reader = SafetensorsReader(hf_dir)
     try:
-        dtype = dtype or source_dtype(reader)
-        out_dt = np_dtype(dtype)
         rules = rules_for(config)
         shapes = abstract_params(config)
         wanted = {k for r in rules for k in r.hf_keys(config.num_experts)}
@@ -154,6 +269,15 @@ def read_params(hf_dir: str, config, dtype: str | None = None, progress: bool = 
         if missing:
             raise ValueError(f"missing tensor(s) in {hf_dir!r}: {missing[:5]}"
                              f"{' ...' if len(missing) > 5 else ''}")
+        # the model's dtype is the weights' own (float32 leaves such as expert_bias aside)
+        model_keys = sorted({k for r in rules if not r.float32
+                             for k in r.hf_keys(config.num_experts)})
+        if dtype is None:
+            dtype = source_dtype(reader, model_keys, declared_dtype(hf_dir))
+        else:  # converted because asked; still only from floating weights
+            for k in model_keys:
+                _dtype_name(reader, k)
+        out_dt = np_dtype(dtype)
         params: dict = {}
         bar = tqdm(total=len(rules), desc="converting", unit="tensor", disable=not progress)
         for rule in rules:

@@ -116,7 +116,10 @@ def hf_config_from(config, base: dict | None = None) -> dict:
         "hidden_act": "silu", "max_position_embeddings": config.max_position_embeddings,
         "tie_word_embeddings": config.tie_word_embeddings, "eos_token_id": config.eos_token_id,
         "pad_token_id": config.pad_token_id, "router_aux_loss_coef": config.router_aux_loss_coef,
+        "dtype": config.dtype,  # the exported weights' dtype (the reader checks they agree)
     })
+    if "torch_dtype" in out:
+        out["torch_dtype"] = config.dtype
     if config.family == "llada2":
         out.update(
             model_type="llada2_moe", head_dim=config.head_dim,
@@ -136,9 +139,14 @@ def hf_config_from(config, base: dict | None = None) -> dict:
     out["model_type"] = out.get("model_type", "llada" if llada else "olmoe")
     out["clip_qkv"] = config.clip_qkv
     if out["model_type"] == "olmoe":
+        if config.rotary_fraction != 1.0:
+            raise ValueError(f"rotary_fraction={config.rotary_fraction!r}: transformers' OLMoE "
+                             "rotates whole heads; expected 1.0 to export as model_type 'olmoe'")
+        rope = {"rope_theta": config.rope_theta, "rope_type": "default"}
         out.update(intermediate_size=config.moe_intermediate_size,
-                   norm_topk_prob=config.norm_topk_prob,
-                   rope_parameters={"rope_theta": config.rope_theta, "rope_type": "default"})
+                   norm_topk_prob=config.norm_topk_prob, rope_parameters=rope)
+        for k in ("rope_theta", "partial_rotary_factor", "rope_scaling"):
+            out.pop(k, None)  # one place for each RoPE setting: rope_parameters
         out.setdefault("architectures", ["OlmoeForCausalLM"])
     else:
         out.update(expert_intermediate_size=config.moe_intermediate_size,

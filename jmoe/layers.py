@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from jmoe import cpu_kernels
+from jmoe.platform import kernels
 
 # A finite "minus infinity": a query row with no visible key (a left pad under a
 # causal mask) then softmaxes to a uniform row instead of NaN.
@@ -55,15 +56,16 @@ def rope_tables(positions_BL, rotary_dim: int, theta: float):
     return jnp.cos(emb), jnp.sin(emb)
 
 
-def apply_rope(x_BLHK, cos_BLR, sin_BLR):
+def apply_rope(x_BLHK, cos_BLR, sin_BLR, platform: str | None = None):
     """NeoX-style rotary on the first R dims of each head; the rest pass through.
 
-    On CPU with jmoe's kernels and float32 inputs, the ``jmoe_rotary`` kernel (XLA
-    fuses the tables' cos and sin into every layer's q and k rotary and evaluates them
-    per head: ~0.6 ms a layer at 4x256 tokens); the gradient is ``xla_rope``'s.
+    For a CPU target with jmoe's kernels (``jmoe.platform``) and float32 inputs, the
+    ``jmoe_rotary`` kernel (XLA fuses the tables' cos and sin into every layer's q and
+    k rotary and evaluates them per head: ~0.6 ms a layer at 4x256 tokens); the
+    gradient is ``xla_rope``'s.
     """
     arrays = (x_BLHK, cos_BLR, sin_BLR)
-    if all(a.dtype == jnp.float32 for a in arrays) and cpu_kernels.use_on_this_platform():
+    if all(a.dtype == jnp.float32 for a in arrays) and kernels(platform).cpu_kernels:
         return _kernel_rope(*arrays)
     return xla_rope(*arrays)
 
@@ -122,20 +124,25 @@ def block_causal_bias(q_pos_BL, k_pos_BS, key_valid_BS, block_length: int):
     return jnp.where(allowed, 0.0, NEG_INF).astype(jnp.float32)[:, None]
 
 
-def dot_attention(q_BLHK, k_BSNK, v_BSNK, bias_B1LS, causal_chunk: int | None = None):
+def dot_attention(q_BLHK, k_BSNK, v_BSNK, bias_B1LS, causal_chunk: int | None = None,
+                  platform: str | None = None):
     """Softmax attention with GQA; logits and softmax in float32.
 
     ``causal_chunk``: the mask is causal by index (query i sees keys j <= i) and
     L == S, so the keys past a query block can be skipped (the same values).
-    On CPU with jmoe's compiled kernels and float32 inputs this is the
-    ``jmoe_attention`` kernel (``jmoe.cpu_kernels.attention``; its gradient is the
-    XLA path's); otherwise ``xla_attention``.
+    The implementation is the target platform's (``jmoe.platform``): for CPU with
+    jmoe's compiled kernels and float32 inputs the ``jmoe_attention`` kernel
+    (``jmoe.cpu_kernels.attention``; its gradient is the XLA path's); otherwise
+    ``xla_attention``.
     """
     arrays = (q_BLHK, k_BSNK, v_BSNK, bias_B1LS)
-    if all(a.dtype == jnp.float32 for a in arrays) and cpu_kernels.use_on_this_platform():
+    table = kernels(platform)
+    if all(a.dtype == jnp.float32 for a in arrays) and table.cpu_kernels:
         causal = bool(causal_chunk) and q_BLHK.shape[1] == k_BSNK.shape[1]
         return _kernel_attention(causal_chunk if causal else None, *arrays)
-    return xla_attention(*arrays, causal_chunk)
+    return xla_attention(*arrays, causal_chunk if table.causal_chunks else None,
+                         blocked=table.blocked_attention,
+                         implementation="xla" if table.platform in (None, "cpu") else None)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -148,32 +155,34 @@ def _kernel_attention_fwd(causal_chunk, *arrays):
 
 
 def _kernel_attention_bwd(causal_chunk, arrays, g):
-    _, vjp = jax.vjp(lambda *a: xla_attention(*a, causal_chunk), *arrays)
+    _, vjp = jax.vjp(lambda *a: xla_attention(*a, causal_chunk, blocked=True), *arrays)
     return vjp(g)
 
 
 _kernel_attention.defvjp(_kernel_attention_fwd, _kernel_attention_bwd)
 
 
-def xla_attention(q_BLHK, k_BSNK, v_BSNK, bias_B1LS, causal_chunk: int | None = None):
+def xla_attention(q_BLHK, k_BSNK, v_BSNK, bias_B1LS, causal_chunk: int | None = None, *,
+                  blocked: bool = False, implementation: str | None = "xla"):
     """``dot_attention`` in XLA ops. ``causal_chunk``: queries go in chunks of this
     many and chunk c computes only its visible keys ``[0, (c+1)*chunk)``: about
     (1 + 1/n)/2 of the score work for n chunks, the same values. (A query with no
     visible key at all, a left pad, is uniform over its chunk's keys instead of all
-    keys: its output is never used.) On CPU from ``BLOCKED_MIN_KEYS`` keys on,
-    ``blocked_attention`` computes the same thing (measured on CPU only; on GPU/TPU its
-    loop of small blocks is untested for speed, so they keep the one-shot path).
+    keys: its output is never used.) ``blocked``: from ``BLOCKED_MIN_KEYS`` keys on,
+    ``blocked_attention`` computes the same thing. Both loops were measured on CPU
+    only, so ``jmoe.platform`` turns them on for CPU targets; GPU and TPU targets take
+    one ``jax.nn.dot_product_attention`` with ``implementation`` left to XLA (None).
     """
     l, s = q_BLHK.shape[1], k_BSNK.shape[1]
     causal = bool(causal_chunk) and l == s
-    if s >= BLOCKED_MIN_KEYS and jax.default_backend() == "cpu":
+    if blocked and s >= BLOCKED_MIN_KEYS:
         return blocked_attention(q_BLHK, k_BSNK, v_BSNK, bias_B1LS, causal=causal)
     if causal and l > causal_chunk:
         return chunked_causal_attention(q_BLHK, k_BSNK, v_BSNK, bias_B1LS, causal_chunk)
-    # jax's XLA attention: float32 logits and softmax, the bias added before the
-    # softmax, GQA; ~20% faster on CPU than our own 5-D einsum formulation.
+    # jax's attention: float32 logits and softmax, the bias added before the softmax,
+    # GQA; on CPU its XLA form is ~20% faster than our own 5-D einsum formulation.
     return jax.nn.dot_product_attention(q_BLHK, k_BSNK, v_BSNK, bias=bias_B1LS,
-                                        implementation="xla")
+                                        implementation=implementation)
 
 
 def chunked_causal_attention(q_BLHK, k_BSNK, v_BSNK, bias_B1LS, chunk: int):
@@ -291,6 +300,7 @@ class Attention(nn.Module):
     clip_qkv: float | None = None
     dtype: jnp.dtype = jnp.float32
     causal: bool = False  # the bias is causal by index: uncached calls skip invisible keys
+    platform: str | None = None  # the target's kernel table (jmoe.platform)
 
     @nn.compact
     def __call__(self, x_BLD, cos_BLR, sin_BLR, bias_B1LS, cache=None, layer: int = 0):
@@ -314,10 +324,12 @@ class Attention(nn.Module):
             kk = RMSNorm(self.eps, self.dtype, name="k_norm")(kk)
         if self.clip_qkv is not None:
             q, kk, v = (jnp.clip(t, -self.clip_qkv, self.clip_qkv) for t in (q, kk, v))
-        q, kk = apply_rope(q, cos_BLR, sin_BLR), apply_rope(kk, cos_BLR, sin_BLR)
+        rope = lambda t: apply_rope(t, cos_BLR, sin_BLR, self.platform)
+        q, kk = rope(q), rope(kk)
         if cache is None:
             chunk = CAUSAL_CHUNK if self.causal else None
-            return dot_attention(q, kk, v, bias_B1LS, chunk).reshape(b, l, h * k) @ wo, None
+            out = dot_attention(q, kk, v, bias_B1LS, chunk, self.platform)
+            return out.reshape(b, l, h * k) @ wo, None
         k_BSNK, v_BSNK = cache.write(layer, kk, v)
-        out = dot_attention(q, k_BSNK, v_BSNK, bias_B1LS)
+        out = dot_attention(q, k_BSNK, v_BSNK, bias_B1LS, platform=self.platform)
         return out.reshape(b, l, h * k) @ wo, (k_BSNK, v_BSNK)

@@ -14,6 +14,7 @@ import numpy as np
 
 import flax.linen as nn
 
+from jmoe import platform as platform_lib
 from jmoe import routing as routing_lib
 from jmoe import sharding
 from jmoe import xla_options
@@ -70,7 +71,8 @@ def random_model(config, seed: int = 0, tokenizer=None) -> Model:
     Example:
         model = jmoe.random_model(jmoe.OLMOE_1B_7B.replace(num_layers=2))
     """
-    return Model(config, init_params(config, seed), tokenizer)
+    params = init_params(config, seed)
+    return Model(platform_lib.resolve(config, params), params, tokenizer)
 
 
 def shard_model(model: Model, mesh, **config_overrides) -> Model:
@@ -100,7 +102,8 @@ def shard_model(model: Model, mesh, **config_overrides) -> Model:
     Example:
         model = jmoe.shard_model(jmoe.random_model(cfg), jmoe.make_mesh(expert=8))
     """
-    config = model.config.replace(mesh=mesh, **config_overrides)
+    config = platform_lib.resolve(model.config.replace(mesh=mesh, platform=None,
+                                                       **config_overrides))
     params = sharding.shard_params(model.params, param_logical_axes(config), mesh,
                                    num_experts=config.num_experts)
     return model.replace(config=config, params=params)
@@ -164,6 +167,57 @@ def apply(config, params, tokens_BL, *, valid_BL, budgets: routing_lib.Budget | 
     return logits, aux, cache
 
 
+def _check_tokens(config, tokens_BL):
+    """``tokens_BL`` as an integer array ``[B, L]``, B, L >= 1, L within the model's
+    positions, ids in ``[0, V)`` (when concrete); else a ValueError naming the bad
+    shape, dtype or id and what was expected."""
+    if isinstance(tokens_BL, jax.Array):  # concrete or traced
+        tokens = tokens_BL
+    else:
+        try:
+            tokens = np.asarray(tokens_BL)
+        except ValueError as e:  # ragged nested lists
+            raise ValueError(f"tokens must be a [batch, length] array of token ids: {e}") \
+                from None
+    if tokens.ndim != 2:
+        raise ValueError(f"tokens must be [batch, length], got shape {tuple(tokens.shape)}")
+    if tokens.dtype.kind not in "iu":  # floats would be truncated, bools are no ids
+        raise ValueError(f"tokens have dtype {tokens.dtype}: expected integer token ids")
+    b, l = tokens.shape
+    if b == 0 or l == 0:
+        raise ValueError(f"tokens have shape {(b, l)}: expected [batch, length] with at least "
+                         f"one row and one token")
+    if l > config.max_position_embeddings:
+        raise ValueError(f"tokens length L={l} exceeds the model's max_position_embeddings="
+                         f"{config.max_position_embeddings}")
+    if not isinstance(tokens, jax.core.Tracer):
+        lo, hi = int(tokens.min()), int(tokens.max())
+        if lo < 0 or hi >= config.vocab_size:
+            raise ValueError(f"token id {lo if lo < 0 else hi} outside the vocabulary "
+                             f"[0, {config.vocab_size})")
+    return tokens
+
+
+def _check_mask(attention_mask, shape_BL):
+    """``attention_mask`` as a bool ``[B, L]`` array: bool or 0/1 numbers of the tokens'
+    shape; None marks every token real."""
+    if attention_mask is None:
+        return jnp.ones(shape_BL, bool)
+    mask = attention_mask if isinstance(attention_mask, jax.Array) else np.asarray(attention_mask)
+    if tuple(mask.shape) != tuple(shape_BL):
+        raise ValueError(f"attention_mask shape {tuple(mask.shape)} != tokens shape "
+                         f"{tuple(shape_BL)}: expected [B, L] like the tokens")
+    if mask.dtype.kind not in "biuf":
+        raise ValueError(f"attention_mask has dtype {mask.dtype}: expected bool or 0/1")
+    if mask.dtype != bool and not isinstance(mask, jax.core.Tracer):
+        m = np.asarray(mask)
+        bad = m[(m != 0) & (m != 1)]
+        if bad.size:
+            raise ValueError(f"attention_mask holds {bad.flat[0].item()!r}: expected bool or 0/1 "
+                             f"(1 a real token, 0 padding)")
+    return jnp.asarray(mask).astype(bool)
+
+
 @xla_options.jit(static_argnames=("config", "capture"))
 def _forward(params, tokens_BL, valid_BL, budget, *, config, capture):
     logits, aux, _ = apply(config, params, tokens_BL, valid_BL=valid_BL, budgets=budget,
@@ -182,8 +236,9 @@ def forward(model: Model, tokens_BL, *, attention_mask=None, experts_per_token=N
         model: a ``jmoe.Model`` (``jmoe.load``, ``jmoe.random_model``); with
             ``config.mesh`` holding an ``expert`` axis > 1 the MoE layers run
             expert-parallel.
-        tokens_BL: int token ids ``[B, L]`` (a NumPy or jax array, or nested lists),
-            each in ``[0, V)``.
+        tokens_BL: int token ids ``[B, L]`` (a NumPy or jax array of an integer dtype,
+            or nested lists of ints), each in ``[0, V)``, B >= 1,
+            ``1 <= L <= config.max_position_embeddings``.
         attention_mask: ``[B, L]`` bool or 0/1 ints marking real tokens (1) and
             padding (0), or None (default: every token is real). Padding is never
             routed nor attended to, and positions count from each row's first real
@@ -222,12 +277,15 @@ def forward(model: Model, tokens_BL, *, attention_mask=None, experts_per_token=N
         e holding e when expert e picked the token, else E).
 
     Raises:
-        ValueError: ``tokens_BL`` not 2-D; a token id outside ``[0, V)``;
-            ``attention_mask`` of another shape than ``tokens_BL``; ``max_experts``
+        ValueError: ``tokens_BL`` not 2-D, not of an integer dtype (floats are never
+            truncated), empty (B or L = 0: there is nothing to compute, and an empty
+            result would hide the mistake) or longer than ``max_position_embeddings``;
+            a token id outside ``[0, V)``; ``attention_mask`` of another shape than
+            ``tokens_BL`` or holding values other than 0/1; ``max_experts``
             not an int in ``1..E``; ``experts_per_token`` not integers, a value below
             1 or above ``max_experts``, or an int above E; per-token budgets (an
             array, or an int with ``max_experts``) under ``routing="expert_choice"``;
-            an array of budgets not broadcastable to ``[B, L]``;
+            an array of budgets not a scalar nor broadcastable to ``[B, L]``;
             ``moe_backend="cpu_gmm"`` on a platform other than CPU.
         RuntimeError: ``moe_backend="cpu_gmm"`` set explicitly and jmoe's CPU kernels
             cannot be built here (with the compiler's message).
@@ -236,23 +294,12 @@ def forward(model: Model, tokens_BL, *, attention_mask=None, experts_per_token=N
         logits_BLV, aux = jmoe.forward(model, [[5, 17, 42]], experts_per_token=2,
                                        capture_router_logits=True)
     """
-    config = model.config
-    tokens = np.asarray(tokens_BL) if not isinstance(tokens_BL, jax.Array) else tokens_BL
-    if tokens.ndim != 2:
-        raise ValueError(f"tokens must be [batch, length], got shape {tuple(tokens.shape)}")
-    if not isinstance(tokens, jax.core.Tracer) and tokens.size:
-        lo, hi = int(tokens.min()), int(tokens.max())
-        if lo < 0 or hi >= config.vocab_size:
-            raise ValueError(f"token id {lo if lo < 0 else hi} outside the vocabulary "
-                             f"[0, {config.vocab_size})")
-    if attention_mask is None:
-        valid = jnp.ones(tokens.shape, bool)
-    else:
-        valid = jnp.asarray(attention_mask).astype(bool)
-        if valid.shape != tokens.shape:
-            raise ValueError(f"attention_mask shape {valid.shape} != tokens shape {tokens.shape}")
-    budget = routing_lib.make_budget(config, experts_per_token, max_experts)
+    config = platform_lib.resolve(model.config, model.params)  # kernels for its devices
+    tokens = _check_tokens(config, tokens_BL)
+    valid = _check_mask(attention_mask, tokens.shape)
+    budget = routing_lib.make_budget(config, experts_per_token, max_experts,
+                                     shape_BL=tuple(tokens.shape))
     logits, aux = _forward(model.params, jnp.asarray(tokens, jnp.int32), valid, budget,
                            config=config, capture=bool(capture_router_logits))
-    aux["moe_backend"] = resolve_backend(config.moe_backend, config.dtype)
+    aux["moe_backend"] = resolve_backend(config.moe_backend, config.dtype, config.platform)
     return logits, aux

@@ -24,7 +24,6 @@ serves both; only the static bound on an expert's load differs (``Routing.load_b
 
 from __future__ import annotations
 
-import logging
 import math
 from functools import partial
 from typing import Any
@@ -37,41 +36,19 @@ from jmoe import cpu_kernels
 from jmoe import expert_parallel
 from jmoe import routing as routing_lib
 from jmoe.layers import SwiGLU, logical_init
+from jmoe.platform import kernels
 from jmoe.routing import combine
 from jmoe.sharding import expert_parallel_active
 
-log = logging.getLogger("jmoe")
 
 
-_LOGGED_AUTO: set = set()
-
-
-def resolve_backend(backend: str, dtype=None) -> str:
-    """``auto`` -> the fastest backend measured on this platform (see benchmarks).
-
-    TPU: ``ragged``. CPU: ``cpu_gmm`` when its kernel builds here and ``dtype`` (the
-    model's, if given) is float32 or bfloat16, else ``bucketed``. GPU: ``bucketed``.
-    The choice is logged once per platform on the ``jmoe`` logger (INFO) and
-    ``jmoe.forward`` reports it as ``aux["moe_backend"]``.
-    """
-    if backend != "auto":
-        return backend
-    platform = jax.default_backend()
-    # ragged_dot is native only on TPU; on CPU and GPU XLA expands it densely.
-    if platform == "tpu":
-        choice = "ragged"
-    elif platform == "cpu" and _cpu_gmm_dtype_ok(dtype) and cpu_kernels.available():
-        choice = "cpu_gmm"
-    else:
-        choice = "bucketed"
-    if (platform, choice) not in _LOGGED_AUTO:
-        _LOGGED_AUTO.add((platform, choice))
-        log.info("jmoe moe_backend=auto picked %r on platform %r", choice, platform)
-    return choice
-
-
-def _cpu_gmm_dtype_ok(dtype) -> bool:
-    return dtype is None or jnp.dtype(dtype) in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
+def resolve_backend(backend: str, dtype=None, platform: str | None = None) -> str:
+    """``auto`` -> the backend measured fastest for the target ``platform``
+    (``jmoe.platform.kernels``): TPU ``ragged``; CPU ``cpu_gmm`` when its kernel builds
+    and ``dtype`` (the model's, if given) is float32 or bfloat16, else ``bucketed``;
+    GPU and an unknown platform (None) ``bucketed``. Logged once (INFO, ``jmoe``
+    logger); ``jmoe.forward`` reports it as ``aux["moe_backend"]``."""
+    return kernels(platform).moe_backend(backend, dtype)
 
 
 def swiglu_experts(x_ECD, w_gate_EDF, w_up_EDF, w_down_EFD):
@@ -308,22 +285,29 @@ EXPERT_BACKENDS = {
 }
 
 
-def expert_compute(backend: str, x_TD, r, w_gate_EDF, w_up_EDF, w_down_EFD):
-    backend = resolve_backend(backend, w_gate_EDF.dtype if backend == "auto" else None)
+def expert_compute(backend: str, x_TD, r, w_gate_EDF, w_up_EDF, w_down_EFD, *,
+                   platform: str | None = None):
+    """The routed experts' output ``y_TD`` through ``backend`` for the target ``platform``
+    (``auto`` resolved by ``resolve_backend``; ``pallas`` lowered for the platform)."""
+    table = kernels(platform)
+    backend = table.moe_backend(backend, w_gate_EDF.dtype if backend == "auto" else None)
     if backend == "pallas":
         from pallas_kernels.moe_gmm import api as gmm_api
 
-        return gmm_api.moe_experts(x_TD, r, w_gate_EDF, w_up_EDF, w_down_EFD)
+        return gmm_api.moe_experts(x_TD, r, w_gate_EDF, w_up_EDF, w_down_EFD,
+                                   lowering=table.pallas_lowering,
+                                   interpret=table.pallas_interpret)
     if backend not in EXPERT_BACKENDS:
         raise ValueError(f"moe_backend={backend!r}: expected one of "
                          f"{sorted(EXPERT_BACKENDS) + ['auto', 'pallas']}")
-    if backend == "cpu_gmm" and jax.default_backend() != "cpu":
+    if backend == "cpu_gmm" and platform not in (None, "cpu"):
         raise ValueError(f"moe_backend='cpu_gmm' runs on CPU only, not on platform "
-                         f"{jax.default_backend()!r}; use 'auto'")
+                         f"{platform!r}; use 'auto'")
     return EXPERT_BACKENDS[backend](x_TD, r, w_gate_EDF, w_up_EDF, w_down_EFD)
 
 
-def layer_aux(r: routing_lib.Routing, logits_BLE, valid_BL, top_k: int) -> dict:
+def layer_aux(r: routing_lib.Routing, logits_BLE, valid_BL, top_k: int,
+              platform: str | None = None) -> dict:
     """One MoE layer's aux: router logits ``[B, L, E]``, chosen ids/weights ``[B, L, K]``,
     expert counts ``[E]``, routed pairs, unrouted tokens, load-balancing stats."""
     b, l, e = logits_BLE.shape
@@ -338,7 +322,8 @@ def layer_aux(r: routing_lib.Routing, logits_BLE, valid_BL, top_k: int) -> dict:
         "routed_pairs": r.live_A.sum(),
         "unrouted_tokens": r.unrouted_tokens(valid_T),
     }
-    aux["lb_f"], aux["lb_p"] = routing_lib.load_balancing_stats(logits_TE, top_k, valid_T)
+    aux["lb_f"], aux["lb_p"] = routing_lib.load_balancing_stats(logits_TE, top_k, valid_T,
+                                                                platform)
     return aux
 
 
@@ -376,14 +361,15 @@ class MoE(nn.Module):
         logits_BLE = jnp.einsum("BLD,DE->BLE", x_BLD.astype(jnp.float32),
                                 router_DE.astype(jnp.float32))
         r = routing_lib.route(c, logits_BLE, router_params, valid_BL, budget)
-        aux = layer_aux(r, logits_BLE, valid_BL, c.num_experts_per_tok)
+        aux = layer_aux(r, logits_BLE, valid_BL, c.num_experts_per_tok, c.platform)
         if expert_parallel_active(c.mesh):
             y_BLD, aux["ep_dropped"] = expert_parallel.expert_parallel_moe(
-                c.mesh, x_BLD, r, weights, experts=partial(expert_compute, c.moe_backend),
+                c.mesh, x_BLD, r, weights,
+                experts=partial(expert_compute, c.moe_backend, platform=c.platform),
                 capacity_factor=c.ep_capacity_factor)
         else:
-            y_BLD = expert_compute(c.moe_backend, x_BLD.reshape(b * l, d), r,
-                                   *weights).reshape(b, l, d)
+            y_BLD = expert_compute(c.moe_backend, x_BLD.reshape(b * l, d), r, *weights,
+                                   platform=c.platform).reshape(b, l, d)
         y_BLD = y_BLD.astype(x_BLD.dtype)
         if c.num_shared_experts:
             y_BLD = y_BLD + SwiGLU(f * c.num_shared_experts, dt, name="shared")(x_BLD)

@@ -35,6 +35,7 @@ import numpy as np
 from flax import struct
 
 from jmoe import cpu_kernels
+from jmoe.platform import kernels
 
 
 @struct.dataclass
@@ -127,14 +128,17 @@ class Budget:
         return jnp.broadcast_to(jnp.asarray(self.per_token, jnp.int32), (b, l)).reshape(-1)
 
 
-def make_budget(config, experts_per_token=None, max_experts=None) -> Budget:
+def make_budget(config, experts_per_token=None, max_experts=None,
+                shape_BL: tuple[int, int] | None = None) -> Budget:
     """The ``Budget`` of a call from the public spellings, checked once.
 
     ``experts_per_token``: None (the model's top-k), an int (this call's top-k, a static
-    bound), or an int array ``[B, L]`` of per-token budgets ``1..max_experts``.
-    ``max_experts``: the static bound (default: the model's top-k, or the int given;
-    at most ``num_experts``). Raises ValueError naming the bad value and the range;
-    per-token budgets with expert-choice routing are a ValueError too.
+    bound), or an int array ``[B, L]`` (or broadcastable to it) of per-token budgets
+    ``1..max_experts``. ``max_experts``: the static bound (default: the model's top-k,
+    or the int given; at most ``num_experts``). ``shape_BL``: the call's ``[B, L]``, to
+    check an array's shape against (None: not checked). Raises ValueError naming the
+    bad value, dtype or shape and what was expected; per-token budgets with
+    expert-choice routing are a ValueError too.
     """
     top_k, e = config.num_experts_per_tok, config.num_experts
     if max_experts is not None and not (_is_int(max_experts) and 1 <= int(max_experts) <= e):
@@ -149,13 +153,21 @@ def make_budget(config, experts_per_token=None, max_experts=None) -> Budget:
         budget = Budget(None, k) if max_experts is None else Budget(jnp.int32(k), bound)
     else:
         bound = int(max_experts or top_k)
-        check_budget(experts_per_token, bound, e)
+        check_budget(experts_per_token, bound, e, shape_BL)
         budget = Budget(jnp.asarray(experts_per_token, jnp.int32), bound)
     if budget.per_token is not None and config.routing == "expert_choice":
         raise ValueError("experts_per_token as per-token budgets (or with max_experts) needs "
                          "routing='token_choice'; with routing='expert_choice' pass a scalar k "
                          "(it sets the capacity C = ceil(capacity_factor * L * k / E))")
     return budget
+
+
+def _broadcasts(shape: tuple, target: tuple) -> bool:
+    """Whether an array of ``shape`` broadcasts to exactly ``target``."""
+    try:
+        return np.broadcast_shapes(shape, target) == target
+    except ValueError:
+        return False
 
 
 def _is_int(v) -> bool:
@@ -175,26 +187,43 @@ def argsort_ids(ids_A, num_values: int):
     return jax.lax.sort(ids_A.astype(jnp.int32) * a + jnp.arange(a, dtype=jnp.int32)) % a
 
 
-def top_k_ids(scores_TE, k: int):
+def top_k_ids(scores_TE, k: int, platform: str | None = None):
     """Ids ``[T, k]`` of each token's k best experts: ``jax.lax.top_k(scores_TE, k)[1]``
-    (largest first, ties to the lower id). On CPU the compiled ``jmoe_top_k`` kernel
-    computes it over the thread pool (XLA's TopK is single-threaded: 0.7 ms against
-    ~0.1 ms at [1024, 64]); elsewhere, or without the kernels, ``lax.top_k``."""
-    if cpu_kernels.use_on_this_platform():
+    (largest first, ties to the lower id). For a CPU target with jmoe's kernels
+    (``jmoe.platform``) the compiled ``jmoe_top_k`` kernel computes it over the thread
+    pool (XLA's TopK is single-threaded: 0.7 ms against ~0.1 ms at [1024, 64]);
+    elsewhere ``lax.top_k``."""
+    if kernels(platform).cpu_kernels:
         return cpu_kernels.top_k_ids(scores_TE, k)
     return jax.lax.top_k(scores_TE, k)[1]
 
 
-def check_budget(experts_per_token, bound: int, num_experts: int):
-    """Validate a concrete budget outside jit: a ValueError naming the bad value.
+def check_budget(experts_per_token, bound: int, num_experts: int,
+                 shape_BL: tuple[int, int] | None = None):
+    """Validate a budget outside jit: a ValueError naming the bad value, dtype or shape.
 
-    Inside jit budgets cannot be inspected; they are clipped to ``[1, bound]`` there.
+    The dtype and, given ``shape_BL``, the shape (a scalar or broadcastable to
+    ``[B, L]``) are checked on traced budgets too; their values cannot be inspected
+    inside jit and are clipped to ``[1, bound]`` there.
     """
-    if experts_per_token is None or isinstance(experts_per_token, jax.core.Tracer):
+    if experts_per_token is None:
         return
-    k = np.asarray(experts_per_token)
-    if not np.issubdtype(k.dtype, np.integer):
-        raise ValueError(f"experts_per_token must be integers, got dtype {k.dtype}")
+    k = experts_per_token
+    if not isinstance(k, jax.Array):
+        try:
+            k = np.asarray(k)
+        except ValueError as err:  # ragged nested lists
+            raise ValueError(f"experts_per_token must be an int or an int array: {err}") \
+                from None
+    if k.dtype.kind not in "iu":  # floats would be truncated, bools are no counts
+        raise ValueError(f"experts_per_token must be integers, got dtype {k.dtype}: expected an "
+                         f"int or an array of ints (numbers of experts)")
+    if shape_BL is not None and k.ndim and not _broadcasts(tuple(k.shape), tuple(shape_BL)):
+        raise ValueError(f"experts_per_token has shape {tuple(k.shape)}: expected a scalar or "
+                         f"an array broadcastable to the tokens' [B, L] = {tuple(shape_BL)}")
+    if isinstance(k, jax.core.Tracer):
+        return
+    k = np.asarray(k)  # a concrete array: inspect it on the host, even inside a jit trace
     if bound > num_experts:
         raise ValueError(f"max_experts={bound} exceeds num_experts={num_experts}")
     if k.size and (k.min() < 1 or k.max() > bound):
@@ -216,7 +245,7 @@ def rank_mask(bound: int, budget_T, valid_T):
 
 
 def softmax_topk(logits_TE, *, bound: int, norm_topk_prob: bool, budget_T=None,
-                 valid_T=None) -> Routing:
+                 valid_T=None, platform: str | None = None) -> Routing:
     """OLMoE token choice: softmax over all experts, keep the top-k_i of each token.
 
     Weights are the softmax probabilities of the kept experts, renormalised over
@@ -236,7 +265,7 @@ def softmax_topk(logits_TE, *, bound: int, norm_topk_prob: bool, budget_T=None,
     if valid_T is None:
         valid_T = jnp.ones((t,), bool)
     probs_TE = jax.nn.softmax(logits_TE, axis=-1)
-    top_e_TK = top_k_ids(probs_TE, bound)
+    top_e_TK = top_k_ids(probs_TE, bound, platform)
     top_p_TK = jnp.take_along_axis(probs_TE, top_e_TK, axis=-1)
     live_TK = rank_mask(bound, budget_T, valid_T)
     w_TK = jnp.where(live_TK, top_p_TK, 0.0)
@@ -321,7 +350,7 @@ def expert_choice(logits_BLE, *, k: int, capacity_factor: float = 1.0, valid_BL=
     return expert_major_routing(pos_BEC, live_BEC, weight_BEC, logits_BLE)
 
 
-def load_balancing_stats(logits_TE, k: int, valid_T=None):
+def load_balancing_stats(logits_TE, k: int, valid_T=None, platform: str | None = None):
     """Per-layer terms of the Switch/OLMoE auxiliary loss, over valid tokens only.
 
     Returns ``(f_E, p_E)``: f the fraction of top-k assignments on each expert
@@ -331,7 +360,7 @@ def load_balancing_stats(logits_TE, k: int, valid_T=None):
     t, e = logits_TE.shape
     valid = jnp.ones((t,), jnp.float32) if valid_T is None else valid_T.astype(jnp.float32)
     probs = jax.nn.softmax(logits_TE.astype(jnp.float32), axis=-1)
-    top_e = top_k_ids(probs, k)
+    top_e = top_k_ids(probs, k, platform)
     counts = jnp.zeros((e,), jnp.float32).at[top_e.reshape(-1)].add(jnp.repeat(valid, k))
     n = jnp.maximum(valid.sum(), 1.0)
     return counts / n, (probs * valid[:, None]).sum(0) / n
@@ -345,7 +374,7 @@ def load_balancing_loss(f_LE, p_LE):
 
 def sigmoid_group_topk(logits_TE, expert_bias_E, *, bound: int, n_group: int, topk_group: int,
                        scaling: float, normalize: bool = True, budget_T=None,
-                       valid_T=None) -> Routing:
+                       valid_T=None, platform: str | None = None) -> Routing:
     """LLaDA2 token choice: sigmoid scores, group-limited top-k with a selection bias.
 
     Selection ranks ``sigmoid(logits) + expert_bias``; only experts of the
@@ -365,7 +394,7 @@ def sigmoid_group_topk(logits_TE, expert_bias_E, *, bound: int, n_group: int, to
     _, keep_groups = jax.lax.top_k(group_score_TG, topk_group)
     group_live_TG = jnp.zeros((t, n_group), bool).at[jnp.arange(t)[:, None], keep_groups].set(True)
     expert_live_TE = jnp.repeat(group_live_TG, e // n_group, axis=1)
-    top_e_TK = top_k_ids(jnp.where(expert_live_TE, biased_TE, -jnp.inf), bound)
+    top_e_TK = top_k_ids(jnp.where(expert_live_TE, biased_TE, -jnp.inf), bound, platform)
     live_TK = rank_mask(bound, budget_T, valid_T)
     w_TK = jnp.where(live_TK, jnp.take_along_axis(scores_TE, top_e_TK, axis=1), 0.0)
     if normalize:
@@ -426,7 +455,7 @@ def _softmax_token_choice(config, logits_BLE, params, valid_BL, budget: Budget) 
     b, l, e = logits_BLE.shape
     return softmax_topk(logits_BLE.reshape(b * l, e), bound=budget.bound,
                         norm_topk_prob=config.norm_topk_prob, budget_T=budget.per_token_T(b, l),
-                        valid_T=valid_BL.reshape(-1))
+                        valid_T=valid_BL.reshape(-1), platform=config.platform)
 
 
 def _softmax_expert_choice(config, logits_BLE, params, valid_BL, budget: Budget) -> Routing:
@@ -440,7 +469,8 @@ def _sigmoid_token_choice(config, logits_BLE, params, valid_BL, budget: Budget) 
         logits_BLE.reshape(b * l, e), params["expert_bias"], bound=budget.bound,
         n_group=config.n_group, topk_group=config.topk_group,
         scaling=config.routed_scaling_factor, normalize=config.num_experts_per_tok > 1,
-        budget_T=budget.per_token_T(b, l), valid_T=valid_BL.reshape(-1))
+        budget_T=budget.per_token_T(b, l), valid_T=valid_BL.reshape(-1),
+        platform=config.platform)
 
 
 def _sigmoid_expert_choice(config, logits_BLE, params, valid_BL, budget: Budget) -> Routing:

@@ -23,6 +23,8 @@ import os
 import jax
 import jax.numpy as jnp
 
+from jmoe.platform import of_params
+
 log = logging.getLogger("jmoe")
 
 CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
@@ -42,15 +44,19 @@ def compiler_options(platform: str) -> dict | None:
 
 
 class _Jit:
-    """A ``jax.jit`` built at the first call for the default backend; every other
-    attribute (``lower``, ``trace``, ``_cache_size``, ...) is the jitted function's."""
+    """A ``jax.jit`` per target platform, built at the first call for it. The platform
+    is the ``platform`` of the static ``config`` argument (``jmoe.platform``), else that
+    of the devices the array arguments live on. ``lower`` and ``trace`` pick the same
+    way; every other attribute (``_cache_size``, ...) is the latest call's jitted
+    function's."""
 
     def __init__(self, fun, jit_kwargs):
         functools.update_wrapper(self, fun)
         self._fun, self._jit_kwargs, self._by_platform = fun, jit_kwargs, {}
+        self._last = None  # the platform of the latest call (what other attributes see)
 
-    def _jitted(self):
-        platform = jax.default_backend()
+    def _jitted(self, platform: str | None):
+        self._last = platform
         if platform not in self._by_platform:
             options = compiler_options(platform)
             kwargs = dict(self._jit_kwargs, compiler_options=options) if options else self._jit_kwargs
@@ -58,17 +64,30 @@ class _Jit:
         return self._by_platform[platform]
 
     def __call__(self, *args, **kwargs):
-        return self._jitted()(*args, **kwargs)
+        return self._jitted(_target(args, kwargs))(*args, **kwargs)
+
+    def lower(self, *args, **kwargs):
+        return self._jitted(_target(args, kwargs)).lower(*args, **kwargs)
+
+    def trace(self, *args, **kwargs):
+        return self._jitted(_target(args, kwargs)).trace(*args, **kwargs)
 
     def __getattr__(self, name):
-        if name.startswith("__") or name in ("_fun", "_jit_kwargs", "_by_platform"):
+        if name.startswith("__") or name in ("_fun", "_jit_kwargs", "_by_platform", "_last"):
             raise AttributeError(name)
-        return getattr(self._jitted(), name)
+        return getattr(self._jitted(self._last), name)
+
+
+def _target(args, kwargs) -> str | None:
+    config = kwargs.get("config")
+    if getattr(config, "platform", None) is not None:
+        return config.platform
+    return of_params(args)
 
 
 def jit(fun=None, **jit_kwargs):
-    """Like ``jax.jit`` (same keywords), compiled with ``compiler_options`` of the
-    default backend, decided at the first call (importing jmoe starts no backend)."""
+    """Like ``jax.jit`` (same keywords), compiled with ``compiler_options`` of the target
+    platform, decided at each call from its arguments (importing jmoe starts no backend)."""
     if fun is None:
         return functools.partial(jit, **jit_kwargs)
     return _Jit(fun, jit_kwargs)

@@ -14,6 +14,13 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import pytest
 
 
+def own_stderr_lines(stderr: str) -> list[str]:
+    """A subprocess's stderr without the start-up logging of XLA's plugins (the CUDA
+    plugin of jmoe[aot] logs through absl at import on a machine without a GPU)."""
+    return [ln for ln in stderr.splitlines()
+            if ln.strip() and "absl" not in ln and "cudart_stub" not in ln]
+
+
 def make_hf_olmoe(folder, seed=0, **overrides):
     """Save a tiny random ``OlmoeForCausalLM`` into ``folder``; return the torch model."""
     import torch

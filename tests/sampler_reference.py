@@ -5,16 +5,20 @@ and early-stop rules. NumPy float64 for everything after the model call; one
 ``jmoe.forward`` per step on the batch left-padded to its longest prompt (no
 bucketing). Only the random stream is shared with the library, as a documented
 convention: call ``nfe`` uses ``split(fold_in(key(seed), nfe))`` -> (noise, rand)
-keys, generated position ``g`` of row ``b`` draws ``uniform(fold_in(fold_in(noise, b),
-g), [V])`` for the Gumbel noise and ``uniform(fold_in(fold_in(rand, b), g), [])`` for a
-random confidence, both in ``[float32 tiny, 1)``. The mask token is never predicted
-(its logit is -inf).
+keys, generated position ``g`` of row ``b`` draws the Gumbel noise from
+``fold_in(fold_in(noise, b), g)`` and a random confidence ``uniform(fold_in(fold_in(rand,
+b), g), [])`` in ``[float32 tiny, 1)``. The noise key's threefry hash of counters
+``0 .. 2V-1`` gives 64 bits per token (words ``hi = w[:V]``, ``lo = w[V:]``); its top
+bit picks a half of (0, 1), the other 63 bits ``m`` the distance from its end, ``t = (m +
+1/2) 2^-64``, and ``u = t`` or ``1 - t``. The mask token is never predicted (its logit is
+-inf).
 """
 
 from __future__ import annotations
 
 import jax
 import numpy as np
+from jax.extend.random import threefry_2x32
 
 import jmoe
 
@@ -25,10 +29,18 @@ def _uniform(key, shape):
     return np.asarray(jax.random.uniform(key, shape, minval=TINY, maxval=1.0), np.float64)
 
 
-def _position_uniforms(key, b, shape, positions):
-    """Row ``b``'s draws, one key per generated position: ``[len(positions), *shape]``."""
+def _exponential(key, v):
+    """``-log u`` of the 64-bit uniform of each of ``v`` tokens, in float64."""
+    w = np.asarray(threefry_2x32(jax.random.key_data(key), np.arange(2 * v, dtype=np.uint32)))
+    hi, lo = w[:v].astype(np.uint64), w[v:].astype(np.uint64)
+    t = (((hi & 0x7FFFFFFF) << np.uint64(32)) | lo).astype(np.float64) * 2.0 ** -64 + 2.0 ** -65
+    return np.where(hi >> np.uint64(31) == 1, -np.log1p(-t), -np.log(t))
+
+
+def _position_draws(key, b, draw, positions):
+    """Row ``b``'s draws ``draw(key)``, one key per generated position, stacked."""
     row = jax.random.fold_in(key, b)
-    return np.stack([_uniform(jax.random.fold_in(row, g), shape) for g in positions])
+    return np.stack([draw(jax.random.fold_in(row, g)) for g in positions])
 
 
 def _softmax(x):
@@ -110,8 +122,9 @@ def reference_generate(model, rows, *, gen_length, block_length, steps, temperat
             for b in range(B):
                 lg = logits[b]
                 if temperature > 0:
-                    u = _position_uniforms(k_noise, b, lg.shape[-1:], range(G))
-                    x0 = np.argmax(np.exp(lg) / (-np.log(u)) ** temperature, -1)
+                    e = _position_draws(k_noise, b, lambda k: _exponential(k, lg.shape[-1]),
+                                        range(G))
+                    x0 = np.argmax(np.exp(lg) / e ** temperature, -1)
                 else:
                     x0 = np.argmax(lg, -1)
                 if remasking == "low_confidence":
@@ -120,7 +133,7 @@ def reference_generate(model, rows, *, gen_length, block_length, steps, temperat
                         lc[:, eos_id] = -np.inf
                     c = _softmax(lc)[np.arange(G), x0]
                 else:
-                    c = _position_uniforms(k_rand, b, (), range(G))
+                    c = _position_draws(k_rand, b, lambda k: _uniform(k, ()), range(G))
                 conf = np.where(cand[b], c, -np.inf)
                 sched = _schedule(block_length, spb, i)
                 if threshold is None:

@@ -2,6 +2,8 @@
 ``layers.dot_attention`` (on CPU with jmoe's kernels, the compiled ``jmoe_attention``)
 and the XLA formulation ``layers.xla_attention`` (chunked, blocked)."""
 
+from functools import partial
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -28,7 +30,12 @@ def oracle(q, k, v, valid, causal):
     return out
 
 
-IMPLS = {"dispatch": layers.dot_attention, "xla": layers.xla_attention}
+# dot_attention dispatches by the target platform's kernel table (jmoe.platform): the CPU
+# table (the jmoe_attention kernel where it builds, blocked XLA over 512+ keys) and the
+# GPU/TPU one (one jax.nn.dot_product_attention), here both run on the CPU
+IMPLS = {"dispatch": partial(layers.dot_attention, platform="cpu"),
+         "dispatch_accelerator": partial(layers.dot_attention, platform="gpu"),
+         "xla": partial(layers.xla_attention, blocked=True)}
 
 
 @pytest.mark.parametrize("impl", sorted(IMPLS))
@@ -63,7 +70,7 @@ def oracle_vec(q, k, v, allowed_BLS):
 
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("length,blocks", [(11, dict(q_block=4, k_block=3)), (520, "xla"),
-                                           (520, "dispatch")])
+                                           (520, "dispatch"), (520, "dispatch_accelerator")])
 def test_blocked_attention_matches_oracle(causal, length, blocks):
     """Small blocks through ``blocked_attention``; S=520 (>= BLOCKED_MIN_KEYS, not a
     multiple of the key block) through ``xla_attention``'s dispatch and
@@ -109,3 +116,38 @@ def test_attention_with_a_cache_shaped_bias(impl):
     allowed = (k_pos[:, None, :] // bl <= q_pos[:, :, None] // bl) & key_valid[:, None, :]
     np.testing.assert_allclose(np.asarray(got), oracle_vec(q, k, v, allowed), rtol=2e-5,
                                atol=2e-5)
+
+
+def rope_oracle(x, positions, rotary_dim, theta):
+    """NeoX rotary in float64: pair dims j and j + R/2 of the first R dims, rotated by
+    the angle ``position * theta^(-2j/R)``; dims from R on pass through."""
+    out = x.astype(np.float64).copy()
+    half = rotary_dim // 2
+    for j in range(half):
+        ang = positions.astype(np.float64)[:, :, None] * theta ** (-2.0 * j / rotary_dim)
+        a, b = x[..., j].astype(np.float64), x[..., j + half].astype(np.float64)
+        out[..., j] = a * np.cos(ang) - b * np.sin(ang)
+        out[..., j + half] = b * np.cos(ang) + a * np.sin(ang)
+    return out
+
+
+@pytest.mark.parametrize("rotary_dim,head_dim", [(16, 16), (8, 16), (4, 24)])
+def test_xla_rope_forward_matches_float64_oracle(rotary_dim, head_dim):
+    """The XLA rotary (``layers.xla_rope``, the gradient path and every non-CPU target)
+    directly: full and partial rotary, NeoX halves layout."""
+    rng = np.random.default_rng(rotary_dim + head_dim)
+    x = rng.normal(size=(2, 9, 3, head_dim)).astype(np.float32)
+    pos = np.stack([np.arange(9), np.arange(40, 49)])  # a later window too
+    theta = 10000.0
+    want = rope_oracle(x, pos, rotary_dim, theta)
+    # exact float64 tables rounded once to float32: xla_rope alone
+    inv = theta ** (-np.arange(0, rotary_dim, 2) / rotary_dim)
+    ang = pos[:, :, None] * np.concatenate([inv, inv])
+    got = layers.xla_rope(jnp.asarray(x), jnp.asarray(np.cos(ang), jnp.float32),
+                          jnp.asarray(np.sin(ang), jnp.float32))
+    np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=2e-6)
+    # with jmoe's float32 tables: angles up to ~50 rad carry float32 rounding
+    cos, sin = layers.rope_tables(jnp.asarray(pos), rotary_dim, theta)
+    got = layers.xla_rope(jnp.asarray(x), cos, sin)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=2e-5)
+    np.testing.assert_array_equal(np.asarray(got)[..., rotary_dim:], x[..., rotary_dim:])

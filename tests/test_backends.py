@@ -186,14 +186,17 @@ def test_expert_choice_bucket_bound():
     plan_rows(counts, buckets, 1)
 
 
-def test_auto_backend_reports_platform_choice(caplog):
-    moe._LOGGED_AUTO.clear()
-    with caplog.at_level("INFO", logger="jmoe"):
-        choice = moe.resolve_backend("auto")
-    platform = jax.default_backend()
+def test_auto_backend_is_the_target_platforms_choice(caplog):
+    """``auto`` follows the platform the program targets, not the process's backend."""
+    from jmoe import platform as platform_lib
+
+    platform_lib._log_auto.cache_clear()
     cpu_choice = "cpu_gmm" if cpu_kernels.available() else "bucketed"
-    assert choice == {"tpu": "ragged", "cpu": cpu_choice}.get(platform, "bucketed")
-    assert f"picked {choice!r}" in caplog.text
-    assert moe.resolve_backend("dense") == "dense"
+    want = {"tpu": "ragged", "gpu": "bucketed", "cpu": cpu_choice, None: "bucketed"}
+    with caplog.at_level("INFO", logger="jmoe"):
+        for platform, choice in want.items():
+            assert moe.resolve_backend("auto", "float32", platform) == choice
+    assert f"picked 'ragged' for platform 'tpu'" in caplog.text
+    assert moe.resolve_backend("dense", platform="tpu") == "dense"
     with pytest.raises(ValueError, match="moe_backend='nope'"):
         moe.expert_compute("nope", None, None, None, None, None)

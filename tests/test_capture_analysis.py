@@ -140,3 +140,22 @@ def test_print_router_summary(model, capsys):
         warnings.simplefilter("error")
         line = analysis.print_router_summary({0: logits[0]}, top_k=2)
     assert line.startswith("Layer 0: 8 tokens x 8 experts, float32, cpu, top-2 load max/mean")
+
+
+def test_get_routing_ids_give_the_softmax_topk_statistics(model):
+    # OLMoE routes by softmax top-k: the captured ids and the rule applied to the raw
+    # logits give the same statistics
+    batch = {"input_ids": np.arange(16).reshape(2, 8),
+             "attention_mask": np.array([[0] * 3 + [1] * 5, [1] * 8])}
+    routing = jmoe.capture.get_routing(model, batch)
+    logits = jmoe.get_router_logits(model, batch)
+    assert sorted(routing) == [0, 1]
+    by_ids = analysis.analyze_expert_usage(routing)
+    by_rule = analysis.analyze_expert_usage(logits, top_k=2)
+    for layer in (0, 1):
+        np.testing.assert_array_equal(routing[layer][0], logits[layer])
+        assert routing[layer][1].shape == (13, 2)
+        for name in ("counts", "fraction", "entropy", "cv", "usage_entropy"):
+            np.testing.assert_allclose(by_ids[layer][name], by_rule[layer][name])
+    line = analysis.print_router_summary({0: routing[0]})
+    assert line.startswith("Layer 0: 13 tokens x 8 experts, float32, cpu, routed load max/mean")

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from jmoe import cpu_kernels, moe
+from jmoe.platform import kernels
 from test_attention import oracle_vec
 from test_backends import make_routing, oracle_moe, reference_moe, weights
 
@@ -169,11 +170,11 @@ def test_backend_keeps_bfloat16_and_casts_other_mixes():
 
 def test_auto_picks_the_kernel_on_cpu_for_float32_and_bfloat16(caplog):
     with caplog.at_level("INFO", logger="jmoe"):
-        assert cpu_kernels.use_on_this_platform()
-        assert moe.resolve_backend("auto") == "cpu_gmm"
-        assert moe.resolve_backend("auto", "float32") == "cpu_gmm"
-        assert moe.resolve_backend("auto", "bfloat16") == "cpu_gmm"
-        assert moe.resolve_backend("auto", "float16") == "bucketed"
+        assert kernels("cpu").cpu_kernels and not kernels("tpu").cpu_kernels
+        assert moe.resolve_backend("auto", platform="cpu") == "cpu_gmm"
+        assert moe.resolve_backend("auto", "float32", "cpu") == "cpu_gmm"
+        assert moe.resolve_backend("auto", "bfloat16", "cpu") == "cpu_gmm"
+        assert moe.resolve_backend("auto", "float16", "cpu") == "bucketed"
 
 
 def test_bad_kernel_inputs_are_errors_naming_the_problem():
@@ -210,7 +211,7 @@ def test_without_a_compiler_auto_falls_back_and_explicit_is_an_error(monkeypatch
     monkeypatch.setattr(cpu_kernels, "_TARGETS", {})
     monkeypatch.setattr(cpu_kernels, "_FAILED", {})
     with caplog.at_level(logging.WARNING, logger="jmoe"):
-        assert moe.resolve_backend("auto") == "bucketed"
+        assert moe.resolve_backend("auto", platform="cpu") == "bucketed"
     assert "compiled CPU kernels are unavailable" in caplog.text and "no C++ compiler" in caplog.text
     r = make_routing("token_choice", jnp.zeros((4, 2), jnp.float32), 1)
     ws = weights(np.random.default_rng(0), 2, 8, 4)

@@ -3,10 +3,12 @@
 ``reference_generate`` below is a plain Python loop written from LLaDA2's published
 ``generate`` (issue 5 text): a canvas of whole blocks aligned to position 0, generation
 from block ``P // block_length``, block-causal attention, ``steps`` per block, an even
-schedule over ``block_length``, threshold strictly greater with the schedule count as
-floor, early block end, stop after a block holding EOS, output cut after the first EOS.
-It runs the PyTorch reference model (``tests/llada2_reference.py``) on the same tiny
-random checkpoint that jmoe loads after conversion through the real CLI path.
+schedule over ``block_length`` with ``steps`` first capped at ``gen_length`` (its
+``steps = min(steps, gen_length // minimal_topk)``, ``minimal_topk`` 1), threshold
+strictly greater with the schedule count as floor, early block end, stop after a block
+holding EOS, output cut after the first EOS. It runs the PyTorch reference model
+(``tests/llada2_reference.py``) on the same tiny random checkpoint that jmoe loads
+after conversion through the real CLI path.
 
 One deliberate difference, shared by the reference below and jmoe: the mask token is
 never a prediction (its logit is -inf), so a block always empties.
@@ -49,6 +51,7 @@ def checkpoint(tmp_path_factory):
 
 def reference_generate(sd, prompt, *, gen_length, block_length, steps, threshold):
     """LLaDA2's generate at temperature 0 for one prompt: (answer ids, model calls, stats)."""
+    steps = min(steps, gen_length // 1)  # LLaDA2: steps = min(steps, gen_length // minimal_topk)
     p = len(prompt)
     nb = -(-(p + gen_length) // block_length)
     total = nb * block_length
@@ -251,6 +254,23 @@ def test_adaptive_budgets_llada2(checkpoint):
             want = np.where(grew, np.minimum(1 + remask[s, 0], 3), used[s, 0])
             np.testing.assert_array_equal(used[s + 1, 0], want, err_msg=f"call {s + 1}")
     assert remask.max() > 0  # some positions did grow
+
+
+@pytest.mark.parametrize("cache", [False, True])
+def test_steps_capped_at_gen_length_as_published(checkpoint, cache):
+    """gen_length 4 < steps 8: LLaDA2 runs min(8, 4) = 4 steps, a schedule of 2 commits a
+    step over the 8-block, so the 5 masks after a 3-token prompt take 3 model calls."""
+    sd, model = checkpoint
+    prompt, kw = [23, 7, 4], dict(gen_length=4, block_length=8, steps=8)
+    want, nfe, _ = reference_generate(sd, prompt, threshold=None, **kw)
+    assert nfe == 3
+    out = generate(model, [prompt], threshold=1.0, cache=cache, return_trace=True, **kw)
+    assert _answer(out.tokens[0], len(prompt), 4) == want
+    assert out.nfe == 3
+    # the trace shows the output's columns, P + G = 7 of the block's 8: 2, 2, 1 commits
+    # over the block, one of them possibly past G
+    commits = np.asarray(out.trace["committed"])[:, 0].sum(-1)
+    assert commits.sum() == 4 and commits.max() == 2
 
 
 @pytest.mark.parametrize("cache", [False, True])

@@ -66,7 +66,7 @@ class DecoderLayer(nn.Module):
         h = RMSNorm(c.rms_norm_eps, dt, name="input_norm")(x_BLD)
         attn, kv = Attention(c.num_heads, c.num_kv_heads, c.head_dim, c.qk_norm,
                              c.rms_norm_eps, c.clip_qkv, dt, c.mask_kind == "causal",
-                             name="attn")(h, cos, sin, bias, cache, index)
+                             c.platform, name="attn")(h, cos, sin, bias, cache, index)
         x_BLD = x_BLD + attn
         h = RMSNorm(c.rms_norm_eps, dt, name="post_attn_norm")(x_BLD)
         if self.dense:

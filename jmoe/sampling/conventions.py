@@ -12,7 +12,8 @@ static argument, and the loop calls its methods at trace time. It decides
 
 - the layout: how prompts and masks are laid onto the canvas (``layout``) and how
   the output is cut back from it (``output``);
-- the lengths: ``default_steps``, ``check_lengths``, ``steps_per_block``, ``max_calls``;
+- the lengths: ``default_block_length``, ``default_steps``, ``cap_steps``,
+  ``check_lengths``, ``steps_per_block``, ``max_calls``;
 - the commit count: threshold comparison (``threshold_strict``) and the default floor
   (``threshold_floor``); the block end (``block_over``);
 - which rows a step computes (``gate_call``), how far an uncached call reaches
@@ -23,8 +24,9 @@ static argument, and the loop calls its methods at trace time. It decides
 ``LLaDA``: prompts right-aligned before ``G`` masks (prompt-relative blocks), ``steps``
 over the whole generation, threshold ``>=`` with at least one commit. ``LLaDA2``
 (LLaDA2's published ``generate``): each row from position 0 on a canvas of whole
-blocks aligned to absolute positions, block-causal attention, ``steps`` per block,
-threshold ``>`` with the schedule as floor, a block ends early when it has no mask.
+blocks aligned to absolute positions, block-causal attention, ``steps`` per block
+(capped at ``gen_length``), threshold ``>`` with the schedule as floor, a block ends
+early when it has no mask.
 """
 
 from __future__ import annotations
@@ -39,6 +41,17 @@ from jmoe.sampling import canvas as cv
 from jmoe.sampling import remasking as rm
 from jmoe.sampling import schedules
 
+DEFAULT_BLOCK_LENGTH = 32  # the library's block length (capped or fitted to gen_length)
+
+
+def positive_length(name: str, value) -> int:
+    """``value`` as an int if it is a positive int (a Python or NumPy integer), else a
+    ValueError naming ``name``, the value and its type."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+        kind = "" if isinstance(value, (int, np.integer)) else f" ({type(value).__name__})"
+        raise ValueError(f"{name}={value!r}{kind}: expected a positive int")
+    return int(value)
+
 
 @dataclasses.dataclass(frozen=True)
 class Convention:
@@ -52,11 +65,31 @@ class Convention:
     def check_model(self, config) -> None:
         """Raise ValueError if ``config``'s model cannot run this convention."""
 
+    def default_block_length(self, model_default: int | None, gen_length: int) -> int:
+        """``block_length`` when the caller leaves it unset: from the model's default
+        (its generation config or ``attention_block_length``; None: none) and the
+        resolved ``gen_length``."""
+        return model_default or min(DEFAULT_BLOCK_LENGTH, gen_length)
+
     def default_steps(self, gen_length: int, block_length: int) -> int:
+        """The library's ``steps`` when neither the caller nor the model sets it."""
         raise NotImplementedError
 
+    def derive_steps(self, model_steps: int, gen_length: int, block_length: int) -> int:
+        """The model's default ``steps`` fitted to lengths the caller set (the model's
+        value was chosen for its own lengths)."""
+        return model_steps
+
+    def cap_steps(self, gen_length: int, steps: int) -> int:
+        """``steps`` as the convention's generate runs it (applied to every value)."""
+        return steps
+
     def check_lengths(self, gen_length: int, block_length: int, steps: int) -> None:
-        schedules.check_lengths(gen_length, block_length, steps)
+        """Raise ValueError (naming the length) unless the lengths are positive ints
+        that fit this convention."""
+        for name, v in (("gen_length", gen_length), ("block_length", block_length),
+                        ("steps", steps)):
+            positive_length(name, v)
 
     def steps_per_block(self, opts) -> int:
         raise NotImplementedError
@@ -104,8 +137,25 @@ class LLaDA(Convention):
     threshold_floor: str = "one"
     block_causal: bool = False
 
+    def default_block_length(self, model_default: int | None, gen_length: int) -> int:
+        """The model's (else 32) if it divides ``gen_length``, else ``gen_length``
+        (one block): ``gen_length`` must be a multiple of ``block_length``."""
+        block = model_default or DEFAULT_BLOCK_LENGTH
+        return block if gen_length % block == 0 else gen_length
+
     def default_steps(self, gen_length: int, block_length: int) -> int:
         return gen_length
+
+    def derive_steps(self, model_steps: int, gen_length: int, block_length: int) -> int:
+        """At most ``gen_length`` (more steps than tokens commit nothing), rounded down
+        to a multiple of the number of blocks (at least one step per block)."""
+        blocks = gen_length // block_length if gen_length % block_length == 0 else 1
+        steps = min(model_steps, gen_length)
+        return max(steps - steps % blocks, blocks)
+
+    def check_lengths(self, gen_length: int, block_length: int, steps: int) -> None:
+        super().check_lengths(gen_length, block_length, steps)
+        schedules.check_lengths(gen_length, block_length, steps)
 
     def steps_per_block(self, opts) -> int:
         return opts.steps // opts.num_blocks
@@ -180,10 +230,13 @@ class LLaDA2(Convention):
     def default_steps(self, gen_length: int, block_length: int) -> int:
         return block_length  # counted per block
 
-    def check_lengths(self, gen_length: int, block_length: int, steps: int) -> None:
-        # positive ints; gen_length need not fill whole blocks (the canvas is padded)
-        schedules.check_lengths(block_length, block_length, steps)
-        schedules.check_lengths(gen_length, 1, gen_length)
+    def cap_steps(self, gen_length: int, steps: int) -> int:
+        """LLaDA2's generate: ``steps = min(steps, gen_length // minimal_topk)`` with
+        ``minimal_topk = 1``, before the schedule over ``block_length`` is built."""
+        return min(steps, gen_length)
+
+    # check_lengths: positive ints only; gen_length need not fill whole blocks (the
+    # canvas is padded to them)
 
     def steps_per_block(self, opts) -> int:
         return opts.steps

@@ -16,12 +16,11 @@ output back (``Convention.output``).
 
 from __future__ import annotations
 
-from typing import Sequence
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jmoe import platform as platform_lib
 from jmoe.sampling import loop
 from jmoe.sampling.canvas import GenerateOutput, bucket_length
 from jmoe.sampling.options import resolve_convention, resolve_options
@@ -30,32 +29,81 @@ __all__ = ["generate", "GenerateOutput", "bucket_length", "resolve_options",
            "resolve_convention"]
 
 
+def _is_int(v) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
+def _row(i: int, p) -> list[int]:
+    """One prompt's token ids as a list of ints: a 1-D integer array, or a list/tuple
+    of ints; anything else (floats, bools, nested rows) a ValueError naming it."""
+    if isinstance(p, (np.ndarray, jax.Array)):
+        if p.ndim != 1:
+            raise ValueError(f"prompt {i} has shape {tuple(p.shape)}: expected a 1-D row of "
+                             f"token ids")
+        if p.dtype.kind not in "iu":
+            raise ValueError(f"prompt {i} has dtype {p.dtype}: expected integer token ids")
+        return np.asarray(p).tolist()
+    if not isinstance(p, (list, tuple)):
+        raise ValueError(f"prompt {i} is {p!r} ({type(p).__name__}): expected a row of int "
+                         f"token ids (a list, a tuple or a 1-D integer array)")
+    for t in p:
+        if not _is_int(t):
+            raise ValueError(f"prompt {i} holds {t!r} ({type(t).__name__}): expected int "
+                             f"token ids")
+    return [int(t) for t in p]
+
+
 def _encode(model, prompts) -> list[list[int]]:
+    """The prompts as rows of int token ids (strings through the tokenizer)."""
     if isinstance(prompts, str):
         prompts = [prompts]
-    if isinstance(prompts, (list, tuple)) and prompts and all(isinstance(p, str) for p in prompts):
+    if isinstance(prompts, (np.ndarray, jax.Array)):
+        if prompts.ndim not in (1, 2):
+            raise ValueError(f"a prompts array has shape {tuple(prompts.shape)}: expected "
+                             f"[P] (one prompt) or [B, P] token ids")
+        if prompts.dtype.kind not in "iu":
+            raise ValueError(f"prompts have dtype {prompts.dtype}: expected integer token ids")
+        arr = np.asarray(prompts)
+        return [arr.tolist()] if arr.ndim == 1 else arr.tolist()
+    if not isinstance(prompts, (list, tuple)):
+        raise ValueError(f"prompts is a {type(prompts).__name__}: expected a string, a list "
+                         f"of strings, or token ids (a list of ints, a list of rows, an "
+                         f"array)")
+    if not prompts:
+        raise ValueError("prompts is an empty list: expected at least one prompt (a string "
+                         "or a row of token ids; [[]] is one empty prompt)")
+    if all(isinstance(p, str) for p in prompts):
         if model.tokenizer is None:
             raise ValueError("string prompts need a model with a tokenizer; pass token ids")
         return [list(model.tokenizer.encode(p)) for p in prompts]
-    if isinstance(prompts, (np.ndarray, jax.Array)) and np.ndim(prompts) in (1, 2):
-        arr = np.asarray(prompts)
-        return [arr.tolist()] if arr.ndim == 1 else arr.tolist()
-    if isinstance(prompts, Sequence) and prompts and all(np.ndim(p) == 1 for p in prompts):
-        return [np.asarray(p).tolist() for p in prompts]
-    if isinstance(prompts, Sequence) and prompts and all(isinstance(t, (int, np.integer))
-                                                         for t in prompts):
-        return [list(prompts)]
-    raise ValueError(f"prompts must be a string, a list of strings or token id arrays; got "
-                     f"{type(prompts).__name__}")
+    if all(_is_int(t) for t in prompts):  # one prompt as a flat list of ids
+        return [[int(t) for t in prompts]]
+    if any(isinstance(p, str) for p in prompts):
+        raise ValueError("prompts mixes strings and token ids: expected all strings or all "
+                         "token ids")
+    if not any(isinstance(p, (list, tuple, np.ndarray, jax.Array)) for p in prompts):
+        return [_row(0, list(prompts))]  # a flat list with a non-int: name it
+    return [_row(i, p) for i, p in enumerate(prompts)]
 
 
 def _check_tokens(rows: list[list[int]], vocab: int) -> None:
-    if not rows:
-        raise ValueError("prompts is empty: expected at least one prompt")
     for i, r in enumerate(rows):
-        if any(not isinstance(t, (int, np.integer)) or t < 0 or t >= vocab for t in r):
-            bad = next(t for t in r if not isinstance(t, (int, np.integer)) or t < 0 or t >= vocab)
-            raise ValueError(f"prompt {i} has token id {bad!r} outside the vocabulary [0, {vocab})")
+        bad = next((t for t in r if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ValueError(f"prompt {i} has token id {bad} outside the vocabulary [0, {vocab})")
+
+
+def random_key(seed):
+    """The sampler's key: an int seed in ``[0, 2**64)``, all 64 bits used (a seed below
+    2**32 gives ``jax.random.key(seed)``, which keeps only 32 bits of larger ones)."""
+    if not _is_int(seed) or not 0 <= seed < 2 ** 64:
+        raise ValueError(f"seed={seed!r} ({type(seed).__name__}): expected an int in "
+                         f"[0, 2**64)")
+    seed = int(seed)
+    if seed < 2 ** 31 or jax.config.jax_default_prng_impl != "threefry2x32":
+        return jax.random.key(seed if seed < 2 ** 63 else seed - 2 ** 64)
+    return jax.random.wrap_key_data(np.array([seed >> 32, seed & 0xFFFFFFFF], np.uint32),
+                                    impl="threefry2x32")
 
 
 def generate(model, prompts, *, gen_length=None, block_length=None, steps=None,
@@ -74,17 +122,24 @@ def generate(model, prompts, *, gen_length=None, block_length=None, steps=None,
         prompts: a string, a list of strings (needs ``model.tokenizer``), or token ids:
             one list / 1-D array, a list of them, or a ``[B, P]`` array. Rows may differ
             in length; each generates as it would alone.
-        gen_length: int, tokens to generate per row. Model, else 128.
+        gen_length: int, tokens to generate per row. Model, else 128. Lengths are
+            positive Python or NumPy ints, never floats.
         block_length: int, generated positions decoded before the next block starts.
-            Model, else the model's ``attention_block_length`` if set, else
-            ``min(32, gen_length)``. llada: ``gen_length`` must be a multiple.
+            Model, else the model's ``attention_block_length`` if set, else 32; unset,
+            it is fitted to ``gen_length``: llada (``gen_length`` must be a multiple)
+            takes that default if it divides ``gen_length``, else ``gen_length`` (one
+            block); llada2 takes it as is, or ``min(32, gen_length)`` for the library's.
         steps: int, model calls of the fixed schedule. Model, else llada: ``gen_length``
             (over the whole generation; a multiple of the number of blocks); llada2:
-            ``block_length`` (counted per block).
-        temperature: float >= 0, Gumbel-max sampling temperature; 0 is argmax. Model,
-            else 0.
-        cfg_scale: float >= 0, classifier-free guidance ``un + (cfg_scale + 1) * (cond -
-            un)`` with the prompt masked for ``un``; 0 is off. Model, else 0.
+            ``block_length`` (counted per block). The model's value, when the caller
+            sets ``gen_length`` or ``block_length``, is fitted to them (llada: at most
+            ``gen_length``, a multiple of the blocks). llada2 then caps any value at
+            ``gen_length`` as LLaDA2's generate does
+            (``steps = min(steps, gen_length // minimal_topk)``, ``minimal_topk`` 1).
+        temperature: finite float >= 0, Gumbel-max sampling temperature; 0 is argmax.
+            Model, else 0.
+        cfg_scale: finite float >= 0, classifier-free guidance ``un + (cfg_scale + 1) *
+            (cond - un)`` with the prompt masked for ``un``; 0 is off. Model, else 0.
         remasking: ``"low_confidence"`` (commit the most probable sampled tokens) or
             ``"random"`` (random confidences). Model, else ``"low_confidence"``.
         threshold: float in (0, 1] or None: threshold parallel decoding, each step
@@ -103,7 +158,9 @@ def generate(model, prompts, *, gen_length=None, block_length=None, steps=None,
             Default False.
         early_stop: bool, a row stops after a block in which it committed EOS; its later
             positions become EOS. Default True.
-        seed: int, the random stream's key (temperature > 0, random remasking). Default 0.
+        seed: int in ``[0, 2**64)``, the random stream's key (temperature > 0, random
+            remasking); all 64 bits count (below 2**32 it is ``jax.random.key(seed)``).
+            Default 0.
         return_trace: bool, per model call arrays in ``GenerateOutput.trace``. Default
             False.
         convention: ``"llada"`` (prompt-relative blocks, ``steps`` over the whole
@@ -122,15 +179,17 @@ def generate(model, prompts, *, gen_length=None, block_length=None, steps=None,
         texts, nfe, experts_per_token, remask_count, expert_work, trace.
 
     Raises:
-        ValueError: prompts empty, of the wrong type, with token ids outside the
-            vocabulary, or strings without a tokenizer; a length not a positive int,
-            ``gen_length`` not a multiple of ``block_length`` or ``steps`` not a
-            multiple of the number of blocks (llada); prompt + ``gen_length`` past
-            ``max_position_embeddings``; ``temperature`` or ``cfg_scale`` < 0;
+        ValueError: prompts an empty list, of the wrong type, token ids not integers
+            (the message names the dtype or value) or outside the vocabulary, or
+            strings without a tokenizer; a length not a positive int (a float, even
+            6.0, included), ``gen_length`` not a multiple of ``block_length`` or
+            ``steps`` not a multiple of the number of blocks (llada); prompt +
+            ``gen_length`` past ``max_position_embeddings``; ``temperature`` or
+            ``cfg_scale`` negative, inf or nan; ``seed`` not an int in [0, 2**64);
             ``remasking``, ``threshold_floor`` or ``convention`` not a known name;
-            ``threshold`` outside (0, 1]; ``adaptive`` not an ``AdaptiveExperts`` or its
-            maximum above ``num_experts``; no mask token; a mask or EOS id outside the
-            vocabulary; llada2 on a causal model (``causal=True``); ``cache=True``
+            ``threshold`` outside (0, 1] (nan too); ``adaptive`` not an ``AdaptiveExperts`` or its
+            maximum above ``num_experts``; no mask token; a mask or EOS id not an int
+            in the vocabulary; llada2 on a causal model (``causal=True``); ``cache=True``
             with llada or with expert-choice routing.
 
     Example:
@@ -138,17 +197,18 @@ def generate(model, prompts, *, gen_length=None, block_length=None, steps=None,
                             adaptive=jmoe.AdaptiveExperts(growth="linear", maximum=8))
         print(out.texts, out.nfe, out.expert_work)
     """
-    config = model.config
+    config = platform_lib.resolve(model.config, model.params)  # kernels for its devices
     opts, knobs = resolve_options(
         config, gen_length=gen_length, block_length=block_length, steps=steps,
         temperature=temperature, cfg_scale=cfg_scale, remasking=remasking, threshold=threshold,
         threshold_floor=threshold_floor, adaptive=adaptive, mask_id=mask_id, eos_id=eos_id,
         logits_eos_inf=logits_eos_inf, confidence_eos_eot_inf=confidence_eos_eot_inf,
         early_stop=early_stop, return_trace=return_trace, convention=convention, cache=cache)
+    key = random_key(seed)
     rows = _encode(model, prompts)
     _check_tokens(rows, config.vocab_size)
     canvas = opts.convention.layout(rows, opts, config)
     s = loop.run(model.params, jnp.asarray(canvas.tokens_BL), jnp.asarray(canvas.valid_BL),
-                 jnp.asarray(canvas.prompt_BL), jax.random.key(seed), knobs,
+                 jnp.asarray(canvas.prompt_BL), key, knobs,
                  config=canvas.config, opts=canvas.opts)
     return opts.convention.output(model, s, canvas)

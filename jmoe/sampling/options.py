@@ -5,6 +5,11 @@ generation defaults (``config.generation``, read from the checkpoint's
 ``generation_config.json``; keys ``gen_length``, ``block_length``, ``steps``,
 ``temperature``, ``cfg_scale``, ``remasking``, ``threshold``) and then from the
 library's defaults, some of which the convention sets (``steps``, ``threshold_floor``).
+Lengths the caller leaves unset are derived from those the caller sets (a default
+that does not fit them is fitted: ``Convention.default_block_length``,
+``derive_steps``), and the convention's own rule then applies to ``steps`` (LLaDA2
+caps it at ``gen_length``). Every value is checked: lengths positive ints (Python or
+NumPy integers, never floats), float knobs finite, token ids ints in the vocabulary.
 The result is the static ``SamplerOptions`` (what the compiled loop is specialised on)
 and the traced knobs (float values that change without recompiling), both built from
 the resolved values.
@@ -16,15 +21,18 @@ experts; *threshold* the confidence above which a step commits a masked position
 
 from __future__ import annotations
 
+import math
+
 import jax.numpy as jnp
+import numpy as np
 
 from jmoe.sampling import remasking as rm
 from jmoe.sampling.budgets import AdaptiveExperts
-from jmoe.sampling.conventions import CONVENTIONS, Convention
+from jmoe.sampling.conventions import (CONVENTIONS, DEFAULT_BLOCK_LENGTH, Convention,
+                                       positive_length)
 from jmoe.sampling.state import SamplerOptions
 
 DEFAULT_GEN_LENGTH = 128
-DEFAULT_BLOCK_LENGTH = 32  # capped at gen_length
 # the library's defaults of the float and choice options, for every convention
 LIBRARY_DEFAULTS = {"temperature": 0.0, "cfg_scale": 0.0, "remasking": "low_confidence",
                     "threshold": None}
@@ -72,29 +80,54 @@ def _pick(name: str, value, generation, fallback):
     return fallback
 
 
-def _non_negative(name: str, value) -> float:
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        v = float("nan")
-    if not v >= 0.0:  # also catches nan
-        raise ValueError(f"{name}={value!r}: expected a number >= 0")
+def _real(name: str, value, expected: str, ok) -> float:
+    """``value`` as a float if it is a real number (not a bool, a string or an array)
+    that ``ok`` accepts, else a ValueError naming the value and ``expected``."""
+    arr = None if isinstance(value, (str, bytes)) else np.asarray(value)
+    if arr is None or arr.ndim or arr.dtype.kind not in "iuf":  # no bool, str, object
+        raise ValueError(f"{name}={value!r} ({type(value).__name__}): expected {expected}")
+    v = float(arr)
+    if not (math.isfinite(v) and ok(v)):  # nan and inf too
+        raise ValueError(f"{name}={value!r}: expected {expected}")
     return v
 
 
+def _non_negative(name: str, value) -> float:
+    return _real(name, value, "a finite number >= 0", lambda v: v >= 0.0)
+
+
 def _token_id(name: str, value, vocab_size: int) -> int | None:
-    if value is not None and not 0 <= int(value) < vocab_size:
-        raise ValueError(f"{name}={value!r}: expected a token id in [0, {vocab_size})")
-    return None if value is None else int(value)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) \
+            or not 0 <= value < vocab_size:
+        raise ValueError(f"{name}={value!r}: expected an int token id in [0, {vocab_size})")
+    return int(value)
 
 
 def _lengths(config, conv: Convention, gen_length, block_length, steps) -> tuple[int, int, int]:
+    """Caller, else model, else library; unset lengths are derived from the set ones
+    (``Convention.default_block_length``, ``derive_steps``), then the convention's cap."""
     gen = config.generation
-    gen_length = int(_pick("gen_length", gen_length, gen, DEFAULT_GEN_LENGTH))
-    # a block-causal model's own blocks, else the library's
-    block_length = int(_pick("block_length", block_length, gen, config.attention_block_length
-                             or min(DEFAULT_BLOCK_LENGTH, gen_length)))
-    steps = int(_pick("steps", steps, gen, conv.default_steps(gen_length, block_length)))
+    caller_set = gen_length is not None or block_length is not None
+    gen_length = positive_length("gen_length", _pick("gen_length", gen_length, gen,
+                                                     DEFAULT_GEN_LENGTH))
+    if block_length is None:
+        # the model's generation config, else a block-causal model's own blocks
+        model_block = _pick("block_length", None, gen, config.attention_block_length)
+        model_block = None if model_block is None else positive_length("block_length",
+                                                                        model_block)
+        block_length = conv.default_block_length(model_block, gen_length)
+    block_length = positive_length("block_length", block_length)
+    if steps is None:
+        model_steps = _pick("steps", None, gen, None)
+        if model_steps is None:
+            steps = conv.default_steps(gen_length, block_length)
+        else:
+            steps = positive_length("steps", model_steps)
+            if caller_set:  # the model's steps were chosen for its own lengths
+                steps = conv.derive_steps(steps, gen_length, block_length)
+    steps = conv.cap_steps(gen_length, positive_length("steps", steps))
     conv.check_lengths(gen_length, block_length, steps)
     return gen_length, block_length, steps
 
@@ -127,8 +160,9 @@ def resolve_options(config, *, gen_length=None, block_length=None, steps=None,
     if threshold_floor not in rm.THRESHOLD_FLOORS:
         raise ValueError(f"threshold_floor={threshold_floor!r}: expected one of "
                          f"{rm.THRESHOLD_FLOORS}")
-    if threshold is not None and not 0.0 < float(threshold) <= 1.0:
-        raise ValueError(f"threshold={threshold!r}: expected a confidence in (0, 1] or None")
+    if threshold is not None:
+        threshold = _real("threshold", threshold, "a confidence in (0, 1] or None",
+                          lambda v: 0.0 < v <= 1.0)
     if adaptive is not None:
         if not isinstance(adaptive, AdaptiveExperts):
             raise ValueError(f"adaptive={adaptive!r}: expected jmoe.AdaptiveExperts or None")

@@ -8,7 +8,8 @@ position holds the mask token; *committing* it writes its sampled token; the
 Random stream (shared with the test's reference loop): model call ``nfe``
 (0-based) uses ``k_noise, k_rand = split(fold_in(key(seed), nfe))`` and generated
 position ``g`` of row ``b`` draws from ``fold_in(fold_in(k_noise, b), g)`` (Gumbel
-uniforms ``[V]``) and ``fold_in(fold_in(k_rand, b), g)`` (a random confidence). Keys
+noise ``[V]``, from 64 random bits per token: ``exponentials``) and
+``fold_in(fold_in(k_rand, b), g)`` (a random confidence, ``uniforms``). Keys
 per position make the stream independent of the call's shape: a row's draws do not
 depend on the prompt bucket, and a cached block call (``[B, block_length]`` logits)
 draws exactly what the uncached call (``[B, G]``) draws on the block's positions.
@@ -16,8 +17,11 @@ draws exactly what the uncached call (``[B, G]``) draws on the block's positions
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
+from jax.extend.random import threefry_2x32
 
 REMASKINGS = ("low_confidence", "random")
 THRESHOLD_FLOORS = ("one", "schedule")
@@ -37,8 +41,44 @@ def step_keys(key, nfe, batch: int, positions_G):
 
 
 def uniforms(key, shape):
-    """Uniforms in ``[tiny, 1)`` so that ``log(-log u)`` stays finite."""
+    """Float32 uniforms in ``[tiny, 1)`` (random confidences: only their order counts)."""
     return jax.random.uniform(key, shape, jnp.float32, minval=_TINY, maxval=1.0)
+
+
+def word_pairs(key, shape):
+    """Two independent uint32 words ``(hi, lo)`` per element of ``shape``.
+
+    A threefry key (the default) hashes one counter pair per element and keeps both
+    output words, as jax's non-partitionable 64-bit ``random_bits`` does (uint32
+    ``jax.random.bits`` xors them into one): 64 bits for the price of 32. Other key
+    kinds draw ``bits(key, [2, *shape])``.
+    """
+    n = math.prod(shape)
+    if str(jax.random.key_impl(key)) == "threefry2x32":
+        words = threefry_2x32(jax.random.key_data(key), jnp.arange(2 * n, dtype=jnp.uint32))
+        return words[:n].reshape(shape), words[n:].reshape(shape)
+    hi, lo = jax.random.bits(key, (2, *shape), jnp.uint32)
+    return hi, lo
+
+
+def exponential_from_words(hi, lo):
+    """``E = -log u`` (Exp(1)) of the 64-bit uniform ``u`` the words ``(hi, lo)`` encode.
+
+    The top bit picks a half of (0, 1) and the other 63 bits ``m`` the distance from
+    its end, ``t = (m + 1/2) 2^-64`` in (0, 1/2): ``u = t`` (E = -log t) or ``u = 1 - t``
+    (E = -log1p(-t)). Both tails keep float32's relative precision: E spans [2^-65,
+    45], so the Gumbel noise ``-log E`` reaches 44.8 where a float32 uniform (steps of
+    2^-23) stops at 15.9 and undersamples tokens ~16+ nats below the top.
+    """
+    m_hi = (hi & jnp.uint32(0x7FFFFFFF)).astype(jnp.float32)
+    t = m_hi * 2.0 ** -32 + (lo.astype(jnp.float32) + 0.5) * 2.0 ** -64
+    upper = (hi >> 31) == 1
+    return jnp.where(upper, -jnp.log1p(-t), -jnp.log(t))
+
+
+def exponentials(key, shape):
+    """Float32 Exp(1) draws, accurate in both tails (``exponential_from_words``)."""
+    return exponential_from_words(*word_pairs(key, shape))
 
 
 def forbid_tokens(logits_BGV, ids):
@@ -55,14 +95,15 @@ def sample_greedy(logits_BGV, temperature, noise_keys_BG):
 
 
 def sample_gumbel(logits_BGV, temperature, noise_keys_BG):
-    """Gumbel-max: LLaDA's ``argmax exp(l) / (-log u)**T``, in log space.
+    """Gumbel-max: LLaDA's ``argmax exp(l) / E**T`` with ``E = -log u``, in log space.
 
-    ``log(exp(l) / (-log u)**T) = l - T log(-log u)``: the same argmax without
-    overflowing ``exp`` in float32 (LLaDA needs float64 for that).
+    ``log(exp(l) / E**T) = l - T log E``: the same argmax without overflowing ``exp``
+    in float32 (LLaDA needs float64 for that). ``E`` comes from 64 random bits
+    (``exponentials``), so tokens far below the top are sampled at their exact rate.
     """
     v = logits_BGV.shape[-1]
-    u_BGV = jax.vmap(jax.vmap(lambda k: uniforms(k, (v,))))(noise_keys_BG)
-    noisy = logits_BGV - temperature * jnp.log(-jnp.log(u_BGV))
+    e_BGV = jax.vmap(jax.vmap(lambda k: exponentials(k, (v,))))(noise_keys_BG)
+    noisy = logits_BGV - temperature * jnp.log(e_BGV)
     return jnp.argmax(noisy, axis=-1).astype(jnp.int32)
 
 

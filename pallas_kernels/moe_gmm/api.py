@@ -33,9 +33,8 @@ BACKENDS = ("pallas", "xla")
 _warned: set[str] = set()
 
 
-def pick_lowering(platform: str | None = None) -> tuple[str, bool]:
-    """``(lowering, interpret)`` for a platform (default: JAX's default backend)."""
-    platform = platform or jax.default_backend()
+def pick_lowering(platform: str | None) -> tuple[str, bool]:
+    """``(lowering, interpret)`` for the target platform (None: unknown, interpret)."""
     if platform == "tpu":
         return "tpu", False
     if platform in ("gpu", "cuda", "rocm"):
@@ -151,7 +150,7 @@ def moe_experts(x_TD, r, w_gate_EDF, w_up_EDF, w_down_EFD, *, backend: str = "pa
     if d_w != d or e != r.num_experts:
         raise ValueError(f"w_gate_EDF shape {w_gate_EDF.shape} does not match x_TD {x_TD.shape} "
                          f"and num_experts={r.num_experts}")
-    auto_lowering, auto_interpret = pick_lowering() if lowering is None else (lowering, False)
+    auto_lowering, auto_interpret = pick_lowering(None) if lowering is None else (lowering, False)
     interpret = auto_interpret if interpret is None else interpret
     blocks = blocks or BlockSizes.for_lowering(auto_lowering, interpret)
     impl = _Impl(backend, auto_lowering, interpret, blocks)
