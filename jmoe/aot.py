@@ -363,6 +363,54 @@ def analyse(compiled, *, hw: Hardware, devices: int, param_bytes: int, a2a: int)
                        custom_calls=custom_calls(compiled))
 
 
+@dataclasses.dataclass
+class Targeted:
+    """A model's programs lowered for a target (what ``plan`` compiles and sizes)."""
+
+    name: str
+    config: Any              # the config as placed: mesh, platform and backend set
+    hardware: Hardware
+    devices: list
+    mesh: Any
+    expert: int
+    param_bytes: int         # per device
+    lowered: dict            # program -> (jax Lowered, tokens per model call)
+
+
+def targeted(config_or_path, *, target: str, data: int = 1, expert: int | None = None,
+             batch: int = 1, prompt_length: int = 256, gen_length: int = 256,
+             block_length: int = 32, moe_backend: str = "auto",
+             programs=("forward", "step", "generate")) -> Targeted:
+    """Lower ``programs`` for ``target`` (arguments and errors as ``plan``); call
+    ``.compile()`` on each to inspect the program itself, e.g. its HLO
+    (``jmoe.hlo_bytes``)."""
+    config, name = config_of(config_or_path)
+    bad = [p for p in programs if p not in PROGRAMS]
+    if bad or not programs:
+        raise ValueError(f"programs={tuple(programs)!r}: expected some of {PROGRAMS}")
+    for label, v in (("batch", batch), ("prompt_length", prompt_length),
+                     ("gen_length", gen_length), ("block_length", block_length)):
+        if not (isinstance(v, int) and not isinstance(v, bool) and v > 0):
+            raise ValueError(f"{label}={v!r}: expected a positive int")
+    hw = HARDWARE.get(target)
+    devices = target_devices(target)
+    mesh, expert = target_mesh(devices, data, expert, config.num_experts)
+    config = config.replace(mesh=mesh, platform=hw.platform, moe_backend=moe_backend)
+    params = abstract_params(config, mesh, devices[0])
+    lowerers = {
+        "forward": lambda: (_lower_forward(config, params, mesh, devices[0], batch,
+                                           prompt_length + gen_length),
+                            prompt_length + gen_length),
+        "step": lambda: _lower_step(config, params, mesh, devices[0], batch, prompt_length,
+                                    gen_length, block_length),
+        "generate": lambda: _lower_generate(config, params, mesh, devices[0], batch,
+                                            prompt_length, gen_length, block_length),
+    }
+    return Targeted(name=name, config=config, hardware=hw, devices=devices, mesh=mesh,
+                    expert=expert, param_bytes=per_device_bytes(params),
+                    lowered={p: lowerers[p]() for p in programs})
+
+
 def plan(config_or_path, *, target: str, data: int = 1, expert: int | None = None,
          batch: int = 1, prompt_length: int = 256, gen_length: int = 256,
          block_length: int = 32, moe_backend: str = "auto",
@@ -403,37 +451,18 @@ def plan(config_or_path, *, target: str, data: int = 1, expert: int | None = Non
     """
     from jmoe.expert_parallel import all_to_all_bytes
 
-    config, name = config_of(config_or_path)
-    bad = [p for p in programs if p not in PROGRAMS]
-    if bad or not programs:
-        raise ValueError(f"programs={tuple(programs)!r}: expected some of {PROGRAMS}")
-    for label, v in (("batch", batch), ("prompt_length", prompt_length),
-                     ("gen_length", gen_length), ("block_length", block_length)):
-        if not (isinstance(v, int) and not isinstance(v, bool) and v > 0):
-            raise ValueError(f"{label}={v!r}: expected a positive int")
-    hw = HARDWARE.get(target)
-    devices = target_devices(target)
-    mesh, expert = target_mesh(devices, data, expert, config.num_experts)
-    config = config.replace(mesh=mesh, platform=hw.platform, moe_backend=moe_backend)
-    params = abstract_params(config, mesh, devices[0])
-    param_bytes = per_device_bytes(params)
-    lowerers = {
-        "forward": lambda: (_lower_forward(config, params, mesh, devices[0], batch,
-                                           prompt_length + gen_length),
-                            prompt_length + gen_length),
-        "step": lambda: _lower_step(config, params, mesh, devices[0], batch, prompt_length,
-                                    gen_length, block_length),
-        "generate": lambda: _lower_generate(config, params, mesh, devices[0], batch,
-                                            prompt_length, gen_length, block_length),
-    }
+    t = targeted(config_or_path, target=target, data=data, expert=expert, batch=batch,
+                 prompt_length=prompt_length, gen_length=gen_length,
+                 block_length=block_length, moe_backend=moe_backend, programs=programs)
+    config, mesh, expert = t.config, t.mesh, t.expert
     out = {}
-    for program in programs:
-        lowered, call_length = lowerers[program]()
+    for program, (lowered, call_length) in t.lowered.items():
         a2a = 0
         if mesh is not None and expert > 1:
             a2a = len(config.moe_layers) * all_to_all_bytes(config, batch, call_length, mesh)
-        out[program] = analyse(lowered.compile(), hw=hw, devices=len(devices),
-                               param_bytes=param_bytes, a2a=a2a)
+        out[program] = analyse(lowered.compile(), hw=t.hardware, devices=len(t.devices),
+                               param_bytes=t.param_bytes, a2a=a2a)
+    name, hw, devices = t.name, t.hardware, t.devices
     return Plan(model=name, target=target, data=data, expert=expert, batch=batch,
                 prompt_length=prompt_length, gen_length=gen_length, block_length=block_length,
                 moe_backend=moe_backend, device_hbm_bytes=hw.hbm_per_chip * hw.chips / len(devices),

@@ -306,6 +306,50 @@ def expert_compute(backend: str, x_TD, r, w_gate_EDF, w_up_EDF, w_down_EFD, *,
     return EXPERT_BACKENDS[backend](x_TD, r, w_gate_EDF, w_up_EDF, w_down_EFD)
 
 
+def data_parallel_experts(config, x_BLD, r: routing_lib.Routing, weights):
+    """The experts of a data-parallel mesh (no ``expert`` axis) through a backend XLA cannot
+    partition itself: a Pallas kernel is a custom call ("Mosaic kernels cannot be
+    automatically partitioned"). One ``shard_map``: each device runs its batch rows'
+    assignments against the replicated weights. Token-choice routings (``token_major``)
+    split with the batch; expert choice, which ranks tokens over the whole batch, and
+    batches that do not split run whole on every device (the same result, computed
+    redundantly). Returns ``y_BLD``."""
+    from jax.sharding import PartitionSpec as P
+    from jmoe.sharding import batch_spec
+
+    b, l, d = x_BLD.shape
+    mesh = config.mesh
+    spec = batch_spec(mesh, b)
+    axis = spec[0] if len(spec) else None
+    split = axis is not None and r.token_major
+    run = partial(expert_compute, config.moe_backend, platform=config.platform)
+    if not split:
+        def whole(x_BLD, token_A, expert_A, weight_A, *w):
+            rr = r.replace(token_A=token_A, expert_A=expert_A, weight_A=weight_A)
+            return run(x_BLD.reshape(b * l, d), rr, *w).reshape(b, l, d)
+
+        return jax.shard_map(whole, mesh=mesh, in_specs=P(), out_specs=P(), check_vma=False)(
+            x_BLD, r.token_A, r.expert_A, r.weight_A, *weights)
+
+    k = r.token_A.shape[0] // (b * l)
+    shards = mesh.shape[axis] if isinstance(axis, str) else math.prod(mesh.shape[a] for a in axis)
+    bl = b // shards
+
+    def local(x_BLD, token_BA, expert_BA, weight_BA, *w):
+        offset = jax.lax.axis_index(axis) * bl * l
+        rr = routing_lib.Routing(token_A=token_BA.reshape(-1) - offset,
+                                 expert_A=expert_BA.reshape(-1), weight_A=weight_BA.reshape(-1),
+                                 num_experts=r.num_experts, num_tokens=bl * l,
+                                 token_major=True, max_load=None)
+        return run(x_BLD.reshape(bl * l, d), rr, *w).reshape(bl, l, d)
+
+    rows = P(axis)
+    return jax.shard_map(local, mesh=mesh, in_specs=(rows, rows, rows, rows) + (P(),) * 3,
+                         out_specs=rows, check_vma=False)(
+        x_BLD, r.token_A.reshape(b, l * k), r.expert_A.reshape(b, l * k),
+        r.weight_A.reshape(b, l * k), *weights)
+
+
 def layer_aux(r: routing_lib.Routing, logits_BLE, valid_BL, top_k: int,
               platform: str | None = None) -> dict:
     """One MoE layer's aux: router logits ``[B, L, E]``, chosen ids/weights ``[B, L, K]``,
@@ -367,6 +411,8 @@ class MoE(nn.Module):
                 c.mesh, x_BLD, r, weights,
                 experts=partial(expert_compute, c.moe_backend, platform=c.platform),
                 capacity_factor=c.ep_capacity_factor)
+        elif c.mesh is not None and kernels(c.platform).moe_backend(c.moe_backend, dt) == "pallas":
+            y_BLD = data_parallel_experts(c, x_BLD, r, weights)
         else:
             y_BLD = expert_compute(c.moe_backend, x_BLD.reshape(b * l, d), r, *weights,
                                    platform=c.platform).reshape(b, l, d)

@@ -390,6 +390,29 @@ def olmoe_model_expert_choice():
     compare_forward(model, tokens_BL=tokens, attention_mask=mask)
 
 
+@check
+def pallas_on_data_parallel_meshes():
+    # a Pallas kernel is a custom call XLA cannot partition: on a mesh without an expert
+    # axis it runs per data shard (jmoe.moe.data_parallel_experts); batches that split
+    # (8 rows) and that do not (2 rows), token choice with budgets and expert choice
+    for routing, b in (("token_choice", 8), ("token_choice", 2), ("expert_choice", 8)):
+        model = peaked(jmoe.random_model(tiny_olmoe(moe_backend="pallas", routing=routing),
+                                         seed=2))
+        rng = np.random.default_rng(4)
+        tokens = rng.integers(0, 97, (b, 12))
+        mask = np.ones((b, 12), np.int32)
+        mask[1, :3] = 0
+        kw = dict(tokens_BL=tokens, attention_mask=mask)
+        if routing == "token_choice":
+            kw |= dict(max_experts=4, experts_per_token=rng.integers(1, 5, tokens.shape))
+        want, _ = jmoe.forward(model, **kw)
+        for dp, ep in ((8, 1),):
+            mesh = jax.sharding.Mesh(np.array(jax.devices()[:dp * ep]).reshape(dp, ep),
+                                     (sharding.DATA_AXIS, sharding.EXPERT_AXIS))
+            got, _ = jmoe.forward(jmoe.shard_model(model, mesh), **kw)
+            close(got, want, TOL, f"{routing} b={b} logits on data={dp}")
+
+
 def tiny_llada2(**kw):
     """The tiny LLaDA2 (tests/llada2_reference.py TINY) with peaked weights and a nonzero
     expert bias."""

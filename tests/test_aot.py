@@ -153,3 +153,13 @@ def test_presets_are_plannable_by_name():
     cfg, name = aot.config_of("llada2-mini")
     assert cfg is jmoe.LLADA2_MINI and name == "llada2-mini"
     np.testing.assert_equal(aot.HARDWARE["v5e-8"].chips, 8)
+
+
+def test_pallas_on_a_data_parallel_tpu_mesh_compiles():
+    # a Mosaic kernel cannot be partitioned by XLA: without an expert axis jmoe runs it
+    # per data shard in a shard_map (this raised NotImplementedError before)
+    p = aot.plan(tiny_olmoe(), target="v5e-8", data=8, expert=1, batch=8, prompt_length=16,
+                 gen_length=16, block_length=8, moe_backend="pallas", programs=("forward",))
+    no_cpu_kernels(p)
+    assert "tpu_custom_call" in p.programs["forward"].custom_calls
+    assert p.programs["forward"].all_to_all_bytes == 0
