@@ -302,10 +302,11 @@ def program_bytes(text: str, *, kernel_bytes: Callable[[Op, list[list[Array]]], 
                 else:
                     b = sum(hbm_bytes(a) for a in operand_arrays) + hbm_bytes(op.shape)
             elif code.endswith("-start") and code in ("copy-start", "slice-start"):
-                # result ((source), destination, context): the destination is what is read
-                # from the source, and written (to HBM unless on-chip)
+                # the destination is what is read from the source and written (to HBM
+                # unless on-chip); copy-start's result is (destination, source, context),
+                # slice-start's ((source), destination, context)
                 n_src = sum(len(a) for a in operand_arrays)
-                dest = op.shape[n_src:n_src + 1]
+                dest = op.shape[:1] if code == "copy-start" else op.shape[n_src:n_src + 1]
                 b = sum(a.nbytes for a in dest) + hbm_bytes(dest)
             elif code == "custom-call":
                 b = kernel_bytes(op, operand_arrays) if kernel_bytes is not None else None

@@ -102,3 +102,16 @@ def test_kernel_traffic_reads_only_touched_experts_weights_on_tpu():
                     n_out=1, itemsize=2)
     assert one == 2 * (128 * k + k * n + 128 * n)  # one tile: rows once, weights once
     assert list(tiles_of([3, 0, 300], 128)) == [0, 2, 2, 2]
+
+
+def test_prefetch_into_vmem_counts_one_read_on_tpu():
+    # a v5e program: XLA prefetches the weight into VMEM (copy-start to S(1)); the dot
+    # then reads VMEM. The model: the weight read once, x read, the result written.
+    from jmoe import aot
+
+    dev = aot.target_devices("v5e-8")[0]
+    one = jax.sharding.SingleDeviceSharding(dev)
+    s = lambda shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16, sharding=one)  # noqa: E731
+    text = jax.jit(lambda x, w: x @ w).lower(s((32, 2048)), s((2048, 2048))).compile().as_text()
+    total, rows = hb.program_bytes(text)
+    assert total == 2 * (2048 * 2048 + 32 * 2048 + 32 * 2048), rows
