@@ -276,8 +276,11 @@ def _sampler_setup(config, batch, prompt_length, gen_length, block_length):
     """The options, the canvas and whether a cached block step applies."""
     from jmoe.sampling.options import resolve_options
 
+    # only shapes matter here: a model without a mask token (causal OLMoE) is planned
+    # with a stand-in id
+    mask_id = 0 if config.mask_token_id is None else None
     opts, knobs = resolve_options(config, gen_length=gen_length, block_length=block_length,
-                                  threshold=0.9)
+                                  threshold=0.9, mask_id=mask_id)
     rows = [[0] * prompt_length for _ in range(batch)]
     canvas = opts.convention.layout(rows, opts, config)
     return opts, knobs, canvas

@@ -163,3 +163,12 @@ def test_pallas_on_a_data_parallel_tpu_mesh_compiles():
     no_cpu_kernels(p)
     assert "tpu_custom_call" in p.programs["forward"].custom_calls
     assert p.programs["forward"].all_to_all_bytes == 0
+
+
+def test_a_causal_model_without_mask_token_is_plannable():
+    # OLMoE-1B-7B (causal, no mask token): every program is planned (only shapes matter)
+    c = tiny_olmoe(causal=True, mask_token_id=None)
+    p = aot.plan(c, target="h100-1", batch=1, prompt_length=8, gen_length=8, block_length=8,
+                 moe_backend="ragged")
+    assert set(p.programs) == {"forward", "step", "generate"}
+    no_cpu_kernels(p)
