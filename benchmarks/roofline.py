@@ -55,7 +55,7 @@ def representative_counts(config, tokens: int, expert: int, seed: int = 0) -> np
 def kernel_model(counts, lowering: str):
     """``hlo_bytes.program_bytes``'s ``kernel_bytes`` for jmoe's Pallas grouped matmul."""
     from jmoe.hlo_bytes import ITEMSIZE
-    from pallas_kernels.moe_gmm.kernel import BlockSizes, _fit
+    from pallas_kernels.moe_gmm.kernel import BlockSizes, _fit, tpu_column_tile
     from pallas_kernels.moe_gmm.traffic import gmm_bytes
 
     def bytes_of(op, operands):
@@ -70,7 +70,10 @@ def kernel_model(counts, lowering: str):
         m, kdim = lhs[0].dims
         tm = m // te.dims[0]
         n = rhs[0].dims[2] if rhs[0].dims[1] == kdim else rhs[0].dims[1]
-        tn = _fit(BlockSizes.for_lowering(lowering, False).tn, n)
+        tn = BlockSizes.for_lowering(lowering, False).tn
+        if lowering == "tpu":
+            tn = min(tn, tpu_column_tile(kdim, len(rhs), int(ITEMSIZE[rhs[0].dtype])))
+        tn = _fit(tn, n)
         return gmm_bytes(counts, lowering=lowering, tm=tm, tn=tn, k=kdim, n=n,
                          n_rhs=len(rhs), n_out=len(op.shape), n_lhs=len(lhs),
                          itemsize=ITEMSIZE[lhs[0].dtype], lhs_on_chip=lhs[0].on_chip,

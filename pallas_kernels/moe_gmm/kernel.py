@@ -67,7 +67,24 @@ class BlockSizes:
             return BlockSizes(tm=8, tn=128, tk=None)
         if lowering == "gpu":  # Triton: register-resident tiles, K in 32-wide steps
             return BlockSizes(tm=64, tn=64, tk=32)
-        return BlockSizes(tm=128, tn=128, tk=None)
+        # wide column tiles, capped by VMEM in gmm (tpu_column_tile): each column tile
+        # re-reads the row tile, and at decode sizes the rows are the excess traffic
+        return BlockSizes(tm=128, tn=512, tk=None)
+
+
+# VMEM the TPU kernel's double-buffered weight blocks may take (v5e's default scoped
+# VMEM is 16 MiB; rows, outputs and accumulators need the rest)
+TPU_WEIGHT_VMEM = 8 * 2**20
+
+
+def tpu_column_tile(k: int, n_rhs: int, itemsize: int) -> int:
+    """The widest power-of-two column tile (128 at least) whose ``n_rhs`` double-buffered
+    ``[k, tn]`` weight blocks fit ``TPU_WEIGHT_VMEM``. Wide tiles matter on TPU: the grid
+    re-reads a row tile once per column tile (``traffic.gmm_bytes``)."""
+    tn = 128
+    while 2 * n_rhs * k * (2 * tn) * itemsize <= TPU_WEIGHT_VMEM:
+        tn *= 2
+    return tn
 
 
 def _fit(block: int | None, dim: int) -> int:
@@ -128,8 +145,11 @@ def gmm(lhs: Sequence[jax.Array], rhs: Sequence[jax.Array], layout: GroupLayout,
     if m != layout.num_rows or blocks.tm != layout.tm:
         raise ValueError(f"gmm lhs has {m} rows / tm={blocks.tm}; the layout has "
                          f"{layout.num_rows} rows / tm={layout.tm}")
+    tn = blocks.tn
+    if lowering == "tpu" and not interpret:
+        tn = min(tn, tpu_column_tile(k, len(rhs), rhs[0].dtype.itemsize))
     cfg = dict(n_pairs=len(rhs), n_lhs=len(lhs), k=k, tk=_fit(blocks.tk, k),
-               trans_rhs=trans_rhs, shape=(layout.tm, _fit(blocks.tn, n)))
+               trans_rhs=trans_rhs, shape=(layout.tm, _fit(tn, n)))
     build = _gmm_tpu if lowering == "tpu" else _gmm_gpu
     out_shape = [jax.ShapeDtypeStruct((m, n), out_dtype)] * n_out
     return build(lhs, rhs, layout, epilogue, cfg, out_shape, interpret)
