@@ -2,13 +2,14 @@
 
 Run: python benchmarks/decoding.py [--part speed|quality|both] [--prompt 512 --gen 256
                                     --block 32 --steps 64 --d 512 --layers 8 --experts 64
-                                    --topk 8 --n 400]
+                                    --topk 8 --repeats 2 --n 400]
 
 Speed: a random bidirectional OLMoE-family model (``jmoe.OlmoeConfig``, ``causal=False``:
 LLaDA-MoE's attention; d=512, 8 layers, 64 experts top-8 by default), one prompt of
 ``--prompt`` random tokens, ``--gen`` generated in blocks of ``--block`` with LLaDA's fixed
 schedule (``--steps`` calls over the generation). Each cache runs once to compile, then
-once timed; tokens/s counts generated tokens over that wall time. Agreement is the share
+``--repeats`` interleaved rounds; tokens/s counts generated tokens over the best round's
+wall time. Agreement is the share
 of generated tokens equal to the uncached run's (stale K/V change some).
 
 Quality: the shipped default model (``jmoe.load()``) on ``--n`` held-out additions
@@ -76,16 +77,30 @@ def timed(model, prompts, kw):
     return out, time.perf_counter() - t
 
 
+def interleaved(model, prompts, runs, repeats):
+    """Each run once to compile, then ``repeats`` rounds of all runs in turn: the outputs
+    and each run's best wall time (the machine is shared: a round measures all runs
+    under about the same load)."""
+    outs = {name: jmoe.generate(model, prompts, **kw) for name, kw in runs}
+    best = {name: float("inf") for name, _ in runs}
+    for r in range(repeats):
+        for name, kw in runs:
+            t = time.perf_counter()
+            jax.block_until_ready(jmoe.generate(model, prompts, **kw).tokens)
+            best[name] = min(best[name], time.perf_counter() - t)
+            print(f"  round {r}: {name}: {time.perf_counter() - t:.2f} s", flush=True)
+    return outs, best
+
+
 def speed(a):
     model = speed_model(a)
     rng = np.random.default_rng(0)
     prompt = rng.integers(0, a.vocab - 2, (1, a.prompt)).astype(np.int32)
     common = dict(gen_length=a.gen, block_length=a.block, steps=a.steps, early_stop=False)
-    rows = []
-    for name, kw in SPEED_RUNS:
-        out, sec = timed(model, prompt, dict(common, **kw))
-        rows.append((name, np.asarray(out.tokens)[:, -a.gen:], sec, out.nfe, out.expert_work))
-        print(f"  {name}: {sec:.2f} s", flush=True)
+    outs, best = interleaved(model, prompt, [(n, dict(common, **kw)) for n, kw in SPEED_RUNS],
+                             a.repeats)
+    rows = [(n, np.asarray(outs[n].tokens)[:, -a.gen:], best[n], outs[n].nfe,
+             outs[n].expert_work) for n, _ in SPEED_RUNS]
     base_tok, base_sec = rows[0][1], rows[0][2]
     print(f"\nspeed: random bidirectional OLMoE d={a.d}, {a.layers} layers, {a.experts} "
           f"experts top-{a.topk}, prompt {a.prompt}, gen {a.gen}, block {a.block}, "
@@ -129,6 +144,7 @@ def main():
     p.add_argument("--experts", type=int, default=64)
     p.add_argument("--topk", type=int, default=8)
     p.add_argument("--vocab", type=int, default=4096)
+    p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--n", type=int, default=400)
     p.add_argument("--seed", type=int, default=1234)
     a = p.parse_args()
