@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 import jmoe
+from jmoe.sampling.options import resolve_options
 
 MASK, EOS, PAD = 96, 3, 1
 # LLaDA-MoE's layout (bidirectional, q/k norm per head) at test size
@@ -207,26 +208,28 @@ def test_batch_equals_each_row_alone(model, cache):
 
 
 def test_block_causal_exact_cache_unchanged():
+    """``"exact"`` is ``True``: the same static options, so the same compiled loop as the
+    exact cache that tests/test_llada2_sampler.py checks against the uncached run and
+    LLaDA2's reference (``None`` is it too, the llada2 default)."""
     cfg = jmoe.LLaDA2Config(
         vocab_size=71, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
         intermediate_size=64, moe_intermediate_size=16, num_experts=8, num_experts_per_tok=2,
-        max_position_embeddings=64, mask_token_id=70, eos_token_id=69, pad_token_id=69,
-        moe_backend="dense")
-    m = jmoe.random_model(cfg, seed=2)
+        max_position_embeddings=64, mask_token_id=70, eos_token_id=69, pad_token_id=69)
     kw = dict(gen_length=8, block_length=4, steps=4)
-    runs = [np.asarray(jmoe.generate(m, [[5, 6, 7], [8, 9]], cache=c, **kw).tokens)
-            for c in (False, True, "exact")]
-    np.testing.assert_array_equal(runs[1], runs[0])
-    np.testing.assert_array_equal(runs[2], runs[0])
+    opts = [resolve_options(cfg, cache=c, **kw)[0] for c in (True, "exact", None, False)]
+    assert opts[0] == opts[1] == opts[2] != opts[3]
+    assert opts[0].cached and opts[0].approx_cache is None and not opts[3].cached
 
 
 @pytest.mark.parametrize("cache", ["prefix", "dual"])
 def test_expert_choice_and_non_bidirectional_models_are_refused(cache):
     """Expert choice: each expert picks among the whole sequence's tokens, which a window
     call does not see, so the approximate caches are refused (use cache=False)."""
-    ec = jmoe.random_model(CONFIG.replace(routing="expert_choice"), seed=0)
-    with pytest.raises(ValueError, match="expert_choice.*cache=False"):
-        jmoe.generate(ec, ROWS, cache=cache, **LENGTHS)
-    causal = jmoe.random_model(CONFIG.replace(causal=True), seed=0)
+    with pytest.raises(ValueError, match="expert_choice.*cache=False") as e:
+        resolve_options(CONFIG.replace(routing="expert_choice"), cache=cache, **LENGTHS)
+    assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match="needs a bidirectional model") as e:
+        resolve_options(CONFIG.replace(causal=True), cache=cache, **LENGTHS)
     with pytest.raises(ValueError, match="needs a bidirectional model"):
-        jmoe.generate(causal, ROWS, cache=cache, **LENGTHS)
+        resolve_options(CONFIG.replace(attention_block_length=4), cache=cache,
+                        convention="llada", **LENGTHS)
