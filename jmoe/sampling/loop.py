@@ -208,7 +208,8 @@ def _sample(logits, positions_G, nfe, key, knobs, opts: SamplerOptions):
 def _predict(s: SamplerState, params, valid_BL, prompt_BL, rows_B, key, knobs, *, config,
              opts: SamplerOptions):
     """Sampled tokens, confidences ``[B, G]`` (only the current block matters) and the
-    call's routed pairs; only ``rows_B`` are computed."""
+    call's routed pairs; only ``rows_B`` are computed. Approximate caches also return
+    the cache (written by a refresh step)."""
     g, b = opts.gen_length, s.tokens_BL.shape[0]
 
     def block_sample(logits):  # [B, block_length, V] -> x0_BG, conf_BG
