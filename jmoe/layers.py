@@ -303,11 +303,14 @@ class Attention(nn.Module):
     platform: str | None = None  # the target's kernel table (jmoe.platform)
 
     @nn.compact
-    def __call__(self, x_BLD, cos_BLR, sin_BLR, bias_B1LS, cache=None, layer: int = 0):
+    def __call__(self, x_BLD, cos_BLR, sin_BLR, bias_B1LS, cache=None, layer: int = 0,
+                 valid_BL=None):
         """``(out_BLD, kv)``. With ``cache`` (a ``jmoe.kv_cache.KVCache``) this call's
         keys/values are written into layer ``layer``'s buffers at ``cache.length``, the
         queries attend over the whole buffers (``bias`` is then ``[B, 1, L, S]``) and
-        ``kv`` is the updated ``(k_BSNK, v_BSNK)``; without, ``kv`` is None."""
+        ``kv`` is the updated ``(k_BSNK, v_BSNK)``; without, ``kv`` is None. A
+        bidirectional cache's refresh (L == S) attends exactly as the uncached call and
+        writes every position; its window calls write only ``valid_BL``'s positions."""
         b, l, d = x_BLD.shape
         h, n, k = self.num_heads, self.num_kv_heads, self.head_dim
         wq = self.param("wq", logical_init(("embed", "q_heads")), (d, h * k), self.dtype)
@@ -330,6 +333,10 @@ class Attention(nn.Module):
             chunk = CAUSAL_CHUNK if self.causal else None
             out = dot_attention(q, kk, v, bias_B1LS, chunk, self.platform)
             return out.reshape(b, l, h * k) @ wo, None
-        k_BSNK, v_BSNK = cache.write(layer, kk, v)
+        if cache.bidirectional and l == cache.size:  # refresh: the uncached call's attention
+            out = dot_attention(q, kk, v, bias_B1LS, None, self.platform)
+            return out.reshape(b, l, h * k) @ wo, cache.write(layer, kk, v)
+        fresh = valid_BL if cache.bidirectional else None
+        k_BSNK, v_BSNK = cache.write(layer, kk, v, fresh)
         out = dot_attention(q, k_BSNK, v_BSNK, bias_B1LS, platform=self.platform)
         return out.reshape(b, l, h * k) @ wo, (k_BSNK, v_BSNK)

@@ -698,6 +698,23 @@ GENERATE_ROWS = [
     ("seed_bool", gen("1+1=", seed=True), ["seed=True", "[0, 2**64)"]),
     ("mask_id_float", gen("1+1=", mask_id=2.0), ["mask_id=2.0", f"[0, {V})"]),
     ("eos_id_past_vocab", gen("1+1=", eos_id=V), [f"eos_id={V}", f"[0, {V})"]),
+    ("cache_unknown", gen("1+1=", cache="fast"), ["cache='fast'", "'prefix'", "'dual'"]),
+    ("cache_int", gen("1+1=", cache=1), ["cache=1", "False, True"]),
+    ("cache_refresh_zero", gen("1+1=", cache="dual", cache_refresh=0),
+     ["cache_refresh=0", "positive int"]),
+    ("cache_refresh_float", gen("1+1=", cache="dual", cache_refresh=1.0),
+     ["cache_refresh=1.0", "positive int"]),
+    ("cache_window_short", gen("1+1=", cache="prefix", cache_window=(1,)),
+     ["cache_window=(1,)", "(before, after)"]),
+    ("cache_window_negative", gen("1+1=", cache="prefix", cache_window=(-1, 2)),
+     ["cache_window=(-1, 2)", ">= 0"]),
+    ("cache_refresh_uncached", gen("1+1=", cache=False, cache_refresh=2),
+     ["cache_refresh=2", "cache='prefix' or 'dual'"]),
+    ("cache_window_uncached", gen("1+1=", cache_window=(1, 1)),
+     ["cache_window=(1, 1)", "cache='prefix' or 'dual'"]),
+    ("cache_exact_bidirectional", gen("1+1=", cache="exact"), ["cache='exact'", "block-causal"]),
+    ("cache_dual_llada2", gen("1+1=", cache="dual", convention="llada2"),
+     ["cache='dual'", "block-causal", "'exact'"]),
 ]
 
 

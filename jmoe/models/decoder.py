@@ -66,7 +66,7 @@ class DecoderLayer(nn.Module):
         h = RMSNorm(c.rms_norm_eps, dt, name="input_norm")(x_BLD)
         attn, kv = Attention(c.num_heads, c.num_kv_heads, c.head_dim, c.qk_norm,
                              c.rms_norm_eps, c.clip_qkv, dt, c.mask_kind == "causal",
-                             c.platform, name="attn")(h, cos, sin, bias, cache, index)
+                             c.platform, name="attn")(h, cos, sin, bias, cache, index, valid_BL)
         x_BLD = x_BLD + attn
         h = RMSNorm(c.rms_norm_eps, dt, name="post_attn_norm")(x_BLD)
         if self.dense:
@@ -83,7 +83,10 @@ class Decoder(nn.Module):
     axis. Without ``cache`` positions count from each row's first real token. With
     ``cache`` (a ``jmoe.kv_cache.KVCache``) the tokens sit at absolute positions
     ``cache.length ..`` in every row, their K/V are written there, queries attend over
-    the buffers under the cache's mask, and the returned cache has ``length + L``.
+    the buffers under the cache's mask, and the returned cache has ``length + L``. A
+    bidirectional cache (``KVCache.bidirectional``) takes its positions from the cache;
+    a call on all its ``S`` positions (a refresh) is the uncached call that also writes
+    every K/V, a shorter one writes only its valid tokens' K/V.
     Logits are float32.
     """
 
@@ -96,7 +99,8 @@ class Decoder(nn.Module):
         embed = nn.Embed(c.vocab_size, c.hidden_size, dtype=dt, param_dtype=dt,
                          embedding_init=logical_init(("vocab", "embed")), name="embed")
         x = embed(tokens_BL)
-        if cache is None:
+        if cache is None or (cache.bidirectional and tokens_BL.shape[1] == cache.size):
+            # no cache, or a bidirectional cache's refresh: the uncached call's mask
             pos, bias = mask_bias(c, valid_BL)
         else:
             pos = cache.positions(*tokens_BL.shape)

@@ -110,7 +110,8 @@ def generate(model, prompts, *, gen_length=None, block_length=None, steps=None,
              temperature=None, cfg_scale=None, remasking=None, threshold=None,
              threshold_floor=None, adaptive=None, mask_id=None, eos_id=None,
              logits_eos_inf=False, confidence_eos_eot_inf=False, early_stop=True, seed=0,
-             return_trace=False, convention=None, cache=None) -> GenerateOutput:
+             return_trace=False, convention=None, cache=None, cache_refresh=None,
+             cache_window=None) -> GenerateOutput:
     """Generate by masked diffusion (LLaDA or LLaDA2), all steps in one compiled loop.
 
     An option left ``None`` takes the model's generation default (``config.generation``,
@@ -169,10 +170,25 @@ def generate(model, prompts, *, gen_length=None, block_length=None, steps=None,
             ``steps`` per block; stop after a block holding EOS). Default: llada2 for a
             block-causal model (``attention_block_length`` set, any family) and for
             LLaDA2 models, else llada.
-        cache: bool, llada2 only: keys/values of the prompt and of each finished block are
-            computed once and each step runs the model on the current block only (the
-            same tokens, with ``cfg_scale`` and ``temperature`` too). Default: on for
-            llada2, except under expert-choice routing.
+        cache: ``False``, ``True``, ``"exact"``, ``"prefix"`` or ``"dual"``.
+            ``True``/``"exact"`` (llada2 only: block-causal attention): keys/values of
+            the prompt and of each finished block are computed once and each step runs
+            the model on the current block only (the same tokens, with ``cfg_scale`` and
+            ``temperature`` too). ``"prefix"`` and ``"dual"`` (bidirectional models under
+            llada; Fast-dLLM's approximate caches, dual is dInfer's default): a block's
+            first step runs the whole canvas and stores every position's K/V; each later
+            step runs the block and everything after it, reading the prefix's K/V from
+            the cache (prefix), or the block only, reading the prefix's and the suffix's
+            (dual). Stale K/V make the tokens differ from the uncached run's; with
+            ``cache_refresh=1`` they are the uncached tokens. Default: ``"exact"`` for
+            llada2, except under expert-choice routing; else False.
+        cache_refresh: int >= 1 or None, approximate caches only: also refresh (run the
+            whole canvas and store all K/V) every ``cache_refresh`` steps of a block,
+            counted from its first step. Default None: only at a block's first step.
+        cache_window: ``(before, after)`` ints >= 0 or None, approximate caches only
+            (dInfer's vicinity refresh): each step also recomputes the K/V of ``before``
+            positions before the block and (dual) ``after`` positions after it.
+            Default None: ``(0, 0)``.
 
     Returns:
         ``GenerateOutput``: tokens ``[B, max P + G]`` (left-padded with the pad id),
@@ -190,7 +206,12 @@ def generate(model, prompts, *, gen_length=None, block_length=None, steps=None,
             ``threshold`` outside (0, 1] (nan too); ``adaptive`` not an ``AdaptiveExperts`` or its
             maximum above ``num_experts``; no mask token; a mask or EOS id not an int
             in the vocabulary; llada2 on a causal model (``causal=True``); ``cache=True``
-            with llada or with expert-choice routing.
+            with llada or with expert-choice routing; ``cache`` not one of the five
+            values; ``"prefix"``/``"dual"`` with llada2, a model whose attention is not
+            bidirectional, or expert-choice routing (each expert picks among the whole
+            sequence, which a call on part of the canvas does not see); ``cache_refresh``
+            not a positive int or ``cache_window`` not two ints >= 0, or either without
+            an approximate cache.
 
     Example:
         out = jmoe.generate(model, ["Hello", "Hi"], gen_length=64, block_length=32,
@@ -203,7 +224,8 @@ def generate(model, prompts, *, gen_length=None, block_length=None, steps=None,
         temperature=temperature, cfg_scale=cfg_scale, remasking=remasking, threshold=threshold,
         threshold_floor=threshold_floor, adaptive=adaptive, mask_id=mask_id, eos_id=eos_id,
         logits_eos_inf=logits_eos_inf, confidence_eos_eot_inf=confidence_eos_eot_inf,
-        early_stop=early_stop, return_trace=return_trace, convention=convention, cache=cache)
+        early_stop=early_stop, return_trace=return_trace, convention=convention, cache=cache,
+        cache_refresh=cache_refresh, cache_window=cache_window)
     key = random_key(seed)
     rows = _encode(model, prompts)
     _check_tokens(rows, config.vocab_size)

@@ -20,6 +20,13 @@ before the loop (``prefill``), each step runs the model on the current block onl
 (``block_call``: queries = block, keys = cache + block), and a finished block is run
 once more with its final tokens to store its K/V (``_finish_block``). Block-causal
 attention makes this exact: a block's keys/values never depend on later blocks.
+
+Approximate caches (``opts.approx_cache``, bidirectional models under llada: Fast-dLLM's
+``"prefix"`` and ``"dual"`` caches): the carry holds K/V of the whole canvas
+(``model_call.new_bidirectional_cache``), written by *refresh* steps that run the whole
+canvas (a block's first step, and every ``cache_refresh``-th); the other steps run a
+fixed-size window around the block and read every other key from the cache
+(``approx_call``).
 """
 
 from __future__ import annotations
@@ -33,7 +40,7 @@ from jmoe import xla_options
 from jmoe.sampling import budgets as budgets_lib
 from jmoe.sampling import remasking as rm
 from jmoe.sampling import schedules
-from jmoe.sampling.model_call import call_model, new_cache
+from jmoe.sampling.model_call import call_model, new_bidirectional_cache, new_cache
 from jmoe.sampling.state import SamplerOptions, SamplerState
 
 
@@ -86,6 +93,62 @@ def block_call(params, tokens_BL, valid_BL, prompt_BL, budget_BL, rows_B, cache,
                                                 cut(budget_BL), opts)
     logits, pairs, cache = call_model(params, tok_BK, valid_BK, budget_BK, config=config,
                                       opts=opts, cache=cache, offset=p0)
+    return _guide(logits, cfg_scale, opts), pairs, cache
+
+
+def window_length(opts: SamplerOptions, l: int) -> int:
+    """Approximate caches: the static length W of a non-refresh call on a canvas of
+    ``l``: prefix ``G + before`` (the block, everything after it and ``before``),
+    dual ``block_length + before + after``; at most ``l``."""
+    before, after = opts.cache_window
+    if opts.approx_cache == "prefix":
+        return min(opts.gen_length + before, l)
+    return min(opts.block_length + before + after, l)
+
+
+def approx_call(params, tokens_BL, valid_BL, prompt_BL, budget_BL, rows_B, cache, block, step,
+                cfg_scale, *, config, opts: SamplerOptions):
+    """Approximate caches (Fast-dLLM's prefix and dual caches, dInfer's vicinity window):
+    logits ``[B, block_length, V]`` of block ``block``, the call's routed pairs, the cache.
+
+    A *refresh* step (the block's first, and with ``cache_refresh=n`` every n-th step of
+    the block) runs the whole canvas as the uncached call does, uses its logits and
+    stores every position's K/V. Any other step runs a window of ``window_length``
+    positions: its *fresh* positions, ``[p0 - before, end)`` with ``p0`` the block's
+    start and ``end`` the canvas end (prefix) or the block's end + ``after`` (dual),
+    are computed (routed, K/V recomputed); every other key comes from the cache. The
+    window's K/V are not stored: they are recomputed at every step until the next
+    refresh overwrites them all, so storing them would change nothing. The window is
+    clamped inside the canvas (its extra positions are not fresh: no expert work).
+    """
+    bl, l, g = opts.block_length, tokens_BL.shape[1], opts.gen_length
+    before, after = opts.cache_window
+    p0 = l - g + block * bl  # absolute position of the block's start
+    call_valid_BL = opts.convention.reach(valid_BL & rows_B[:, None], block, opts)
+    n = opts.cache_refresh
+    refresh = (step == 0) if n is None else (step % n == 0)
+    block_of = lambda logits, at: jax.lax.dynamic_slice_in_dim(logits, at, bl, axis=1)
+
+    def full(cache):
+        tok, val, bud = _guided_batch(tokens_BL, call_valid_BL, prompt_BL, budget_BL, opts)
+        logits, pairs, cache = call_model(params, tok, val, bud, config=config, opts=opts,
+                                          cache=cache, offset=0)
+        return block_of(logits, p0), pairs, cache
+
+    def window(cache):
+        w = window_length(opts, l)
+        start = jnp.clip(p0 - before, 0, l - w)
+        end = l if opts.approx_cache == "prefix" else p0 + bl + after
+        cols_W = start + jnp.arange(w)
+        fresh_W = (cols_W >= p0 - before) & (cols_W < end)
+        cut = lambda a: jax.lax.dynamic_slice_in_dim(a, start, w, axis=1)
+        tok, val, bud = _guided_batch(cut(tokens_BL), cut(call_valid_BL) & fresh_W,
+                                      cut(prompt_BL), cut(budget_BL), opts)
+        logits, pairs, _ = call_model(params, tok, val, bud, config=config, opts=opts,
+                                      cache=cache, offset=start)
+        return block_of(logits, p0 - start), pairs, cache
+
+    logits, pairs, cache = jax.lax.cond(refresh, full, window, cache)
     return _guide(logits, cfg_scale, opts), pairs, cache
 
 
@@ -145,20 +208,30 @@ def _sample(logits, positions_G, nfe, key, knobs, opts: SamplerOptions):
 def _predict(s: SamplerState, params, valid_BL, prompt_BL, rows_B, key, knobs, *, config,
              opts: SamplerOptions):
     """Sampled tokens, confidences ``[B, G]`` (only the current block matters) and the
-    call's routed pairs; only ``rows_B`` are computed."""
+    call's routed pairs; only ``rows_B`` are computed. Approximate caches also return
+    the cache (written by a refresh step)."""
     g, b = opts.gen_length, s.tokens_BL.shape[0]
-    if opts.cached:
-        # the step's K/V are dropped: a block's final K/V are stored once, when it ends
-        logits, pairs, _ = block_call(params, s.tokens_BL, valid_BL, prompt_BL, s.budget_BL,
-                                      rows_B, s.cache, s.block, knobs["cfg_scale"],
-                                      config=config, opts=opts)
+
+    def block_sample(logits):  # [B, block_length, V] -> x0_BG, conf_BG
         at = s.block * opts.block_length
         x0_BK, conf_BK = _sample(logits, at + jnp.arange(opts.block_length), s.nfe, key, knobs,
                                  opts)
         x0_BG = jax.lax.dynamic_update_slice_in_dim(jnp.zeros((b, g), jnp.int32), x0_BK, at, 1)
         conf_BG = jax.lax.dynamic_update_slice_in_dim(
             jnp.full((b, g), -jnp.inf, jnp.float32), conf_BK, at, 1)
-        return x0_BG, conf_BG, pairs
+        return x0_BG, conf_BG
+
+    if opts.approx_cache:
+        logits, pairs, cache = approx_call(params, s.tokens_BL, valid_BL, prompt_BL,
+                                           s.budget_BL, rows_B, s.cache, s.block, s.step,
+                                           knobs["cfg_scale"], config=config, opts=opts)
+        return *block_sample(logits), pairs, cache
+    if opts.cached:
+        # the step's K/V are dropped: a block's final K/V are stored once, when it ends
+        logits, pairs, _ = block_call(params, s.tokens_BL, valid_BL, prompt_BL, s.budget_BL,
+                                      rows_B, s.cache, s.block, knobs["cfg_scale"],
+                                      config=config, opts=opts)
+        return *block_sample(logits), pairs
     call_valid_BL = valid_BL & rows_B[:, None]  # stopped rows cost no expert work
     call_valid_BL = opts.convention.reach(call_valid_BL, s.block, opts)
     logits, pairs = model_logits(params, s.tokens_BL, call_valid_BL, prompt_BL, s.budget_BL,
@@ -169,11 +242,15 @@ def _predict(s: SamplerState, params, valid_BL, prompt_BL, rows_B, key, knobs, *
 
 def _call(s: SamplerState, params, valid_BL, prompt_BL, cand_BG, key, knobs, *, config,
           opts: SamplerOptions):
-    """The step's model call: ``(x0_BG, conf_BG, pairs, called)``; the convention picks
-    the rows it computes (``gate_call``) and whether it is made at all."""
+    """The step's model call: ``(x0_BG, conf_BG, pairs, called, cache)``; the convention
+    picks the rows it computes (``gate_call``) and whether it is made at all. The cache
+    is the approximate caches' after a refresh, else ``s.cache``."""
     predict = partial(_predict, s, params, valid_BL, prompt_BL, key=key, knobs=knobs,
                       config=config, opts=opts)
-    return opts.convention.gate_call(predict, cand_BG, s.active_B)
+    out = opts.convention.gate_call(predict, cand_BG, s.active_B)
+    if opts.approx_cache:  # (x0, conf, pairs, cache, called)
+        return *out[:3], out[4], out[3]
+    return *out, s.cache
 
 
 def _finish_block(s: SamplerState, params, over, rows_B, tokens_BL, valid_BL, prompt_BL,
@@ -201,8 +278,9 @@ def step(s: SamplerState, params, valid_BL, prompt_BL, key, knobs, *, config,
     gen_BG = s.tokens_BL[:, -g:]
     window_G = schedules.block_window_G(s.block, opts.block_length, g)
     cand_BG = (gen_BG == opts.mask_id) & window_G & s.active_B[:, None]
-    x0_BG, conf_BG, pairs, called = _call(s, params, valid_BL, prompt_BL, cand_BG, key, knobs,
-                                          config=config, opts=opts)
+    x0_BG, conf_BG, pairs, called, cache = _call(s, params, valid_BL, prompt_BL, cand_BG, key,
+                                                 knobs, config=config, opts=opts)
+    s = s.replace(cache=cache)
 
     sched = schedules.schedule_count(opts.block_length, opts.steps_per_block, s.step)
     n_B = count(conf_BG, cand_BG, jnp.full(cand_BG.shape[:1], sched, jnp.int32),
@@ -243,7 +321,7 @@ def step(s: SamplerState, params, valid_BL, prompt_BL, key, knobs, *, config,
 
 
 def initial_state(tokens_BL, prompt_region_BL, *, config, opts: SamplerOptions,
-                  params=None) -> SamplerState:
+                  params=None, valid_BL=None) -> SamplerState:
     b, _ = tokens_BL.shape
     g, n = opts.gen_length, opts.max_calls
     if opts.adaptive:
@@ -259,6 +337,9 @@ def initial_state(tokens_BL, prompt_region_BL, *, config, opts: SamplerOptions,
     zero = jnp.zeros((), jnp.int32)
     work_S = jnp.zeros((n,), jnp.int32)
     cache = None
+    if opts.approx_cache:  # filled by each block's first step (a refresh)
+        cache = new_bidirectional_cache(
+            config, jnp.concatenate([valid_BL, valid_BL]) if opts.guided else valid_BL)
     if opts.cached:
         # guidance: the prompt-masked copies get their own K/V rows, after the B rows
         cache = new_cache(config, 2 * b if opts.guided else b, tokens_BL.shape[1])
@@ -284,7 +365,8 @@ def run(params, tokens_BL, valid_BL, prompt_BL, key, knobs, *, config,
     # llada2's generated region may start with the prompt's tail: prompt budgets there too
     prompt_region_BL = (jnp.arange(tokens_BL.shape[1]) < tokens_BL.shape[1] - opts.gen_length
                         ) | prompt_BL
-    s0 = initial_state(tokens_BL, prompt_region_BL, config=config, opts=opts, params=params)
+    s0 = initial_state(tokens_BL, prompt_region_BL, config=config, opts=opts, params=params,
+                       valid_BL=valid_BL)
 
     def cond(s):
         return (s.block < opts.num_blocks) & s.active_B.any() & (s.nfe < opts.max_calls)

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 
 from jmoe import model as model_lib
 from jmoe.kv_cache import KVCache
+from jmoe.models.decoder import positions_from_mask
 from jmoe.routing import Budget
 
 
@@ -53,3 +54,10 @@ def new_cache(config, batch: int, length: int) -> KVCache:
     """Empty K/V buffers for ``batch`` rows over canvas positions ``0 .. length - 1``
     (``config`` must have block-causal attention)."""
     return KVCache.empty(config, batch, length)
+
+
+def new_bidirectional_cache(config, valid_BL) -> KVCache:
+    """Empty approximate K/V buffers (Fast-dLLM's prefix / dual caches) over the canvas
+    ``valid_BL`` of a bidirectional model: positions count from each row's first real
+    token, as in an uncached call."""
+    return KVCache.bidirectional_empty(config, valid_BL, positions_from_mask(valid_BL))

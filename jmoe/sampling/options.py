@@ -57,17 +57,71 @@ def resolve_convention(config, convention=None, cache=None) -> tuple[Convention,
         convention = CONVENTIONS[convention]
     convention.check_model(config)
     expert_choice = config.routing == "expert_choice"
+    asked = cache
+    if cache == "exact":
+        cache = True
+    elif isinstance(cache, str):  # the approximate caches: resolve_cache checks them
+        return convention, False
     if cache is None:
         cache = convention.block_causal and not expert_choice
     if cache and expert_choice:
-        raise ValueError("cache=True with routing='expert_choice': each expert picks among "
+        raise ValueError(f"cache={asked!r} with routing='expert_choice': each expert picks among "
                          "the whole sequence's tokens, which a cached call on one block does "
                          "not see; use cache=False (the default for expert choice)")
     if cache and not convention.block_causal:
-        raise ValueError(f"cache=True needs a block-causal convention such as 'llada2' (got "
+        raise ValueError(f"cache={asked!r} needs a block-causal convention such as 'llada2' (got "
                          f"convention={convention.name!r}, which has no block-causal "
                          f"attention)")
     return convention, bool(cache)
+
+
+CACHES = (False, True, "exact", "prefix", "dual")
+APPROXIMATE_CACHES = ("prefix", "dual")
+
+
+def resolve_cache(config, convention: Convention, cache, cache_refresh=None,
+                  cache_window=None) -> tuple[str | None, int | None, tuple[int, int]]:
+    """The approximate cache (Fast-dLLM's ``"prefix"`` or ``"dual"``, or None), its
+    refresh interval and its window ``(before, after)``, checked.
+
+    ``cache`` must be one of ``CACHES`` or None (``True``/``"exact"``: the exact cache of
+    block-causal conventions, ``resolve_convention``). The approximate caches need a
+    bidirectional model under the llada convention and token-choice routing;
+    ``cache_refresh`` (a positive int or None) and ``cache_window`` (two ints >= 0 or
+    None) need an approximate cache. Raises ValueError naming the bad value.
+    """
+    if not (cache is None or any(cache is c or (isinstance(cache, str) and cache == c)
+                                 for c in CACHES)):
+        raise ValueError(f"cache={cache!r}: expected one of False, True, 'exact', 'prefix', "
+                         f"'dual' or None")
+    approx = cache if cache in APPROXIMATE_CACHES else None
+    if approx is None:
+        for name, v in (("cache_refresh", cache_refresh), ("cache_window", cache_window)):
+            if v is not None:
+                raise ValueError(f"{name}={v!r} needs cache='prefix' or 'dual' (got "
+                                 f"cache={cache!r})")
+        return None, None, (0, 0)
+    if convention.block_causal:
+        raise ValueError(f"cache={cache!r} is for bidirectional attention; "
+                         f"convention={convention.name!r} is block-causal, whose exact cache "
+                         f"(cache='exact') already reads every earlier block from the cache")
+    if config.mask_kind != "bidirectional":
+        raise ValueError(f"cache={cache!r} needs a bidirectional model (this one's attention "
+                         f"is {config.mask_kind}); use cache=False")
+    if config.routing == "expert_choice":
+        raise ValueError(f"cache={cache!r} with routing='expert_choice': each expert picks "
+                         f"among the whole sequence's tokens, which a cached call on part of "
+                         f"the canvas does not see; use cache=False")
+    if cache_refresh is not None:
+        cache_refresh = positive_length("cache_refresh", cache_refresh)
+    if cache_window is None:
+        cache_window = (0, 0)
+    ok = lambda v: isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 0
+    if not (isinstance(cache_window, (tuple, list)) and len(cache_window) == 2
+            and all(ok(v) for v in cache_window)):
+        raise ValueError(f"cache_window={cache_window!r}: expected (before, after), two ints "
+                         f">= 0, or None")
+    return approx, cache_refresh, (int(cache_window[0]), int(cache_window[1]))
 
 
 def _pick(name: str, value, generation, fallback):
@@ -136,8 +190,8 @@ def resolve_options(config, *, gen_length=None, block_length=None, steps=None,
                     temperature=None, cfg_scale=None, remasking=None, threshold=None,
                     threshold_floor=None, adaptive=None, mask_id=None, eos_id=None,
                     logits_eos_inf=False, confidence_eos_eot_inf=False, early_stop=True,
-                    return_trace=False, convention=None,
-                    cache=None) -> tuple[SamplerOptions, dict]:
+                    return_trace=False, convention=None, cache=None, cache_refresh=None,
+                    cache_window=None) -> tuple[SamplerOptions, dict]:
     """Fill every ``None`` option: the caller's value, then ``config.generation``, then
     the library's default (the convention's for ``steps`` and ``threshold_floor``).
 
@@ -145,6 +199,9 @@ def resolve_options(config, *, gen_length=None, block_length=None, steps=None,
     knobs ``{"temperature", "cfg_scale", "threshold"}`` (threshold 1.0 when off), both
     from the resolved values. Raises ValueError on any bad value (see ``jmoe.generate``).
     """
+    approx, cache_refresh, cache_window = resolve_cache(
+        config, resolve_convention(config, convention, False)[0], cache, cache_refresh,
+        cache_window)
     conv, cache = resolve_convention(config, convention, cache)
     gen = config.generation
     gen_length, block_length, steps = _lengths(config, conv, gen_length, block_length, steps)
@@ -180,7 +237,8 @@ def resolve_options(config, *, gen_length=None, block_length=None, steps=None,
         eos_id=_token_id("eos_id", eos_id, config.vocab_size),
         logits_eos_inf=bool(logits_eos_inf), confidence_eos_eot_inf=bool(confidence_eos_eot_inf),
         early_stop=bool(early_stop), return_trace=bool(return_trace), convention=conv,
-        cached=cache)
+        cached=cache, approx_cache=approx, cache_refresh=cache_refresh,
+        cache_window=cache_window)
     knobs = {"temperature": jnp.float32(temperature), "cfg_scale": jnp.float32(cfg_scale),
              "threshold": jnp.float32(1.0 if threshold is None else float(threshold))}
     return opts, knobs

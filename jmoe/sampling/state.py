@@ -46,6 +46,10 @@ class SamplerOptions:
     convention: Convention  # the layout, length, commit and stop rules (conventions.py)
     cached: bool = False  # block-causal conventions: K/V of finished blocks cached,
     #                       block-sized model calls
+    approx_cache: str | None = None  # bidirectional models: "prefix" or "dual" (Fast-dLLM)
+    cache_refresh: int | None = None  # approximate caches: refresh every n steps of a block
+    cache_window: tuple[int, int] = (0, 0)  # approximate caches: (before, after) positions
+    #                                         recomputed around the block each step
 
     @property
     def num_blocks(self) -> int:
