@@ -99,6 +99,8 @@ def _generate(args) -> int:
               confidence_eos_eot_inf=args.confidence_eos_eot_inf,
               early_stop=not args.no_early_stop, seed=args.seed,
               convention=args.convention, cache=args.cache,
+              cache_refresh=args.cache_refresh,
+              cache_window=tuple(args.cache_window) if args.cache_window else None,
               return_trace=args.show_steps)
     if model.tokenizer is None:
         prompts = _id_prompts(prompts)
@@ -216,6 +218,17 @@ def _forward(args) -> int:
     return 0
 
 
+def _non_negative_int(text: str) -> int:
+    """argparse type: an int >= 0."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an int >= 0, got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected an int >= 0, got {v}")
+    return v
+
+
 def _positive_int(text: str) -> int:
     """argparse type: an int >= 1 (a bad value is the parser's one-line error)."""
     try:
@@ -272,9 +285,22 @@ def _add_sampler_options(g) -> None:
     g.add_argument("--convention", choices=("llada", "llada2"),
                    help="block convention (default: llada2 for a block-causal or LLaDA2 "
                    "model, else llada)")
-    g.add_argument("--cache", action=argparse.BooleanOptionalAction, default=None,
-                   help="exact KV cache of finished blocks (llada2 only; default: on for "
-                   "llada2 except under expert-choice routing, off for llada)")
+    g.add_argument("--cache", nargs="?", const="exact", default=None,
+                   choices=("exact", "prefix", "dual"),
+                   help="K/V cache: exact (block-causal models, llada2; what a bare --cache "
+                   "means), prefix or dual (Fast-dLLM's approximate caches for bidirectional "
+                   "models; dual is dInfer's default) (default: exact for llada2 except "
+                   "under expert-choice routing, else off)")
+    g.add_argument("--no-cache", dest="cache", action="store_const", const=False,
+                   help="run every step uncached")
+    g.add_argument("--cache-refresh", type=_positive_int, default=None,
+                   help="with prefix/dual: recompute the whole cache every N steps of a block "
+                   "(default: only at a block's first step)")
+    g.add_argument("--cache-window", type=_non_negative_int, nargs=2, default=None,
+                   metavar=("BEFORE", "AFTER"),
+                   help="with prefix/dual: also recompute the K/V of BEFORE positions before "
+                   "the block and AFTER after it each step (dInfer's vicinity refresh; "
+                   "default: 0 0)")
     g.add_argument("--adaptive", choices=("linear", "exponential"),
                    help="adaptive per-token expert budgets with this growth (default: off, "
                    "the model's top-k everywhere)")

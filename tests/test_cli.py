@@ -49,3 +49,17 @@ def test_bad_options_are_one_line_errors():
         ours = own_stderr_lines(r.stderr)
         assert "Traceback" not in r.stderr and len(ours) == 1, (args, r.stderr)
         assert ours[0].startswith("error:"), (args, r.stderr)
+
+
+def test_generate_with_the_approximate_caches():
+    # the default model's block is the whole 6-token answer: prefix and dual with a
+    # window refresh give the sum (the caches' rules are tested in test_kv_caches.py)
+    for args in (["--cache", "dual", "--cache-window", "2", "0"],
+                 ["--cache", "prefix", "--cache-refresh", "2"], ["--no-cache"]):
+        r = jmoe_cli("generate", "123+456=", *args)
+        assert r.returncode == 0, (args, r.stderr)
+        assert r.stdout.strip().splitlines()[-1] == "123+456=579", (args, r.stdout)
+    for args in (["--cache", "nope"], ["--cache", "dual", "--cache-window", "1"],
+                 ["--cache-refresh", "2"]):
+        r = jmoe_cli("generate", "1+1=", *args)
+        assert r.returncode == 2 and len(own_stderr_lines(r.stderr)) == 1, (args, r.stderr)
