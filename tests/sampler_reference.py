@@ -73,7 +73,7 @@ def filter_keep(lg, temperature, top_k=None, top_p=None):
             sc = np.where(keep[g], lg[g] / temperature, -np.inf)
             order = np.argsort(-sc, kind="stable")
             p = _softmax(sc[order][None])[0]
-            before = np.cumsum(p) - p
+            before = np.concatenate([[0.0], np.cumsum(p)[:-1]])  # mass before each token
             keep[g, order[(before > top_p) & (np.arange(len(p)) > 0)]] = False
     return keep
 

@@ -202,6 +202,21 @@ def test_joint_batch_rows_equal_each_alone(llada21):
         np.testing.assert_array_equal(both.tokens[i, -10:], alone.tokens[0, -10:])
 
 
+@pytest.mark.parametrize("decoder", ["credit", "hierarchy"])
+def test_dinfer_decoders_llada2_cached_and_batched(llada21, decoder):
+    # under llada2 the decoders run on the exact K/V cache and per-row gating: cached
+    # equals uncached, and a batch of mixed prompt lengths equals each row alone
+    _, m = llada21
+    kw = dict(decoder=decoder, threshold=0.6, temperature=0.5, top_k=10, seed=1)
+    rows = list(L21_PROMPTS.values())
+    both = generate(m, rows, cache=True, return_trace=True, **kw)
+    assert both.trace["committed"].sum(-1).max() > 1  # parallel commits
+    np.testing.assert_array_equal(both.tokens, generate(m, rows, cache=False, **kw).tokens)
+    for i, prompt in enumerate(rows):
+        alone = generate(m, [prompt], **kw)
+        np.testing.assert_array_equal(both.tokens[i, -10:], alone.tokens[0, -10:])
+
+
 # ---------------------------------------------------------------- filters and confidence
 
 def test_top_k_top_p_filters_match_numpy():
