@@ -171,7 +171,7 @@ def _answer(row, p, gen_length):
 
 JOINT_CASES = {
     "q_mode": dict(threshold=0.7, edit_threshold=0.5, max_post_steps=3),
-    "s_mode": dict(threshold=0.5, edit_threshold=0.0, max_post_steps=2),
+    "s_mode": dict(threshold=0.5, edit_threshold=0.0, max_post_steps=3),
     "sampled_top_k_top_p": dict(threshold=0.6, edit_threshold=0.3, max_post_steps=3,
                                 temperature=0.7, top_k=8, top_p=0.95, seed=3),
 }
@@ -185,7 +185,8 @@ def test_joint_matches_llada21_generate(llada21, name):
     for pname, prompt in L21_PROMPTS.items():
         want, nfe, edits = llada21_generate(sd, prompt, gen_length=10, block_length=BLOCK, **kw)
         total_edits += edits
-        for cache in (False, True):
+        # cached and uncached (max_post_steps is static: the modes share compilations)
+        for cache in (False, True) if name != "sampled_top_k_top_p" else (True,):
             out = generate(m, [prompt], decoder="joint", cache=cache, **kw)
             assert _answer(out.tokens[0], len(prompt), 10) == want, (pname, cache)
             assert out.nfe == nfe, (pname, cache)
@@ -194,7 +195,7 @@ def test_joint_matches_llada21_generate(llada21, name):
 
 def test_joint_batch_rows_equal_each_alone(llada21):
     _, m = llada21
-    kw = dict(decoder="joint", threshold=0.5, edit_threshold=0.0, max_post_steps=2)
+    kw = dict(decoder="joint", threshold=0.5, edit_threshold=0.0, max_post_steps=3)
     rows = list(L21_PROMPTS.values())
     both = generate(m, rows, **kw)
     for i, prompt in enumerate(rows):  # rows right-aligned: the last 10 columns generated
@@ -205,13 +206,18 @@ def test_joint_batch_rows_equal_each_alone(llada21):
 @pytest.mark.parametrize("decoder", ["credit", "hierarchy"])
 def test_dinfer_decoders_llada2_cached_and_batched(llada21, decoder):
     # under llada2 the decoders run on the exact K/V cache and per-row gating: cached
-    # equals uncached, and a batch of mixed prompt lengths equals each row alone
+    # equals uncached (sampled too), and a batch of mixed prompt lengths equals each row
+    # alone (greedy: a row's random stream is keyed by the batch's model calls)
     _, m = llada21
     kw = dict(decoder=decoder, threshold=0.6, temperature=0.5, top_k=10, seed=1)
     rows = list(L21_PROMPTS.values())
-    both = generate(m, rows, cache=True, return_trace=True, **kw)
-    assert both.trace["committed"].sum(-1).max() > 1  # parallel commits
-    np.testing.assert_array_equal(both.tokens, generate(m, rows, cache=False, **kw).tokens)
+    cached = generate(m, rows, cache=True, return_trace=True, **kw)
+    assert cached.trace["committed"].sum(-1).max() > 1  # parallel commits
+    np.testing.assert_array_equal(cached.tokens, generate(m, rows, cache=False, **kw).tokens)
+    if decoder != "credit":  # the per-row credit decay is what batching could break
+        return
+    kw = dict(decoder=decoder, threshold=0.6)
+    both = generate(m, rows, **kw)
     for i, prompt in enumerate(rows):
         alone = generate(m, [prompt], **kw)
         np.testing.assert_array_equal(both.tokens[i, -10:], alone.tokens[0, -10:])
