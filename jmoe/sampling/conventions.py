@@ -19,7 +19,12 @@ static argument, and the loop calls its methods at trace time. It decides
 - which rows a step computes (``gate_call``), how far an uncached call reaches
   (``reach``), when a row is done (``rows_done``);
 - whether its attention is block-causal (``block_causal``: the exact K/V cache of
-  finished blocks needs it) and which models can run it (``check_model``).
+  finished blocks needs it) and which models can run it (``check_model``);
+- whether the confidence at temperature > 0 is tempered (``tempered_confidence``:
+  llada2, as LLaDA2's ``_sample_with_temperature_topk_topp``).
+
+Which positions a step writes beyond the fixed schedule and the threshold rule is the
+decoder's (``decoders.py``); its block end and trace length override these.
 
 ``LLaDA``: prompts right-aligned before ``G`` masks (prompt-relative blocks), ``steps``
 over the whole generation, threshold ``>=`` with at least one commit. ``LLaDA2``

@@ -137,20 +137,13 @@ def _decoder(config, threshold, given: dict):
         threshold = _real("threshold", threshold, "a confidence in (0, 1] or None",
                           lambda v: 0.0 < v <= 1.0)
     pick = lambda k, d: _pick(k, given[k], gen if name in _DECODER_OPTIONS[k] else None, d)
-    unit = "a number in [0, 1]"
-    knobs = {"low_threshold": _real("low_threshold", pick("low_threshold",
-                                                          dec.DEFAULT_LOW_THRESHOLD),
-                                    unit, lambda v: 0.0 <= v <= 1.0),
-             "edit_threshold": _real("edit_threshold", pick("edit_threshold",
-                                                            dec.DEFAULT_EDIT_THRESHOLD),
-                                     unit, lambda v: 0.0 <= v <= 1.0),
-             "credit_alpha": _non_negative("credit_alpha", pick("credit_alpha",
-                                                                dec.DEFAULT_CREDIT["credit_alpha"])),
-             "credit_boost": _non_negative("credit_boost", pick("credit_boost",
-                                                                dec.DEFAULT_CREDIT["credit_boost"])),
-             "credit_decay": _real("credit_decay", pick("credit_decay",
-                                                        dec.DEFAULT_CREDIT["credit_decay"]),
-                                   unit, lambda v: 0.0 <= v <= 1.0)}
+    unit, in_unit = "a number in [0, 1]", lambda v: 0.0 <= v <= 1.0
+    knobs = {k: _real(k, pick(k, d), unit, in_unit)
+             for k, d in (("low_threshold", dec.DEFAULT_LOW_THRESHOLD),
+                          ("edit_threshold", dec.DEFAULT_EDIT_THRESHOLD),
+                          ("credit_decay", dec.DEFAULT_CREDIT["credit_decay"]))}
+    knobs.update({k: _non_negative(k, pick(k, dec.DEFAULT_CREDIT[k]))
+                  for k in ("credit_alpha", "credit_boost")})
     post = pick("max_post_steps", dec.DEFAULT_MAX_POST_STEPS)
     if isinstance(post, bool) or not isinstance(post, (int, np.integer)) or post < 0:
         raise ValueError(f"max_post_steps={post!r}: expected an int >= 0")
@@ -214,7 +207,8 @@ def resolve_options(config, *, gen_length=None, block_length=None, steps=None,
     Returns ``(opts, knobs)``: the static ``SamplerOptions`` and the traced float32
     knobs ``{"temperature", "cfg_scale", "threshold", "top_p", "low_threshold",
     "edit_threshold", "credit_alpha", "credit_boost", "credit_decay"}`` (threshold and
-    top_p 1.0 when off), both from the resolved values. Raises ValueError on any bad value (see ``jmoe.generate``).
+    top_p 1.0 when off), both from the resolved values. Raises ValueError on any bad
+    value (see ``jmoe.generate``).
     """
     conv, cache = resolve_convention(config, convention, cache)
     gen = config.generation
@@ -227,9 +221,9 @@ def resolve_options(config, *, gen_length=None, block_length=None, steps=None,
     given_threshold = threshold
     threshold = _pick("threshold", threshold, gen, LIBRARY_DEFAULTS["threshold"])
     decoder, threshold, decoder_knobs = _decoder(config, threshold, dict(
-        decoder=decoder, threshold=given_threshold, low_threshold=low_threshold, edit_threshold=edit_threshold,
-        max_post_steps=max_post_steps, credit_alpha=credit_alpha, credit_boost=credit_boost,
-        credit_decay=credit_decay))
+        decoder=decoder, threshold=given_threshold, low_threshold=low_threshold,
+        edit_threshold=edit_threshold, max_post_steps=max_post_steps,
+        credit_alpha=credit_alpha, credit_boost=credit_boost, credit_decay=credit_decay))
     top_k, top_p = _sampling_filters(config, top_k, top_p)
     if threshold_floor is None:  # LLaDA2.1's joint decoding commits at least one
         threshold_floor = "one" if decoder.name == "joint" else conv.threshold_floor
