@@ -299,6 +299,7 @@ def test_threshold_at_equality():
     (dict(decoder="joint", max_post_steps=2.0), r"max_post_steps=2.0: expected an int"),
     (dict(decoder="credit", credit_decay=1.2), r"credit_decay=1.2: expected"),
     (dict(decoder="credit", credit_alpha=float("nan")), r"credit_alpha=nan: expected"),
+    (dict(decoder="joint", remasking="random"), r"remasking='random' with decoder='joint'"),
     (dict(top_k=0), r"top_k=0: expected a positive int or None"),
     (dict(top_k=2.5), r"top_k=2.5: expected a positive int"),
     (dict(top_p=0.0), r"top_p=0.0: expected a probability in \(0, 1\]"),

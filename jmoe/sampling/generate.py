@@ -226,7 +226,8 @@ def generate(model, prompts, *, gen_length=None, block_length=None, steps=None,
             decoder's option given to another decoder, ``threshold`` with
             ``decoder="fixed"``, ``low_threshold``/``edit_threshold``/``credit_decay``
             outside [0, 1], ``credit_alpha``/``credit_boost`` negative,
-            ``max_post_steps`` not an int >= 0, ``top_k`` not a positive int,
+            ``max_post_steps`` not an int >= 0, ``remasking="random"`` with credit,
+            hierarchy or joint, ``top_k`` not a positive int,
             ``top_p`` outside (0, 1]; ``adaptive`` not an ``AdaptiveExperts`` or its
             maximum above ``num_experts``; no mask token; a mask or EOS id not an int
             in the vocabulary; llada2 on a causal model (``causal=True``); ``cache=True``

@@ -229,6 +229,9 @@ def resolve_options(config, *, gen_length=None, block_length=None, steps=None,
         threshold_floor = "one" if decoder.name == "joint" else conv.threshold_floor
     if remasking not in rm.REMASKINGS:
         raise ValueError(f"remasking={remasking!r}: expected one of {rm.REMASKINGS}")
+    if remasking != "low_confidence" and decoder.name in ("credit", "hierarchy", "joint"):
+        raise ValueError(f"remasking={remasking!r} with decoder={decoder.name!r}: its rule "
+                         "compares token probabilities; use remasking='low_confidence'")
     if threshold_floor not in rm.THRESHOLD_FLOORS:
         raise ValueError(f"threshold_floor={threshold_floor!r}: expected one of "
                          f"{rm.THRESHOLD_FLOORS}")
