@@ -101,7 +101,11 @@ def _generate(args) -> int:
               convention=args.convention, cache=args.cache,
               cache_refresh=args.cache_refresh,
               cache_window=tuple(args.cache_window) if args.cache_window else None,
-              return_trace=args.show_steps)
+              return_trace=args.show_steps, decoder=args.decoder,
+              low_threshold=args.low_threshold, edit_threshold=args.edit_threshold,
+              max_post_steps=args.max_post_steps, credit_alpha=args.credit_alpha,
+              credit_boost=args.credit_boost, credit_decay=args.credit_decay,
+              top_k=args.top_k, top_p=args.top_p)
     if model.tokenizer is None:
         prompts = _id_prompts(prompts)
     out = jmoe.generate(model, prompts, **kw)
@@ -282,6 +286,28 @@ def _add_sampler_options(g) -> None:
     g.add_argument("--threshold-floor", choices=("one", "schedule"),
                    help="least commits per step in threshold mode (default: the convention's, "
                    "llada: one, llada2: schedule)")
+    g.add_argument("--decoder", choices=("fixed", "threshold", "credit", "hierarchy", "joint"),
+                   help="which positions a step writes: fixed schedule, threshold (Fast-dLLM/"
+                   "dInfer), credit or hierarchy (dInfer), joint (LLaDA2.1's mask-to-token + "
+                   "token-to-token edits) (default: the model's generation config, else "
+                   "threshold if --threshold is set, else fixed)")
+    g.add_argument("--low-threshold", type=float, help="hierarchy: a run's most confident "
+                   "commits above this, in [0, 1] (default: 0.4)")
+    g.add_argument("--edit-threshold", type=float, help="joint: a written token is replaced "
+                   "when another's confidence passes this, in [0, 1] (default: 0.5; S mode "
+                   "--threshold 0.5 --edit-threshold 0, Q mode 0.7 / 0.5)")
+    g.add_argument("--max-post-steps", type=int, help="joint: edit-only steps after a "
+                   "block's last mask, an int >= 0 (default: 16)")
+    g.add_argument("--credit-alpha", type=float, help="credit: weight of log(1 + credit) "
+                   "added to the logits, >= 0 (default: 0.7)")
+    g.add_argument("--credit-boost", type=float, help="credit: power of the top-1 "
+                   "probability added each step, >= 0 (default: 0.2)")
+    g.add_argument("--credit-decay", type=float, help="credit: decay per step, in [0, 1] "
+                   "(default: 0.8)")
+    g.add_argument("--top-k", type=int, help="sampling keeps the k most probable tokens, a "
+                   "positive int (default: the model's generation config, else all)")
+    g.add_argument("--top-p", type=float, help="nucleus sampling mass, in (0, 1] (default: "
+                   "the model's generation config, else off)")
     g.add_argument("--convention", choices=("llada", "llada2"),
                    help="block convention (default: llada2 for a block-causal or LLaDA2 "
                    "model, else llada)")

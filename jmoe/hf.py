@@ -24,8 +24,10 @@ HF_MODEL_TYPES = {"olmoe": "olmoe", "llada": "olmoe", "lladamoe": "olmoe", "llad
                   "llada2_moe": "llada2"}
 # generation_config.json keys the sampler understands, and HF names mapped onto them
 GENERATION_KEYS = ("gen_length", "block_length", "steps", "temperature", "cfg_scale",
-                   "remasking", "threshold")
-_HF_GENERATION_ALIASES = {"max_new_tokens": "gen_length"}
+                   "remasking", "threshold", "decoder", "low_threshold", "edit_threshold",
+                   "max_post_steps", "credit_alpha", "credit_boost", "credit_decay", "top_k",
+                   "top_p")
+_HF_GENERATION_ALIASES = {"max_new_tokens": "gen_length", "editing_threshold": "edit_threshold"}
 # generation_config.json keys that change nothing jmoe generates: metadata and output flags
 _GENERATION_NO_EFFECT = ("_from_model_config", "transformers_version", "use_cache",
                          "output_attentions", "output_hidden_states", "output_scores",

@@ -60,11 +60,68 @@ def _schedule(n, steps, i):
     return n // steps + (1 if i < n % steps else 0)
 
 
+def filter_keep(lg, temperature, top_k=None, top_p=None):
+    """LLaDA2's ``_sample_with_temperature_topk_topp`` filters on ``[G, V]`` float64
+    logits: keep the top_k largest (ties at the k-th kept), then the nucleus of
+    ``softmax(l / T)``: sorted (stable) tokens until the mass before one exceeds top_p."""
+    keep = np.ones(lg.shape, bool)
+    if top_k is not None:
+        kth = np.sort(lg, -1)[:, -top_k][:, None]
+        keep &= lg >= kth
+    if top_p is not None:
+        for g in range(lg.shape[0]):
+            sc = np.where(keep[g], lg[g] / temperature, -np.inf)
+            order = np.argsort(-sc, kind="stable")
+            p = _softmax(sc[order][None])[0]
+            before = np.concatenate([[0.0], np.cumsum(p)[:-1]])  # mass before each token
+            keep[g, order[(before > top_p) & (np.arange(len(p)) > 0)]] = False
+    return keep
+
+
+def credit_fuse(lg, credit, cand, alpha, boost, decay):
+    """dInfer's ``_apply_credit_fusion`` on one row's block: ``credit [K, V]`` decayed,
+    the top-1 token of each candidate boosted by ``p_top1 ** boost``; returns
+    ``(fused logits, credit)``."""
+    p = _softmax(lg)
+    top = p.argmax(-1)
+    credit = credit * decay
+    for k in np.nonzero(cand)[0]:
+        credit[k, top[k]] += p[k, top[k]] ** boost
+    return lg + alpha * np.log(credit + 1.0), credit
+
+
+def hierarchy_select(conf, cand, threshold, low_threshold):
+    """dInfer's ``HierarchyDecoder`` on one row: each contiguous run of candidates commits
+    its maximum (all tied maxima) if ``> low_threshold``; any candidate ``> threshold``;
+    always the most confident one (lowest index among ties)."""
+    out = np.zeros(cand.shape, bool)
+    g = 0
+    while g < len(cand):
+        if cand[g]:
+            e = g
+            while e < len(cand) and cand[e]:
+                e += 1
+            m = conf[g:e].max()
+            out[g:e] = (conf[g:e] == m) & (m > low_threshold)
+            g = e
+        else:
+            g += 1
+    if threshold is not None:
+        out |= cand & (conf > threshold)
+    if cand.any():
+        out[np.argmax(np.where(cand, conf, -np.inf))] = True
+    return out & cand
+
+
 def reference_generate(model, rows, *, gen_length, block_length, steps, temperature=0.0,
                        cfg_scale=0.0, remasking="low_confidence", threshold=None,
                        threshold_floor="one", adaptive=None, mask_id, eos_id=None,
                        logits_eos_inf=False, confidence_eos_eot_inf=False, early_stop=True,
-                       seed=0, pad_id=0):
+                       seed=0, pad_id=0, decoder=None, low_threshold=0.4, credit_alpha=0.7,
+                       credit_boost=0.2, credit_decay=0.8, top_k=None, top_p=None):
+    """``decoder``: None (fixed schedule, or threshold), ``"credit"`` or ``"hierarchy"``
+    (dInfer's, both run a block until it has no mask)."""
+    until_empty = threshold is not None or decoder in ("credit", "hierarchy")
     cfg = model.config
     B, P, G = len(rows), max(len(r) for r in rows), gen_length
     x = np.full((B, P + G), pad_id, np.int64)
@@ -90,15 +147,16 @@ def reference_generate(model, rows, *, gen_length, block_length, steps, temperat
     for blk in range(num_blocks):
         if not active.any():
             break
+        credit = np.zeros((B, block_length, cfg.vocab_size))
         lo, hi = blk * block_length, (blk + 1) * block_length  # in generated coordinates
         i = 0
         while True:
             cand = np.zeros((B, G), bool)
             cand[:, lo:hi] = x[:, P + lo:P + hi] == mask_id
             cand &= active[:, None]
-            if threshold is None and i == spb:
+            if not until_empty and i == spb:
                 break
-            if threshold is not None and not cand.any():
+            if until_empty and not cand.any():
                 break
             call_valid = valid & active[:, None]
             xs, vs, bs = x, call_valid, budget
@@ -121,10 +179,15 @@ def reference_generate(model, rows, *, gen_length, block_length, steps, temperat
             committed = np.zeros((B, G), bool)
             for b in range(B):
                 lg = logits[b]
+                if decoder == "credit" and cand[b].any():
+                    lg = lg.copy()
+                    lg[lo:hi], credit[b] = credit_fuse(lg[lo:hi], credit[b], cand[b, lo:hi],
+                                                       credit_alpha, credit_boost, credit_decay)
                 if temperature > 0:
                     e = _position_draws(k_noise, b, lambda k: _exponential(k, lg.shape[-1]),
                                         range(G))
-                    x0 = np.argmax(np.exp(lg) / e ** temperature, -1)
+                    keep = filter_keep(lg, temperature, top_k, top_p)
+                    x0 = np.argmax(np.where(keep, np.exp(lg) / e ** temperature, -1.0), -1)
                 else:
                     x0 = np.argmax(lg, -1)
                 if remasking == "low_confidence":
@@ -136,6 +199,14 @@ def reference_generate(model, rows, *, gen_length, block_length, steps, temperat
                     c = _position_draws(k_rand, b, lambda k: _uniform(k, ()), range(G))
                 conf = np.where(cand[b], c, -np.inf)
                 sched = _schedule(block_length, spb, i)
+                if decoder == "hierarchy":
+                    for g in np.nonzero(hierarchy_select(conf, cand[b], threshold,
+                                                         low_threshold))[0]:
+                        x[b, P + g] = x0[g]
+                        committed[b, g] = True
+                    continue
+                if decoder == "credit" and threshold is None:
+                    threshold = 0.9
                 if threshold is None:
                     n = sched
                 else:

@@ -500,13 +500,16 @@ def test_rope_parameters_layout_matches_transformers(hf_olmoe):
 def test_generation_keys_jmoe_cannot_honour_are_reported(hf_olmoe, caplog):
     hf_dir, _ = hf_olmoe()
     gen = json.loads((hf_dir / "generation_config.json").read_text())
-    gen.update(do_sample=True, top_p=0.9, max_new_tokens=16, pad_token_id=[1, 2])
+    gen.update(do_sample=True, repetition_penalty=1.1, top_p=0.9, max_new_tokens=16,
+               pad_token_id=[1, 2])
     (hf_dir / "generation_config.json").write_text(json.dumps(gen))
     with caplog.at_level(logging.WARNING, logger="jmoe"):
         model = jmoe.load(hf_dir)
     assert model.config.generation["gen_length"] == 16
+    assert model.config.generation["top_p"] == 0.9  # honoured since issue 15
     text = caplog.text
-    assert "generation_config.json" in text and "do_sample=True" in text and "top_p=0.9" in text
+    assert "generation_config.json" in text and "do_sample=True" in text
+    assert "repetition_penalty=1.1" in text and "top_p=0.9" not in text
     assert "pad_token_id=[1, 2]" in text
     for quiet in ("transformers_version", "_from_model_config", "max_new_tokens", "eos_token_id"):
         assert quiet not in text.split("ignored")[0], quiet

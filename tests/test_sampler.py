@@ -163,8 +163,12 @@ def test_library_defaults_fill_what_caller_and_model_leave():
     assert (opts.sampled, opts.guided, opts.remasking, opts.thresholded) == (
         False, False, "low_confidence", False)
     assert (opts.threshold_floor, opts.convention.name, opts.cached) == ("one", "llada", False)
-    assert {k: float(v) for k, v in knobs.items()} == {"temperature": 0.0, "cfg_scale": 0.0,
-                                                       "threshold": 1.0}
+    assert {k: float(v) for k, v in knobs.items()} == {
+        "temperature": 0.0, "cfg_scale": 0.0, "threshold": 1.0, "top_p": 1.0,
+        "low_threshold": np.float32(0.4), "edit_threshold": 0.5,
+        "credit_alpha": np.float32(0.7), "credit_boost": np.float32(0.2),
+        "credit_decay": np.float32(0.8)}  # decoders' knobs: traced, unused by this decoder
+    assert (opts.decoder.name, opts.top_k, opts.top_p) == ("fixed", None, False)
     gen = CONFIG.replace(generation={"temperature": 0.8, "cfg_scale": 0.5,
                                      "remasking": "random"})
     opts, knobs = resolve_options(gen)

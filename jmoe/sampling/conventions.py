@@ -19,7 +19,12 @@ static argument, and the loop calls its methods at trace time. It decides
 - which rows a step computes (``gate_call``), how far an uncached call reaches
   (``reach``), when a row is done (``rows_done``);
 - whether its attention is block-causal (``block_causal``: the exact K/V cache of
-  finished blocks needs it) and which models can run it (``check_model``).
+  finished blocks needs it) and which models can run it (``check_model``);
+- whether the confidence at temperature > 0 is tempered (``tempered_confidence``:
+  llada2, as LLaDA2's ``_sample_with_temperature_topk_topp``).
+
+Which positions a step writes beyond the fixed schedule and the threshold rule is the
+decoder's (``decoders.py``); its block end and trace length override these.
 
 ``LLaDA``: prompts right-aligned before ``G`` masks (prompt-relative blocks), ``steps``
 over the whole generation, threshold ``>=`` with at least one commit. ``LLaDA2``
@@ -61,6 +66,9 @@ class Convention:
     threshold_strict: bool  # threshold decoding commits conf > t (else conf >= t)
     threshold_floor: str    # default least commits of a thresholded step
     block_causal: bool      # a block attends only to itself and earlier blocks
+    # at temperature > 0 the confidence is the tempered, filtered probability of the
+    # sampled token (LLaDA2's reference), else softmax of the raw logits (LLaDA)
+    tempered_confidence: bool = False
 
     def check_model(self, config) -> None:
         """Raise ValueError if ``config``'s model cannot run this convention."""
@@ -108,9 +116,10 @@ class Convention:
         """Whether the current block ends after step ``step`` (0-based)."""
         raise NotImplementedError
 
-    def gate_call(self, predict, candidates_BG, active_B):
-        """Run ``predict(rows_B) -> (x0_BG, conf_BG, pairs)`` on the rows this step
-        computes; return its results and whether a model call was made."""
+    def gate_call(self, predict, candidates_BG, active_B, carry=None):
+        """Run ``predict(rows_B) -> (x0_BG, conf_BG, pairs, carry)`` on the rows this
+        step computes; return its results and whether a model call was made (``carry``:
+        the decoder's, returned unchanged without a call)."""
         return *predict(active_B), jnp.bool_(True)
 
     def reach(self, valid_BL, block, opts):
@@ -217,6 +226,7 @@ class LLaDA2(Convention):
     threshold_strict: bool = True
     threshold_floor: str = "schedule"
     block_causal: bool = True
+    tempered_confidence: bool = True
 
     def check_model(self, config) -> None:
         # any family's bidirectional model can run block-causal (the LLaDA2 reference
@@ -248,7 +258,7 @@ class LLaDA2(Convention):
         """When ``steps`` are spent or no row has a mask left in the block."""
         return (step + 1 >= opts.steps_per_block) | ~still_masked_BG.any()
 
-    def gate_call(self, predict, candidates_BG, active_B):
+    def gate_call(self, predict, candidates_BG, active_B, carry=None):
         """Only the rows with a mask in the current block: with mixed prompt lengths the
         rows' regions start in different blocks, and a row that emptied the block early
         waits. A block where no row has one (between a short row's region and a long
@@ -256,7 +266,7 @@ class LLaDA2(Convention):
         busy_B = candidates_BG.any(-1)
         b, g = candidates_BG.shape
         idle = lambda _: (jnp.zeros((b, g), jnp.int32), jnp.full((b, g), -jnp.inf, jnp.float32),
-                          jnp.zeros((), jnp.int32))
+                          jnp.zeros((), jnp.int32), carry)
         return *jax.lax.cond(busy_B.any(), predict, idle, busy_B), busy_B.any()
 
     def reach(self, valid_BL, block, opts):

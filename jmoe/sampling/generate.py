@@ -111,7 +111,9 @@ def generate(model, prompts, *, gen_length=None, block_length=None, steps=None,
              threshold_floor=None, adaptive=None, mask_id=None, eos_id=None,
              logits_eos_inf=False, confidence_eos_eot_inf=False, early_stop=True, seed=0,
              return_trace=False, convention=None, cache=None, cache_refresh=None,
-             cache_window=None) -> GenerateOutput:
+             cache_window=None, decoder=None, low_threshold=None, edit_threshold=None,
+             max_post_steps=None, credit_alpha=None, credit_boost=None, credit_decay=None,
+             top_k=None, top_p=None) -> GenerateOutput:
     """Generate by masked diffusion (LLaDA or LLaDA2), all steps in one compiled loop.
 
     An option left ``None`` takes the model's generation default (``config.generation``,
@@ -138,14 +140,47 @@ def generate(model, prompts, *, gen_length=None, block_length=None, steps=None,
             ``gen_length`` as LLaDA2's generate does
             (``steps = min(steps, gen_length // minimal_topk)``, ``minimal_topk`` 1).
         temperature: finite float >= 0, Gumbel-max sampling temperature; 0 is argmax.
-            Model, else 0.
+            Model, else 0. Under llada2 the confidence at ``temperature > 0`` is the
+            tempered probability of the sampled token (``softmax(l / T)``, after
+            ``top_k``/``top_p``), as LLaDA2's ``_sample_with_temperature_topk_topp``;
+            under llada it is ``softmax(l)`` as LLaDA's and dInfer's.
         cfg_scale: finite float >= 0, classifier-free guidance ``un + (cfg_scale + 1) *
             (cond - un)`` with the prompt masked for ``un``; 0 is off. Model, else 0.
         remasking: ``"low_confidence"`` (commit the most probable sampled tokens) or
             ``"random"`` (random confidences). Model, else ``"low_confidence"``.
         threshold: float in (0, 1] or None: threshold parallel decoding, each step
             commits every masked position of the block with confidence >= threshold
-            (llada2: strictly >). Model, else None (off: the fixed schedule).
+            (llada2: strictly >). Model, else None (off: the fixed schedule); with a
+            ``decoder``: its threshold (default threshold 0.9, credit 0.9, joint 0.7,
+            hierarchy off).
+        decoder: which positions a step writes (``jmoe.sampling.decoders``):
+            ``"fixed"`` (LLaDA's schedule), ``"threshold"`` (Fast-dLLM / dInfer),
+            ``"credit"`` (dInfer's credit decoder, arXiv 2510.06133: a per-block credit
+            per token, decayed by ``credit_decay`` each step, boosted by the top-1
+            probability to the power ``credit_boost``, added to the logits as
+            ``credit_alpha * log(1 + credit)`` before the threshold rule),
+            ``"hierarchy"`` (dInfer's: in each contiguous run of masked positions the
+            most confident if above ``low_threshold``, every one above ``threshold``,
+            always the top one), ``"joint"`` (LLaDA2.1's joint threshold decoding: masks
+            committed above ``threshold``, written tokens replaced when another token's
+            confidence passes ``edit_threshold``; up to ``max_post_steps`` edit-only
+            steps after a block's last mask; S mode ``threshold=0.5,
+            edit_threshold=0.0``, Q mode ``threshold=0.7, edit_threshold=0.5``).
+            Credit, hierarchy and joint run a block until it has no mask (``steps``
+            does not bound them). Model, else ``"threshold"`` if a threshold is set,
+            else ``"fixed"``.
+        low_threshold: float in [0, 1], hierarchy only. Model, else 0.4 (dInfer's).
+        edit_threshold: float in [0, 1], joint only (``editing_threshold`` in a
+            generation config). Model, else 0.5.
+        max_post_steps: int >= 0, joint only. Model, else 16 (LLaDA2.1's).
+        credit_alpha, credit_boost, credit_decay: credit only; finite floats >= 0
+            (decay in [0, 1]). Model, else 0.7, 0.2, 0.8 (dInfer's).
+        top_k: positive int or None: sampling keeps the ``top_k`` most probable tokens
+            (ties at the k-th kept). Model, else None (all). No effect at temperature 0.
+        top_p: float in (0, 1] or None: nucleus sampling on ``softmax(l / T)``, the
+            smallest set of most probable tokens whose mass exceeds ``top_p`` (after
+            ``top_k``, as LLaDA2's reference). Model, else None. No effect at
+            temperature 0.
         threshold_floor: ``"one"`` (at least 1 commit a step, as dInfer/Fast-dLLM) or
             ``"schedule"`` (at least the schedule's count, as LLaDA2). Default: the
             convention's, llada ``"one"``, llada2 ``"schedule"``.
@@ -203,7 +238,13 @@ def generate(model, prompts, *, gen_length=None, block_length=None, steps=None,
             ``gen_length`` past ``max_position_embeddings``; ``temperature`` or
             ``cfg_scale`` negative, inf or nan; ``seed`` not an int in [0, 2**64);
             ``remasking``, ``threshold_floor`` or ``convention`` not a known name;
-            ``threshold`` outside (0, 1] (nan too); ``adaptive`` not an ``AdaptiveExperts`` or its
+            ``threshold`` outside (0, 1] (nan too); ``decoder`` not a known name, a
+            decoder's option given to another decoder, ``threshold`` with
+            ``decoder="fixed"``, ``low_threshold``/``edit_threshold``/``credit_decay``
+            outside [0, 1], ``credit_alpha``/``credit_boost`` negative,
+            ``max_post_steps`` not an int >= 0, ``remasking="random"`` with credit,
+            hierarchy or joint, ``top_k`` not a positive int,
+            ``top_p`` outside (0, 1]; ``adaptive`` not an ``AdaptiveExperts`` or its
             maximum above ``num_experts``; no mask token; a mask or EOS id not an int
             in the vocabulary; llada2 on a causal model (``causal=True``); ``cache=True``
             with llada or with expert-choice routing; ``cache`` not one of the five
@@ -225,7 +266,10 @@ def generate(model, prompts, *, gen_length=None, block_length=None, steps=None,
         threshold_floor=threshold_floor, adaptive=adaptive, mask_id=mask_id, eos_id=eos_id,
         logits_eos_inf=logits_eos_inf, confidence_eos_eot_inf=confidence_eos_eot_inf,
         early_stop=early_stop, return_trace=return_trace, convention=convention, cache=cache,
-        cache_refresh=cache_refresh, cache_window=cache_window)
+        cache_refresh=cache_refresh, cache_window=cache_window,
+        decoder=decoder, low_threshold=low_threshold, edit_threshold=edit_threshold,
+        max_post_steps=max_post_steps, credit_alpha=credit_alpha, credit_boost=credit_boost,
+        credit_decay=credit_decay, top_k=top_k, top_p=top_p)
     key = random_key(seed)
     rows = _encode(model, prompts)
     _check_tokens(rows, config.vocab_size)

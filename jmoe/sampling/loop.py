@@ -31,6 +31,7 @@ fixed-size window around the block and read every other key from the cache
 
 from __future__ import annotations
 
+import dataclasses
 from functools import partial
 
 import jax
@@ -38,6 +39,7 @@ import jax.numpy as jnp
 
 from jmoe import xla_options
 from jmoe.sampling import budgets as budgets_lib
+from jmoe.sampling import decoders
 from jmoe.sampling import remasking as rm
 from jmoe.sampling import schedules
 from jmoe.sampling.model_call import call_model, new_bidirectional_cache, new_cache
@@ -164,13 +166,6 @@ def prefill(params, tokens_BL, prompt_BL, budget_BL, cache, *, config, opts: Sam
     return cache, pairs
 
 
-def _strategies(opts: SamplerOptions):
-    sample = rm.sample_gumbel if opts.sampled else rm.sample_greedy
-    unconfident = (opts.eos_id,) if opts.confidence_eos_eot_inf else ()
-    confidence = partial(rm.CONFIDENCES[opts.remasking], unconfident_ids=unconfident)
-    return sample, confidence, opts.convention.commit_count(opts)
-
-
 def _early_stop(opts: SamplerOptions, gen_BG, active_B, block, fixed_BG):
     """At a block's end: rows with a committed EOS stop; their later positions become EOS.
 
@@ -193,64 +188,68 @@ def _record(trace, nfe, committed_BG, budget_BG, remask_BG, block):
             "block_S": put(trace["block_S"], block)}
 
 
-def _sample(logits, positions_G, nfe, key, knobs, opts: SamplerOptions):
-    """Sampled tokens and confidences of the logits' positions (``positions_G``: their
-    generated-region indices, which key the random stream)."""
-    sample, confidence, _ = _strategies(opts)
+def _sample(logits, positions_G, nfe, key, knobs, opts: SamplerOptions, carry=None,
+            cand_BK=None):
+    """Sampled tokens, confidences of the logits' positions (``positions_G``: their
+    generated-region indices, which key the random stream) and the decoder's carry
+    (``decoders``: credit fuses its logits; filters and confidence rule)."""
     # the mask token is never a prediction (so a block always empties; dInfer does the same)
     forbidden = (opts.mask_id,) + ((opts.eos_id,) if opts.logits_eos_inf else ())
     logits = rm.forbid_tokens(logits, forbidden)
     noise_keys, rand_keys = rm.step_keys(key, nfe, logits.shape[0], positions_G)
-    x0 = sample(logits, knobs["temperature"], noise_keys)
-    return x0, confidence(logits, x0, rand_keys).astype(jnp.float32)
+    logits, carry = decoders.of(opts).fuse(logits, carry, cand_BK, knobs)
+    x0, conf = decoders.sample_confidence(logits, noise_keys, rand_keys, knobs, opts)
+    return x0, conf, carry
 
 
-def _predict(s: SamplerState, params, valid_BL, prompt_BL, rows_B, key, knobs, *, config,
-             opts: SamplerOptions):
-    """Sampled tokens, confidences ``[B, G]`` (only the current block matters) and the
-    call's routed pairs; only ``rows_B`` are computed. Approximate caches also return
-    the cache (written by a refresh step)."""
-    g, b = opts.gen_length, s.tokens_BL.shape[0]
-
-    def block_sample(logits):  # [B, block_length, V] -> x0_BG, conf_BG
-        at = s.block * opts.block_length
-        x0_BK, conf_BK = _sample(logits, at + jnp.arange(opts.block_length), s.nfe, key, knobs,
-                                 opts)
-        x0_BG = jax.lax.dynamic_update_slice_in_dim(jnp.zeros((b, g), jnp.int32), x0_BK, at, 1)
-        conf_BG = jax.lax.dynamic_update_slice_in_dim(
-            jnp.full((b, g), -jnp.inf, jnp.float32), conf_BK, at, 1)
-        return x0_BG, conf_BG
-
+def _predict(s: SamplerState, params, valid_BL, prompt_BL, rows_B, key, knobs, *, cand_BG,
+             config, opts: SamplerOptions):
+    """Sampled tokens, confidences ``[B, G]`` (the current block's; -inf elsewhere), the
+    call's routed pairs and the carry: the decoder's, and with an approximate cache
+    ``(decoder carry, cache)`` (the cache written by a refresh step); only ``rows_B`` are
+    computed."""
+    g, b, bl = opts.gen_length, s.tokens_BL.shape[0], opts.block_length
+    at = s.block * bl
+    cache = s.cache
     if opts.approx_cache:
         logits, pairs, cache = approx_call(params, s.tokens_BL, valid_BL, prompt_BL,
                                            s.budget_BL, rows_B, s.cache, s.block, s.step,
                                            knobs["cfg_scale"], config=config, opts=opts)
-        return *block_sample(logits), pairs, cache
-    if opts.cached:
+    elif opts.cached:
         # the step's K/V are dropped: a block's final K/V are stored once, when it ends
         logits, pairs, _ = block_call(params, s.tokens_BL, valid_BL, prompt_BL, s.budget_BL,
                                       rows_B, s.cache, s.block, knobs["cfg_scale"],
                                       config=config, opts=opts)
-        return *block_sample(logits), pairs
-    call_valid_BL = valid_BL & rows_B[:, None]  # stopped rows cost no expert work
-    call_valid_BL = opts.convention.reach(call_valid_BL, s.block, opts)
-    logits, pairs = model_logits(params, s.tokens_BL, call_valid_BL, prompt_BL, s.budget_BL,
-                                 knobs["cfg_scale"], config=config, opts=opts)
-    x0_BG, conf_BG = _sample(logits, jnp.arange(g), s.nfe, key, knobs, opts)
-    return x0_BG, conf_BG, pairs
+    else:
+        call_valid_BL = valid_BL & rows_B[:, None]  # stopped rows cost no expert work
+        call_valid_BL = opts.convention.reach(call_valid_BL, s.block, opts)
+        logits, pairs = model_logits(params, s.tokens_BL, call_valid_BL, prompt_BL,
+                                     s.budget_BL, knobs["cfg_scale"], config=config, opts=opts)
+        # only the block is sampled: per-position keys draw what the whole region would
+        logits = jax.lax.dynamic_slice_in_dim(logits, at, bl, axis=1)
+    cand_BK = jax.lax.dynamic_slice_in_dim(cand_BG, at, bl, axis=1)
+    x0_BK, conf_BK, carry = _sample(logits, at + jnp.arange(bl), s.nfe, key, knobs, opts,
+                                    s.decoder, cand_BK)
+    x0_BG = jax.lax.dynamic_update_slice_in_dim(jnp.zeros((b, g), jnp.int32), x0_BK, at, 1)
+    conf_BG = jax.lax.dynamic_update_slice_in_dim(
+        jnp.full((b, g), -jnp.inf, jnp.float32), conf_BK, at, 1)
+    return x0_BG, conf_BG, pairs, ((carry, cache) if opts.approx_cache else carry)
 
 
-def _call(s: SamplerState, params, valid_BL, prompt_BL, cand_BG, key, knobs, *, config,
-          opts: SamplerOptions):
-    """The step's model call: ``(x0_BG, conf_BG, pairs, called, cache)``; the convention
-    picks the rows it computes (``gate_call``) and whether it is made at all. The cache
-    is the approximate caches' after a refresh, else ``s.cache``."""
+def _call(s: SamplerState, params, valid_BL, prompt_BL, cand_BG, calls_BG, key, knobs, *,
+          config, opts: SamplerOptions):
+    """The step's model call: ``(x0_BG, conf_BG, pairs, decoder carry, called, cache)``;
+    the convention picks the rows it computes (``gate_call``: rows with a position in
+    ``calls_BG``) and whether it is made at all. The cache is the approximate caches'
+    after a refresh, else ``s.cache``."""
     predict = partial(_predict, s, params, valid_BL, prompt_BL, key=key, knobs=knobs,
-                      config=config, opts=opts)
-    out = opts.convention.gate_call(predict, cand_BG, s.active_B)
-    if opts.approx_cache:  # (x0, conf, pairs, cache, called)
-        return *out[:3], out[4], out[3]
-    return *out, s.cache
+                      cand_BG=cand_BG, config=config, opts=opts)
+    carry = (s.decoder, s.cache) if opts.approx_cache else s.decoder
+    x0_BG, conf_BG, pairs, carry, called = opts.convention.gate_call(predict, calls_BG,
+                                                                     s.active_B, carry)
+    if opts.approx_cache:
+        return x0_BG, conf_BG, pairs, carry[0], called, carry[1]
+    return x0_BG, conf_BG, pairs, carry, called, s.cache
 
 
 def _finish_block(s: SamplerState, params, over, rows_B, tokens_BL, valid_BL, prompt_BL,
@@ -274,19 +273,23 @@ def step(s: SamplerState, params, valid_BL, prompt_BL, key, knobs, *, config,
          opts: SamplerOptions) -> SamplerState:
     """One model call and its commits, budget update and block bookkeeping."""
     g = opts.gen_length
-    _, _, count = _strategies(opts)
+    decoder = decoders.of(opts)
     gen_BG = s.tokens_BL[:, -g:]
     window_G = schedules.block_window_G(s.block, opts.block_length, g)
     cand_BG = (gen_BG == opts.mask_id) & window_G & s.active_B[:, None]
-    x0_BG, conf_BG, pairs, called, cache = _call(s, params, valid_BL, prompt_BL, cand_BG, key,
-                                                 knobs, config=config, opts=opts)
+    fixed_BG = prompt_BL[:, -g:] | ~valid_BL[:, -g:]
+    sched = schedules.schedule_count(opts.block_length, opts.steps_per_block, s.step)
+    seen = decoders.Step(x0=None, conf=None, cand=cand_BG, gen=gen_BG, window=window_G,
+                         fixed=fixed_BG, sched=jnp.full(cand_BG.shape[:1], sched, jnp.int32),
+                         active=s.active_B)
+    x0_BG, conf_BG, pairs, carry, called, cache = _call(
+        s, params, valid_BL, prompt_BL, cand_BG, decoder.call_rows(seen, s.decoder), key, knobs,
+        config=config, opts=opts)
     s = s.replace(cache=cache)
 
-    sched = schedules.schedule_count(opts.block_length, opts.steps_per_block, s.step)
-    n_B = count(conf_BG, cand_BG, jnp.full(cand_BG.shape[:1], sched, jnp.int32),
-                knobs["threshold"])
-    commit_BG = rm.commit_mask(conf_BG, cand_BG, n_B)
-    gen_BG = jnp.where(commit_BG, x0_BG, gen_BG)
+    commit_BG, edit_BG, carry = decoder.select(
+        dataclasses.replace(seen, x0=x0_BG, conf=conf_BG), knobs, opts, carry)
+    gen_BG = jnp.where(commit_BG | edit_BG, x0_BG, gen_BG)
     still_BG = cand_BG & ~commit_BG
 
     nfe = s.nfe + called.astype(jnp.int32)
@@ -296,13 +299,13 @@ def step(s: SamplerState, params, valid_BL, prompt_BL, key, knobs, *, config,
                                                           remask_BG, still_BG)
     trace = s.trace
     if opts.return_trace:
-        new = _record(trace, s.nfe, commit_BG, s.budget_BL[:, -g:], remask_BG, s.block)
+        new = _record(trace, s.nfe, commit_BG | edit_BG, s.budget_BL[:, -g:], remask_BG,
+                      s.block)
         trace = jax.tree.map(lambda n, o: jnp.where(called, n, o), new, trace)
 
-    over = opts.convention.block_over(opts, s.step, still_BG)
+    over = decoder.block_over(opts, s.step, still_BG, carry)
     tokens_BL = s.tokens_BL.at[:, -g:].set(gen_BG)
     budget_BL = s.budget_BL.at[:, -g:].set(budget_BG)
-    fixed_BG = prompt_BL[:, -g:] | ~valid_BL[:, -g:]
     stopped_gen_BG, stopped_active_B = _early_stop(opts, gen_BG, s.active_B, s.block, fixed_BG)
     stopped_active_B = opts.convention.rows_done(stopped_gen_BG, stopped_active_B, opts)
     cache, fill_pairs = _finish_block(s, params, over, stopped_active_B, tokens_BL, valid_BL,
@@ -317,7 +320,8 @@ def step(s: SamplerState, params, valid_BL, prompt_BL, key, knobs, *, config,
         remask_BG=remask_BG, active_B=active_B,
         block=s.block + over.astype(jnp.int32),
         step=jnp.where(over, 0, s.step + 1),
-        nfe=nfe, work_S=s.work_S.at[slot].add(pairs + fill_pairs), trace=trace, cache=cache)
+        nfe=nfe, work_S=s.work_S.at[slot].add(pairs + fill_pairs), trace=trace,
+        decoder=decoder.reset(carry, over), cache=cache)
 
 
 def initial_state(tokens_BL, prompt_region_BL, *, config, opts: SamplerOptions,
@@ -347,9 +351,11 @@ def initial_state(tokens_BL, prompt_region_BL, *, config, opts: SamplerOptions,
             cache, pairs = prefill(params, tokens_BL, prompt_region_BL, budget_BL, cache,
                                    config=config, opts=opts)
             work_S = work_S.at[0].add(pairs)
+    carry = decoders.of(opts).init_carry(b, opts.block_length, config.vocab_size)
     return SamplerState(tokens_BL=tokens_BL, budget_BL=budget_BL,
                         remask_BG=jnp.zeros((b, g), jnp.int32), active_B=jnp.ones((b,), bool),
-                        block=zero, step=zero, nfe=zero, work_S=work_S, trace=trace, cache=cache)
+                        block=zero, step=zero, nfe=zero, work_S=work_S, trace=trace,
+                        decoder=carry, cache=cache)
 
 
 @xla_options.jit(static_argnames=("config", "opts"))

@@ -26,6 +26,7 @@ import math
 import jax.numpy as jnp
 import numpy as np
 
+from jmoe.sampling import decoders as dec
 from jmoe.sampling import remasking as rm
 from jmoe.sampling.budgets import AdaptiveExperts
 from jmoe.sampling.conventions import (CONVENTIONS, DEFAULT_BLOCK_LENGTH, Convention,
@@ -36,7 +37,12 @@ DEFAULT_GEN_LENGTH = 128
 # the library's defaults of the float and choice options, for every convention
 LIBRARY_DEFAULTS = {"temperature": 0.0, "cfg_scale": 0.0, "remasking": "low_confidence",
                     "threshold": None}
-_GENERATION_ALIASES = {"gen_length": ("gen_length", "max_new_tokens")}
+_GENERATION_ALIASES = {"gen_length": ("gen_length", "max_new_tokens"),
+                       "edit_threshold": ("edit_threshold", "editing_threshold")}
+# each decoder's own options (a caller's value for another decoder is refused)
+_DECODER_OPTIONS = {"low_threshold": ("hierarchy",), "edit_threshold": ("joint",),
+                    "max_post_steps": ("joint",), "credit_alpha": ("credit",),
+                    "credit_boost": ("credit",), "credit_decay": ("credit",)}
 
 
 def resolve_convention(config, convention=None, cache=None) -> tuple[Convention, bool]:
@@ -159,6 +165,61 @@ def _token_id(name: str, value, vocab_size: int) -> int | None:
     return int(value)
 
 
+def _decoder(config, threshold, given: dict):
+    """The decoder (a ``decoders.Decoder``), its resolved threshold and traced knobs from
+    the caller's options ``given`` (None: unset), the model's generation defaults and
+    the library's (``decoders.DEFAULT_*``)."""
+    gen = config.generation
+    name = _pick("decoder", given["decoder"], gen, None)
+    if name is None:
+        name = "fixed" if threshold is None else "threshold"
+    if name not in dec.DECODERS:
+        raise ValueError(f"decoder={name!r}: expected one of {dec.DECODERS}")
+    for opt, users in _DECODER_OPTIONS.items():
+        if given[opt] is not None and name not in users:
+            raise ValueError(f"{opt}={given[opt]!r} is an option of decoder={users[0]!r}, "
+                             f"not of decoder={name!r}")
+    if name == "fixed":
+        if given["threshold"] is not None:
+            raise ValueError(f"threshold={given['threshold']!r} with decoder='fixed' (the "
+                             "fixed schedule has no threshold): use decoder='threshold' or "
+                             "threshold=None")
+        threshold = None  # the model's generation threshold does not apply
+    if threshold is None:
+        threshold = dec.DEFAULT_THRESHOLD.get(name)
+    if threshold is not None:
+        threshold = _real("threshold", threshold, "a confidence in (0, 1] or None",
+                          lambda v: 0.0 < v <= 1.0)
+    pick = lambda k, d: _pick(k, given[k], gen if name in _DECODER_OPTIONS[k] else None, d)
+    unit, in_unit = "a number in [0, 1]", lambda v: 0.0 <= v <= 1.0
+    knobs = {k: _real(k, pick(k, d), unit, in_unit)
+             for k, d in (("low_threshold", dec.DEFAULT_LOW_THRESHOLD),
+                          ("edit_threshold", dec.DEFAULT_EDIT_THRESHOLD),
+                          ("credit_decay", dec.DEFAULT_CREDIT["credit_decay"]))}
+    knobs.update({k: _non_negative(k, pick(k, dec.DEFAULT_CREDIT[k]))
+                  for k in ("credit_alpha", "credit_boost")})
+    post = pick("max_post_steps", dec.DEFAULT_MAX_POST_STEPS)
+    if isinstance(post, bool) or not isinstance(post, (int, np.integer)) or post < 0:
+        raise ValueError(f"max_post_steps={post!r}: expected an int >= 0")
+    return dec.make(name, int(post)), threshold, knobs
+
+
+def _sampling_filters(config, top_k, top_p):
+    """``top_k`` (a positive int or None) and ``top_p`` (in (0, 1] or None): the caller's,
+    else the model's generation defaults."""
+    gen = config.generation
+    top_k, top_p = _pick("top_k", top_k, gen, None), _pick("top_p", top_p, gen, None)
+    if top_k is not None:
+        if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k <= 0:
+            raise ValueError(f"top_k={top_k!r}: expected a positive int or None")
+        top_k = None if top_k >= config.vocab_size else int(top_k)  # keeps every token
+    if top_p is not None:
+        top_p = _real("top_p", top_p, "a probability in (0, 1] or None",
+                      lambda v: 0.0 < v <= 1.0)
+        top_p = None if top_p >= 1.0 else top_p  # keeps every token
+    return top_k, top_p
+
+
 def _lengths(config, conv: Convention, gen_length, block_length, steps) -> tuple[int, int, int]:
     """Caller, else model, else library; unset lengths are derived from the set ones
     (``Convention.default_block_length``, ``derive_steps``), then the convention's cap."""
@@ -191,13 +252,17 @@ def resolve_options(config, *, gen_length=None, block_length=None, steps=None,
                     threshold_floor=None, adaptive=None, mask_id=None, eos_id=None,
                     logits_eos_inf=False, confidence_eos_eot_inf=False, early_stop=True,
                     return_trace=False, convention=None, cache=None, cache_refresh=None,
-                    cache_window=None) -> tuple[SamplerOptions, dict]:
+                    cache_window=None, decoder=None, low_threshold=None, edit_threshold=None,
+                    max_post_steps=None, credit_alpha=None, credit_boost=None,
+                    credit_decay=None, top_k=None, top_p=None) -> tuple[SamplerOptions, dict]:
     """Fill every ``None`` option: the caller's value, then ``config.generation``, then
     the library's default (the convention's for ``steps`` and ``threshold_floor``).
 
     Returns ``(opts, knobs)``: the static ``SamplerOptions`` and the traced float32
-    knobs ``{"temperature", "cfg_scale", "threshold"}`` (threshold 1.0 when off), both
-    from the resolved values. Raises ValueError on any bad value (see ``jmoe.generate``).
+    knobs ``{"temperature", "cfg_scale", "threshold", "top_p", "low_threshold",
+    "edit_threshold", "credit_alpha", "credit_boost", "credit_decay"}`` (threshold and
+    top_p 1.0 when off), both from the resolved values. Raises ValueError on any bad
+    value (see ``jmoe.generate``).
     """
     approx, cache_refresh, cache_window = resolve_cache(
         config, resolve_convention(config, convention, False)[0], cache, cache_refresh,
@@ -210,16 +275,23 @@ def resolve_options(config, *, gen_length=None, block_length=None, steps=None,
     cfg_scale = _non_negative("cfg_scale", _pick("cfg_scale", cfg_scale, gen,
                                                  LIBRARY_DEFAULTS["cfg_scale"]))
     remasking = _pick("remasking", remasking, gen, LIBRARY_DEFAULTS["remasking"])
+    given_threshold = threshold
     threshold = _pick("threshold", threshold, gen, LIBRARY_DEFAULTS["threshold"])
-    threshold_floor = conv.threshold_floor if threshold_floor is None else threshold_floor
+    decoder, threshold, decoder_knobs = _decoder(config, threshold, dict(
+        decoder=decoder, threshold=given_threshold, low_threshold=low_threshold,
+        edit_threshold=edit_threshold, max_post_steps=max_post_steps,
+        credit_alpha=credit_alpha, credit_boost=credit_boost, credit_decay=credit_decay))
+    top_k, top_p = _sampling_filters(config, top_k, top_p)
+    if threshold_floor is None:  # LLaDA2.1's joint decoding commits at least one
+        threshold_floor = "one" if decoder.name == "joint" else conv.threshold_floor
     if remasking not in rm.REMASKINGS:
         raise ValueError(f"remasking={remasking!r}: expected one of {rm.REMASKINGS}")
+    if remasking != "low_confidence" and decoder.name in ("credit", "hierarchy", "joint"):
+        raise ValueError(f"remasking={remasking!r} with decoder={decoder.name!r}: its rule "
+                         "compares token probabilities; use remasking='low_confidence'")
     if threshold_floor not in rm.THRESHOLD_FLOORS:
         raise ValueError(f"threshold_floor={threshold_floor!r}: expected one of "
                          f"{rm.THRESHOLD_FLOORS}")
-    if threshold is not None:
-        threshold = _real("threshold", threshold, "a confidence in (0, 1] or None",
-                          lambda v: 0.0 < v <= 1.0)
     if adaptive is not None:
         if not isinstance(adaptive, AdaptiveExperts):
             raise ValueError(f"adaptive={adaptive!r}: expected jmoe.AdaptiveExperts or None")
@@ -231,14 +303,17 @@ def resolve_options(config, *, gen_length=None, block_length=None, steps=None,
     eos_id = eos_id if eos_id is not None else config.eos_token_id
     opts = SamplerOptions(
         gen_length=gen_length, block_length=block_length, steps=steps, remasking=remasking,
-        sampled=temperature > 0, guided=cfg_scale > 0, thresholded=threshold is not None,
+        sampled=temperature > 0, guided=cfg_scale > 0,
+        thresholded=decoder.name == "threshold",
         threshold_floor=threshold_floor, adaptive=adaptive,
         mask_id=_token_id("mask_id", mask_id, config.vocab_size),
         eos_id=_token_id("eos_id", eos_id, config.vocab_size),
         logits_eos_inf=bool(logits_eos_inf), confidence_eos_eot_inf=bool(confidence_eos_eot_inf),
         early_stop=bool(early_stop), return_trace=bool(return_trace), convention=conv,
         cached=cache, approx_cache=approx, cache_refresh=cache_refresh,
-        cache_window=cache_window)
+        cache_window=cache_window, decoder=decoder, top_k=top_k, top_p=top_p is not None)
     knobs = {"temperature": jnp.float32(temperature), "cfg_scale": jnp.float32(cfg_scale),
-             "threshold": jnp.float32(1.0 if threshold is None else float(threshold))}
+             "threshold": jnp.float32(1.0 if threshold is None else float(threshold)),
+             "top_p": jnp.float32(1.0 if top_p is None else top_p),
+             **{k: jnp.float32(v) for k, v in decoder_knobs.items()}}
     return opts, knobs

@@ -50,6 +50,9 @@ class SamplerOptions:
     cache_refresh: int | None = None  # approximate caches: refresh every n steps of a block
     cache_window: tuple[int, int] = (0, 0)  # approximate caches: (before, after) positions
     #                                         recomputed around the block each step
+    decoder: Any = None   # decoders.Decoder (None: fixed schedule, or threshold if thresholded)
+    top_k: int | None = None  # sampling keeps the top_k tokens (temperature > 0)
+    top_p: bool = False   # nucleus filter on (its value is the traced knob "top_p")
 
     @property
     def num_blocks(self) -> int:
@@ -62,7 +65,9 @@ class SamplerOptions:
     @property
     def max_calls(self) -> int:
         """The most model calls a run can make (the trace's length)."""
-        return self.convention.max_calls(self)
+        from jmoe.sampling import decoders  # decoders -> remasking; no cycle at call time
+
+        return decoders.of(self).max_calls(self)
 
 
 @struct.dataclass
@@ -76,5 +81,6 @@ class SamplerState:
     nfe: jax.Array           # int32 model calls so far
     work_S: jax.Array        # int32 routed token-expert pairs of each model call
     trace: dict | None = None  # with return_trace: committed_SBG, budget_SBG, remask_SBG, block_S
+    decoder: Any = None  # the decoder's own carry (decoders.Decoder.init_carry)
     cache: Any = None  # cached runs: ``model_call.new_cache``'s K/V buffers over the canvas
     #                    (2B rows with guidance: the prompt-masked copies second)
