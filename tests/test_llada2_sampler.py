@@ -300,3 +300,19 @@ def test_empty_prompt_generates_from_position_zero(checkpoint, cache):
     committed = np.asarray(out.trace["committed"])[0, 0]  # first call, row 0: [7]
     assert committed.sum() == BLOCK // 2  # the schedule: 2 of the block's 4 positions
     assert (out.tokens[0][committed] == int(first[0])).all()
+
+
+@pytest.mark.parametrize("cache", [True, False])
+def test_floor_one_runs_each_block_until_empty(checkpoint, cache):
+    # threshold_floor="one" commits at least one position per step and no schedule: with
+    # fewer steps than block positions a block must go on until it has no mask (dInfer,
+    # Fast-dLLM), so `steps` does not change the tokens and no mask is left
+    _, model = checkpoint
+    prompt = PROMPTS["prompt_tail_in_block"]
+    kw = dict(gen_length=8, block_length=BLOCK, threshold=0.999, threshold_floor="one",
+              cache=cache)
+    few = generate(model, [prompt], steps=1, **kw)
+    full = generate(model, [prompt], steps=BLOCK, **kw)
+    assert MASK not in np.asarray(few.tokens).tolist()[0]
+    np.testing.assert_array_equal(np.asarray(few.tokens), np.asarray(full.tokens))
+    assert int(few.nfe) == int(full.nfe) > 2  # more calls than the 1 step x 2 blocks asked

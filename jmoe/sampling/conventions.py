@@ -251,11 +251,23 @@ class LLaDA2(Convention):
     def steps_per_block(self, opts) -> int:
         return opts.steps
 
+    @staticmethod
+    def until_empty(opts) -> bool:
+        """Threshold decoding with at least one commit per step (``threshold_floor="one"``,
+        dInfer's and Fast-dLLM's floor) runs a block until it has no mask, as they do:
+        its commits follow no schedule that empties the block within ``steps``, which
+        would leave masks in the output."""
+        return opts.thresholded and opts.threshold_floor == "one"
+
     def max_calls(self, opts) -> int:
-        return opts.num_blocks * opts.steps
+        steps = max(opts.steps, opts.block_length) if self.until_empty(opts) else opts.steps
+        return opts.num_blocks * steps
 
     def block_over(self, opts, step, still_masked_BG):
-        """When ``steps`` are spent or no row has a mask left in the block."""
+        """When ``steps`` are spent or no row has a mask left in the block (only the
+        latter under ``until_empty``)."""
+        if self.until_empty(opts):
+            return ~still_masked_BG.any()
         return (step + 1 >= opts.steps_per_block) | ~still_masked_BG.any()
 
     def gate_call(self, predict, candidates_BG, active_B, carry=None):
