@@ -249,6 +249,52 @@ def save_checkpoint(folder: str, config, params) -> None:
     ckptr.wait_until_finished()
 
 
+# bytes of leaves gathered into one orbax partial save by ``save_checkpoint_streaming``
+PART_BYTES = 512 << 20
+# where orbax's partial save (``ocp.partial``) puts the tree inside ``params/``
+PARTIAL_ITEM = "state"
+
+
+def save_checkpoint_streaming(folder: str, config, leaves, part_bytes: int = PART_BYTES) -> None:
+    """Write ``config.json`` and ``params/`` from ``(path, array)`` pairs, in parts.
+
+    Leaves are gathered until they reach ``part_bytes`` (default 512 MiB; a larger
+    leaf is a part of its own), then written with orbax's partial save
+    (``orbax.checkpoint.experimental.v1.partial.save``) and dropped; ``finalize``
+    merges the parts into one orbax checkpoint whose tree is ``params/state``
+    (``jmoe.load`` reads both this and ``save_checkpoint``'s layout). Peak memory:
+    one part plus the leaf being built, whatever the model size.
+    """
+    from orbax.checkpoint.experimental.v1 import partial
+
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(config.to_dict(), f, indent=2)
+    target = os.path.abspath(os.path.join(folder, "params"))
+    part, size = {}, 0
+    for path, leaf in leaves:
+        node = part
+        for p in path[:-1]:
+            node = node.setdefault(p, {})
+        node[path[-1]] = leaf
+        size += leaf.nbytes
+        del leaf, node
+        if size >= part_bytes:
+            partial.save(target, part)
+            part, size = {}, 0
+    if part:
+        partial.save(target, part)
+    del part
+    partial.finalize(target)
+
+
+def _params_dir(folder: str) -> str:
+    """The orbax tree of a checkpoint: ``params/state`` (written in parts) or ``params``."""
+    params_dir = os.path.abspath(os.path.join(folder, "params"))
+    item = os.path.join(params_dir, PARTIAL_ITEM)
+    return item if os.path.isfile(os.path.join(item, "_METADATA")) else params_dir
+
+
 def _plain(tree):
     """An orbax metadata tree or a tree of ShapeDtypeStructs as nested dicts of
     ``(shape, dtype name)``."""
@@ -299,11 +345,10 @@ def _drops_closed_loop(previous):
 def stored_params(folder: str) -> dict:
     """The ``(shape, dtype)`` of every leaf a jmoe checkpoint's ``params/`` holds, from
     its orbax metadata (no weight is read)."""
-    params_dir = os.path.abspath(os.path.join(folder, "params"))
-    if not os.path.isdir(params_dir):
+    if not os.path.isdir(os.path.join(folder, "params")):
         raise FileNotFoundError(f"jmoe checkpoint {folder!r} has no params/ folder")
     try:
-        meta = _orbax().StandardCheckpointer().metadata(params_dir)
+        meta = _orbax().StandardCheckpointer().metadata(_params_dir(folder))
         meta = getattr(meta, "item_metadata", meta)
         return _plain(getattr(meta, "tree", meta))  # orbax's tree metadata -> its dict
     except Exception as e:  # orbax / tensorstore errors of a damaged params/
@@ -321,8 +366,7 @@ def _restore_params(folder: str, config, mesh=None, target=None):
     if not getattr(previous, "jmoe_drops_closed_loop", False):
         sys.unraisablehook = _drops_closed_loop(previous)
     try:
-        params = _orbax().StandardCheckpointer().restore(
-            os.path.abspath(os.path.join(folder, "params")), target)
+        params = _orbax().StandardCheckpointer().restore(_params_dir(folder), target)
     except Exception as e:
         # the filter stays: the aborted reads report moments after the error
         raise _damaged(folder, e) from None
@@ -496,13 +540,13 @@ def load(path: str | os.PathLike | None = None, *, tokenizer: bool = True,
         config = config_from_hf_dir(path, **ids)
         # read_params checks every tensor against this config's shapes
         check_matches_weights(config, config_overrides, expected_params(config), path)
-        params, dtype = read_params(path, config, config_overrides.get("dtype"), progress=False)
+        # each leaf becomes a jax array as soon as it is read: one copy of the weights
+        params, dtype = read_params(path, config, config_overrides.get("dtype"), progress=False,
+                                    place=None if mesh is not None else jax.device_put)
         config = config.replace(dtype=dtype)
         if mesh is not None:  # host arrays straight into their shards
             params = sharding.shard_params(params, param_logical_axes(config), mesh,
                                            num_experts=config.num_experts)
-        else:
-            params = jax.tree.map(jnp.asarray, params)
     if config_overrides:
         new = config.replace(**config_overrides)
         if new.dtype != config.dtype:

@@ -17,9 +17,9 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from jmoe.checkpoint import (atomic_dir, check_matches_weights, expected_params, load,
-                             save_checkpoint)
+                             save_checkpoint_streaming)
 from jmoe.config import TOKEN_ID_FIELDS, read_json
-from jmoe.hf import config_from_hf_dir, get_path, read_params, require_folder
+from jmoe.hf import config_from_hf_dir, get_path, iter_params, open_params, require_folder
 from jmoe.hf_keys import hf_config_from, rules_for
 
 # Files besides weights that travel with a checkpoint (tokenizer, generation defaults).
@@ -83,9 +83,12 @@ def hf_to_jmoe(hf_dir: str, out: str, *, dtype: str | None = None, overwrite: bo
         ids = {k: config_overrides[k] for k in TOKEN_ID_FIELDS if k in config_overrides}
         config = config_from_hf_dir(hf_dir, **ids)
         config = check_matches_weights(config, config_overrides, expected_params(config), hf_dir)
-        params, dtype = read_params(hf_dir, config, dtype, progress)
-        config = config.replace(dtype=dtype)
-        save_checkpoint(tmp, config, params)
+        reader, dtype = open_params(hf_dir, config, dtype)
+        try:  # streamed: one part of the params in memory at a time
+            save_checkpoint_streaming(tmp, config.replace(dtype=dtype),
+                                      iter_params(reader, config, dtype, progress))
+        finally:
+            reader.close()
         copy_side_files(hf_dir, tmp)
         shutil.copyfile(os.path.join(hf_dir, "config.json"), os.path.join(tmp, "hf_config.json"))
     return out

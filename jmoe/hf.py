@@ -114,7 +114,9 @@ def _open_safetensors(path: str):
     from safetensors import SafetensorError, safe_open
 
     try:
-        return safe_open(path, framework="numpy")
+        # pread: tensor bytes are read on demand, not mapped; a mapped shard's pages
+        # would stay resident (and count in RSS) until the whole file is closed
+        return safe_open(path, framework="numpy", backend="pread")
     except (SafetensorError, OSError) as e:
         raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
 
@@ -248,18 +250,17 @@ def _set_path(tree: dict, path, value):
     tree[path[-1]] = value
 
 
-def read_params(hf_dir: str, config, dtype: str | None = None, progress: bool = True):
-    """HF folder -> jmoe params (a nested dict of NumPy arrays in ``dtype``).
+def open_params(hf_dir: str, config, dtype: str | None = None) -> tuple[SafetensorsReader, str]:
+    """Check an HF folder's tensors against ``config`` before any weight is read.
 
-    ``dtype`` None keeps the weights' own (``source_dtype``: float32 or bfloat16,
-    else refused); ``"float32"`` or ``"bfloat16"`` converts them. Raises ValueError
-    naming the tensor for a missing, unexpected or mis-shaped tensor. Expected shapes
-    come from ``init_params`` of the config (abstractly).
+    Returns the open reader and the jmoe dtype the weights will have (``dtype``, or
+    None: the weights' own, ``source_dtype``). Raises ValueError naming the tensor for
+    a missing or unexpected tensor, or the dtypes for weights jmoe will not convert
+    unasked. The caller closes the reader.
     """
     reader = SafetensorsReader(hf_dir)
     try:
         rules = rules_for(config)
-        shapes = abstract_params(config)
         wanted = {k for r in rules for k in r.hf_keys(config.num_experts)}
         unexpected = sorted(set(reader.keys()) - wanted - _ignored_keys(config))
         if unexpected:
@@ -275,11 +276,42 @@ def read_params(hf_dir: str, config, dtype: str | None = None, progress: bool = 
         if dtype is None:
             dtype = source_dtype(reader, model_keys, declared_dtype(hf_dir))
         else:  # converted because asked; still only from floating weights
+            np_dtype(dtype)
             for k in model_keys:
                 _dtype_name(reader, k)
-        out_dt = np_dtype(dtype)
-        params: dict = {}
-        bar = tqdm(total=len(rules), desc="converting", unit="tensor", disable=not progress)
+        return reader, dtype
+    except BaseException:
+        reader.close()
+        raise
+
+
+def leaf_nbytes(config, dtype: str) -> int:
+    """Bytes of the whole params tree of ``config`` in ``dtype`` (float32 leaves kept)."""
+    shapes, out_dt = abstract_params(config), np_dtype(dtype)
+    return sum(int(np.prod(get_path(shapes, r.path))) *
+               (4 if r.float32 else out_dt.itemsize) for r in rules_for(config))
+
+
+def iter_params(reader: SafetensorsReader, config, dtype: str, progress: bool = True,
+                desc: str = "converting"):
+    """Yield ``(path, leaf)`` for every jmoe params leaf, one leaf in memory at a time.
+
+    Each leaf (a NumPy array in ``dtype``; float32 for ``Rule.float32`` leaves such as
+    LLaDA2's ``expert_bias``) is allocated once and filled from its HF tensors, read
+    one at a time with ``safe_open`` (per-expert tensors into their slot of the
+    stacked ``[E, ...]`` array). Only the leaf being built and the one HF tensor being
+    copied are held: the caller drops each leaf before asking for the next. The
+    progress bar counts bytes of leaves (GB/s) and tensors. Raises ValueError naming
+    a mis-shaped tensor.
+    """
+    rules = rules_for(config)
+    shapes = abstract_params(config)
+    out_dt = np_dtype(dtype)
+    n_tensors = sum(len(r.hf_keys(config.num_experts)) for r in rules)
+    bar = tqdm(total=leaf_nbytes(config, dtype), desc=desc, unit="B", unit_scale=True,
+               unit_divisor=1024, disable=not progress)
+    done = 0
+    try:
         for rule in rules:
             target = get_path(shapes, rule.path)
             leaf = np.empty(target, np.float32 if rule.float32 else out_dt)
@@ -298,9 +330,33 @@ def read_params(hf_dir: str, config, dtype: str | None = None, progress: bool = 
                     leaf[e] = t
                 else:
                     leaf[...] = t
-            bar.update(1)
-            _set_path(params, rule.path, leaf)
+                del t
+                done += 1
+            bar.set_postfix_str(f"{done}/{n_tensors} tensors", refresh=False)
+            bar.update(leaf.nbytes)
+            yield rule.path, leaf
+            del leaf
+    finally:
         bar.close()
+
+
+def read_params(hf_dir: str, config, dtype: str | None = None, progress: bool = True,
+                place=None):
+    """HF folder -> jmoe params (a nested dict of arrays in ``dtype``).
+
+    ``dtype`` None keeps the weights' own (``source_dtype``: float32 or bfloat16,
+    else refused); ``"float32"`` or ``"bfloat16"`` converts them. ``place``, if given,
+    maps each NumPy leaf as soon as it is read (``jax.device_put``: the NumPy copy is
+    dropped at once, so the tree is never held twice). Raises ValueError naming the
+    tensor for a missing, unexpected or mis-shaped tensor. Expected shapes come from
+    ``init_params`` of the config (abstractly).
+    """
+    reader, dtype = open_params(hf_dir, config, dtype)
+    try:
+        params: dict = {}
+        for path, leaf in iter_params(reader, config, dtype, progress):
+            _set_path(params, path, leaf if place is None else place(leaf))
+            del leaf
         return params, dtype
     finally:
         reader.close()
