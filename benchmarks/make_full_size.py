@@ -113,16 +113,23 @@ def tokenizer_files(folder, config):
 def write(model: str, out: str, shard_gb: float = 5.0, progress: bool = True) -> dict:
     """Write the random full-size HF folder of preset ``model`` into ``out`` (created;
     must not exist). Returns {"bytes", "tensors", "shards", "seconds"}."""
-    from tqdm.auto import tqdm
-
     if model not in PRESETS:
         raise ValueError(f"model={model!r}: expected one of {sorted(PRESETS)}")
-    config = PRESETS[model]
+    return write_config(PRESETS[model], out, shard_gb, progress, ARCHITECTURES[model])
+
+
+def write_config(config, out: str, shard_gb: float = 5.0, progress: bool = True,
+                 architecture: str | None = None) -> dict:
+    """``write`` for any jmoe ``config`` (bf16 weights): the mid-size checkpoints of the
+    memory tests use it."""
+    from tqdm.auto import tqdm
+
     os.makedirs(out)
     t0 = time.perf_counter()
-    hf = hf_config_from(config)
-    hf.update(architectures=[ARCHITECTURES[model]], torch_dtype="bfloat16",
-              transformers_version="4.46.0")
+    hf = hf_config_from(config.replace(dtype="bfloat16"))
+    hf.update(torch_dtype="bfloat16", transformers_version="4.46.0")
+    if architecture:
+        hf["architectures"] = [architecture]
     with open(os.path.join(out, "config.json"), "w") as f:
         json.dump(hf, f, indent=2)
     gen = {"eos_token_id": config.eos_token_id, "pad_token_id": config.pad_token_id,
@@ -142,7 +149,7 @@ def write(model: str, out: str, shard_gb: float = 5.0, progress: bool = True) ->
     shards = plan_shards(tensors, int(shard_gb * 1e9))
     total = sum(map(_nbytes, tensors))
     weight_map = {}
-    bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=f"writing {model}",
+    bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="writing",
                disable=not progress)
     done = 0
     for i, shard in enumerate(shards):
