@@ -95,13 +95,16 @@ def mem_available() -> int:
     return 0
 
 
+WAIT_MINUTES = 40
+
+
 def wait_for_memory(gb: float):
-    for _ in range(20):
+    for _ in range(WAIT_MINUTES * 2):
         if mem_available() >= gb * GIB:
             return
         print(f"  waiting: {mem_available() / GIB:.1f} GiB available < {gb} GiB", flush=True)
         time.sleep(30)
-    raise SystemExit(f"less than {gb} GiB available for 10 minutes; try later")
+    raise SystemExit(f"less than {gb} GiB available for {WAIT_MINUTES} minutes; try later")
 
 
 def du(path) -> int:
@@ -158,9 +161,14 @@ def run_model(name, scratch, args, rows):
 
     config = PRESETS[name]
     hf, ck = os.path.join(scratch, name + "-hf"), os.path.join(scratch, name + "-jmoe")
+    row = {"model": name}
+    if args.reuse and os.path.isfile(os.path.join(ck, "config.json")):
+        # a converted folder left by an earlier run (stopped while waiting for memory):
+        # its size, conversion time and peak RSS are that run's (--json of it)
+        print(f"== {name}: reusing {ck}", flush=True)
+        return run_generate(name, scratch, args, rows, row, ck)
     for p in (hf, ck):
         shutil.rmtree(p, ignore_errors=True)
-    row = {"model": name}
     print(f"== {name}: writing the HF folder", flush=True)
     made = make_full_size.write(name, hf, progress=False)
     row.update(size=made["bytes"], make_s=made["seconds"], largest=largest_tensor(config))
@@ -199,19 +207,27 @@ def run_model(name, scratch, args, rows):
     shutil.rmtree(hf, ignore_errors=True)
 
     if name != "llada2-mini" and res:
-        cache = os.path.join(scratch, "jax_cache-" + name)
-        shutil.rmtree(cache, ignore_errors=True)
-        for run in ("run1", "run2"):
-            wait_for_memory(args.min_free_gb)
-            print(f"== {name}: load + generate ({run}, cache {cache})", flush=True)
-            r, tail, rc, _ = child(CHILD_RUN, [ck, json.dumps(LOAD_OVERRIDES.get(name, {}))],
-                                   {"JMOE_CACHE_DIR": cache})
-            if r is None:
-                print(tail)
-                raise SystemExit(f"{run} of {name} failed (rc {rc})")
-            print(f"  {json.dumps(r)}", flush=True)
-            row[run] = r
-        shutil.rmtree(cache, ignore_errors=True)
+        return run_generate(name, scratch, args, rows, row, ck)
+    shutil.rmtree(ck, ignore_errors=True)
+    rows.append(row)
+    return row
+
+
+def run_generate(name, scratch, args, rows, row, ck):
+    """Two load + generate children sharing a fresh compilation cache; then ``ck`` goes."""
+    cache = os.path.join(scratch, "jax_cache-" + name)
+    shutil.rmtree(cache, ignore_errors=True)
+    for run in ("run1", "run2"):
+        wait_for_memory(args.min_free_gb)
+        print(f"== {name}: load + generate ({run}, cache {cache})", flush=True)
+        r, tail, rc, _ = child(CHILD_RUN, [ck, json.dumps(LOAD_OVERRIDES.get(name, {}))],
+                               {"JMOE_CACHE_DIR": cache})
+        if r is None:
+            print(tail)
+            raise SystemExit(f"{run} of {name} failed (rc {rc})")
+        print(f"  {json.dumps(r)}", flush=True)
+        row[run] = r
+    shutil.rmtree(cache, ignore_errors=True)
     shutil.rmtree(ck, ignore_errors=True)
     rows.append(row)
     return row
@@ -250,7 +266,10 @@ def main(argv=None):
     p.add_argument("--models", nargs="+", default=["olmoe-1b-7b", "llada-moe-7b", "llada2-mini"])
     p.add_argument("--disk-cap-gb", type=float, default=40.0,
                    help="stop a conversion when --scratch holds more (0: no cap)")
-    p.add_argument("--min-free-gb", type=float, default=18.0)
+    p.add_argument("--min-free-gb", type=float, default=18.0,
+                   help="MemAvailable a full-size load waits for (up to 40 minutes)")
+    p.add_argument("--reuse", action="store_true",
+                   help="load a converted folder an earlier run left instead of remaking it")
     p.add_argument("--json", help="also write the rows here")
     args = p.parse_args(argv)
     os.makedirs(args.scratch, exist_ok=True)

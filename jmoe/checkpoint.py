@@ -334,10 +334,14 @@ def _damaged(folder: str, e: Exception) -> ValueError:
 
 def _drops_closed_loop(previous):
     # a failed orbax restore leaves tensorstore reads in flight whose callbacks report
-    # "Event loop is closed" into the loop orbax already closed, one traceback each
+    # "Event loop is closed" into the loop orbax already closed, one traceback each; a
+    # read coroutine collected unfinished reports its GeneratorExit wrapped by orbax
     def hook(unraisable):
         e = unraisable.exc_value
-        if not (isinstance(e, RuntimeError) and str(e) == "Event loop is closed"):
+        closed = isinstance(e, RuntimeError) and str(e) == "Event loop is closed"
+        aborted = (isinstance(getattr(e, "__cause__", None), GeneratorExit)
+                   and str(e).startswith("Encountered error while reading array index"))
+        if not (closed or aborted):
             previous(unraisable)
 
     hook.jmoe_drops_closed_loop = True
@@ -511,7 +515,10 @@ def load(path: str | os.PathLike | None = None, *, tokenizer: bool = True,
             supported ``model_type``: ``olmoe``, ``llada``/``lladamoe``,
             ``llada2_moe``; ``model.safetensors`` or a sharded
             ``model.safetensors.index.json``) is read tensor by tensor (``jmoe.hf``),
-            its ``generation_config.json`` refining the generation defaults.
+            its ``generation_config.json`` refining the generation defaults. Either is
+            read without a second copy of the weights: a checkpoint is restored in
+            64 MiB parts straight into its dtype, an HF folder leaf by leaf into jax
+            arrays.
         tokenizer: bool, default True: load the folder's tokenizer (jmoe's character
             tokenizer, or ``transformers.AutoTokenizer`` when HF tokenizer files are
             there; None when there are none). False: ``Model.tokenizer`` is None.

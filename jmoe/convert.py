@@ -75,6 +75,13 @@ def hf_to_jmoe(hf_dir: str, out: str, *, dtype: str | None = None, overwrite: bo
     weights' own precision (float32 or bfloat16; float16 weights need ``dtype``).
     ``config_overrides`` must keep every weight's shape (``jmoe.load``'s rule).
 
+    Memory: streamed. Each params leaf is built from its HF tensors (``jmoe.hf.iter_params``)
+    and written in 64 MiB parts with orbax's partial save
+    (``jmoe.checkpoint.save_checkpoint_streaming``): peak resident memory is at most
+    2 GiB plus the largest tensor whatever the model size (measured in
+    ``tests/test_scale_memory.py`` and ``benchmarks/real_scale.py``). The progress bar
+    counts bytes (GB/s) and tensors.
+
     Example:
         hf_to_jmoe("hf/OLMoE-1B-7B-0924", "ckpt/olmoe", dtype="bfloat16")
     """
