@@ -72,6 +72,7 @@ def measured(tmp_path_factory):
         out[layers] = dict(size=made["bytes"], largest=largest,
                            convert=peak_rss(CONVERT, hf, ck),
                            load_hf=peak_rss(LOAD, hf), load=peak_rss(LOAD, ck))
+    print({k: {n: f"{v / GIB:.3f} GiB" for n, v in m.items()} for k, m in out.items()})
     return out
 
 
