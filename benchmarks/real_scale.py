@@ -189,6 +189,9 @@ def run_model(name, scratch, args, rows):
         # from /proc every 2 s while it ran
         row.update(convert_killed=killed, convert_rss=sampled,
                    convert_progress=tail.replace("\r", "\n").strip().splitlines()[-1])
+        for leftover in os.listdir(scratch):  # the killed run's hidden work folder
+            if leftover.startswith(f".{name}-jmoe.partial-"):
+                shutil.rmtree(os.path.join(scratch, leftover), ignore_errors=True)
     else:
         print(tail)
         raise SystemExit(f"conversion of {name} failed (rc {rc})")
