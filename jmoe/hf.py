@@ -161,6 +161,10 @@ class SafetensorsReader:
     def read(self, key: str) -> np.ndarray:
         return self._handle(key).get_tensor(key)
 
+    def slice(self, key: str):
+        """``safe_open``'s lazy slice of ``key``: ``slice(key)[a:b]`` reads rows a:b only."""
+        return self._handle(key).get_slice(key)
+
     def _handle(self, key):
         if key not in self.key_to_file:
             raise KeyError(key)
@@ -315,22 +319,10 @@ def iter_params(reader: SafetensorsReader, config, dtype: str, progress: bool = 
         for rule in rules:
             target = get_path(shapes, rule.path)
             leaf = np.empty(target, np.float32 if rule.float32 else out_dt)
+            want = target[1:] if rule.per_expert else target
             for e, key in enumerate(rule.hf_keys(config.num_experts)):
-                t = reader.read(key)
-                if rule.rows is not None:
-                    t = t[rule.rows[0]:rule.rows[1]]
-                t = t.T if rule.transpose else t
-                want = target[1:] if rule.per_expert else target
-                if tuple(t.shape) != tuple(want):
-                    part = "" if rule.rows is None else f" rows {rule.rows[0]}:{rule.rows[1]}"
-                    hf_want = tuple(reversed(want)) if rule.transpose else tuple(want)
-                    raise ValueError(f"tensor {key!r}{part} has shape "
-                                     f"{tuple(reader.shape(key))}, expected {hf_want}")
-                if rule.per_expert:
-                    leaf[e] = t
-                else:
-                    leaf[...] = t
-                del t
+                dest = leaf[e] if rule.per_expert else leaf
+                _copy_rows(reader, key, rule, want, dest)
                 done += 1
             bar.set_postfix_str(f"{done}/{n_tensors} tensors", refresh=False)
             bar.update(leaf.nbytes)
@@ -338,6 +330,38 @@ def iter_params(reader: SafetensorsReader, config, dtype: str, progress: bool = 
             del leaf
     finally:
         bar.close()
+
+
+# bytes of one HF tensor read at a time (a row block), so that a large tensor (an
+# embedding of 0.6 GB) is never held twice
+READ_BYTES = 64 << 20
+
+
+def _copy_rows(reader, key, rule, want, dest):
+    """Copy HF tensor ``key`` (its ``rule.rows`` if fused, transposed if ``rule.transpose``)
+    into ``dest``, ``READ_BYTES`` of rows at a time; ValueError if its shape is not ``want``."""
+    shape = reader.shape(key)
+    lo, hi = rule.rows if rule.rows is not None else (0, shape[0] if shape else 0)
+    got = (max(0, min(hi, shape[0]) - lo),) + tuple(shape[1:]) if shape else ()
+    got = tuple(reversed(got)) if rule.transpose else got
+    if got != tuple(want):
+        part = "" if rule.rows is None else f" rows {rule.rows[0]}:{rule.rows[1]}"
+        hf_want = tuple(reversed(want)) if rule.transpose else tuple(want)
+        raise ValueError(f"tensor {key!r}{part} has shape {tuple(shape)}, expected {hf_want}")
+    if len(shape) < 2:
+        dest[...] = reader.read(key)[lo:hi] if rule.rows is not None else reader.read(key)
+        return
+    sl = reader.slice(key)
+    row_bytes = int(np.prod(shape[1:])) * 4
+    step = max(1, READ_BYTES // max(row_bytes, 1))
+    for a in range(lo, hi, step):
+        b = min(hi, a + step)
+        block = sl[a:b]
+        if rule.transpose:
+            dest[:, a - lo:b - lo] = block.T
+        else:
+            dest[a - lo:b - lo] = block
+        del block
 
 
 def read_params(hf_dir: str, config, dtype: str | None = None, progress: bool = True,
