@@ -332,8 +332,10 @@ def iter_params(reader: SafetensorsReader, config, dtype: str, progress: bool = 
         bar.close()
 
 
-# bytes of one HF tensor read at a time (a row block), so that a large tensor (an
-# embedding of 0.6 GB) is never held twice
+# bytes of one HF tensor copied at a time (a row block of ``safe_open``'s slice).
+# Measured with safetensors 0.8: a slice of the ``pread`` backend still reads the
+# whole tensor transiently, so a tensor can be held twice for an instant (0.6 GB for
+# LLaDA2's embedding); the row blocks keep the transposed copies small.
 READ_BYTES = 64 << 20
 
 
