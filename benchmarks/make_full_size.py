@@ -3,7 +3,7 @@
     python benchmarks/make_full_size.py --model olmoe-1b-7b --out /work/bigscratch/olmoe-hf
 
 Models (``jmoe.config.PRESETS``): ``olmoe-1b-7b`` (allenai/OLMoE-1B-7B-0924, 13.8 GB),
-``llada-moe-7b`` (inclusionAI/LLaDA-MoE-7B-A1B-Instruct, 14.6 GB), ``llada2-mini``
+``llada-moe-7b`` (inclusionAI/LLaDA-MoE-7B-A1B-Instruct, 14.7 GB), ``llada2-mini``
 (inclusionAI/LLaDA2.0-mini, 32.5 GB). Each folder gets:
 
 - ``config.json`` with the preset's published values (``jmoe.hf_keys.hf_config_from``
