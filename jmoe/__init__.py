@@ -3,6 +3,7 @@
 The curated public API; everything else is importable from its module.
 """
 
+from jmoe import compile_cache
 from jmoe.config import LLADA2_MINI, LLADA_MOE_7B, OLMOE_1B_7B, LLaDA2Config, OlmoeConfig
 from jmoe.checkpoint import load
 from jmoe.model import Model, forward, init_params, random_model, shard_model
@@ -17,6 +18,8 @@ __all__ = [
     "Model", "forward", "init_params", "random_model", "shard_model", "load",
     "get_router_logits", "get_routing", "analysis",
     "generate", "GenerateOutput", "AdaptiveExperts",
-    "make_mesh", "sharding", "aot",
+    "make_mesh", "sharding", "aot", "compile_cache",
 ]
 __version__ = "0.1.0"
+
+compile_cache.enable_by_default()

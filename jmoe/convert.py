@@ -17,9 +17,9 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from jmoe.checkpoint import (atomic_dir, check_matches_weights, expected_params, load,
-                             save_checkpoint)
+                             save_checkpoint_streaming)
 from jmoe.config import TOKEN_ID_FIELDS, read_json
-from jmoe.hf import config_from_hf_dir, get_path, read_params, require_folder
+from jmoe.hf import config_from_hf_dir, get_path, iter_params, open_params, require_folder
 from jmoe.hf_keys import hf_config_from, rules_for
 
 # Files besides weights that travel with a checkpoint (tokenizer, generation defaults).
@@ -75,6 +75,13 @@ def hf_to_jmoe(hf_dir: str, out: str, *, dtype: str | None = None, overwrite: bo
     weights' own precision (float32 or bfloat16; float16 weights need ``dtype``).
     ``config_overrides`` must keep every weight's shape (``jmoe.load``'s rule).
 
+    Memory: streamed. Each params leaf is built from its HF tensors (``jmoe.hf.iter_params``)
+    and written in 64 MiB parts with orbax's partial save
+    (``jmoe.checkpoint.save_checkpoint_streaming``): peak resident memory is at most
+    2 GiB plus the largest tensor whatever the model size (measured in
+    ``tests/test_scale_memory.py`` and ``benchmarks/real_scale.py``). The progress bar
+    counts bytes (GB/s) and tensors.
+
     Example:
         hf_to_jmoe("hf/OLMoE-1B-7B-0924", "ckpt/olmoe", dtype="bfloat16")
     """
@@ -83,9 +90,12 @@ def hf_to_jmoe(hf_dir: str, out: str, *, dtype: str | None = None, overwrite: bo
         ids = {k: config_overrides[k] for k in TOKEN_ID_FIELDS if k in config_overrides}
         config = config_from_hf_dir(hf_dir, **ids)
         config = check_matches_weights(config, config_overrides, expected_params(config), hf_dir)
-        params, dtype = read_params(hf_dir, config, dtype, progress)
-        config = config.replace(dtype=dtype)
-        save_checkpoint(tmp, config, params)
+        reader, dtype = open_params(hf_dir, config, dtype)
+        try:  # streamed: one part of the params in memory at a time
+            save_checkpoint_streaming(tmp, config.replace(dtype=dtype),
+                                      iter_params(reader, config, dtype, progress))
+        finally:
+            reader.close()
         copy_side_files(hf_dir, tmp)
         shutil.copyfile(os.path.join(hf_dir, "config.json"), os.path.join(tmp, "hf_config.json"))
     return out

@@ -116,7 +116,9 @@ def _open_safetensors(path: str):
     from safetensors import SafetensorError, safe_open
 
     try:
-        return safe_open(path, framework="numpy")
+        # pread: tensor bytes are read on demand, not mapped; a mapped shard's pages
+        # would stay resident (and count in RSS) until the whole file is closed
+        return safe_open(path, framework="numpy", backend="pread")
     except (SafetensorError, OSError) as e:
         raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
 
@@ -160,6 +162,10 @@ class SafetensorsReader:
 
     def read(self, key: str) -> np.ndarray:
         return self._handle(key).get_tensor(key)
+
+    def slice(self, key: str):
+        """``safe_open``'s lazy slice of ``key``: ``slice(key)[a:b]`` reads rows a:b only."""
+        return self._handle(key).get_slice(key)
 
     def _handle(self, key):
         if key not in self.key_to_file:
@@ -250,18 +256,17 @@ def _set_path(tree: dict, path, value):
     tree[path[-1]] = value
 
 
-def read_params(hf_dir: str, config, dtype: str | None = None, progress: bool = True):
-    """HF folder -> jmoe params (a nested dict of NumPy arrays in ``dtype``).
+def open_params(hf_dir: str, config, dtype: str | None = None) -> tuple[SafetensorsReader, str]:
+    """Check an HF folder's tensors against ``config`` before any weight is read.
 
-    ``dtype`` None keeps the weights' own (``source_dtype``: float32 or bfloat16,
-    else refused); ``"float32"`` or ``"bfloat16"`` converts them. Raises ValueError
-    naming the tensor for a missing, unexpected or mis-shaped tensor. Expected shapes
-    come from ``init_params`` of the config (abstractly).
+    Returns the open reader and the jmoe dtype the weights will have (``dtype``, or
+    None: the weights' own, ``source_dtype``). Raises ValueError naming the tensor for
+    a missing or unexpected tensor, or the dtypes for weights jmoe will not convert
+    unasked. The caller closes the reader.
     """
     reader = SafetensorsReader(hf_dir)
     try:
         rules = rules_for(config)
-        shapes = abstract_params(config)
         wanted = {k for r in rules for k in r.hf_keys(config.num_experts)}
         unexpected = sorted(set(reader.keys()) - wanted - _ignored_keys(config))
         if unexpected:
@@ -277,32 +282,109 @@ def read_params(hf_dir: str, config, dtype: str | None = None, progress: bool = 
         if dtype is None:
             dtype = source_dtype(reader, model_keys, declared_dtype(hf_dir))
         else:  # converted because asked; still only from floating weights
+            np_dtype(dtype)
             for k in model_keys:
                 _dtype_name(reader, k)
-        out_dt = np_dtype(dtype)
-        params: dict = {}
-        bar = tqdm(total=len(rules), desc="converting", unit="tensor", disable=not progress)
+        return reader, dtype
+    except BaseException:
+        reader.close()
+        raise
+
+
+def leaf_nbytes(config, dtype: str) -> int:
+    """Bytes of the whole params tree of ``config`` in ``dtype`` (float32 leaves kept)."""
+    shapes, out_dt = abstract_params(config), np_dtype(dtype)
+    return sum(int(np.prod(get_path(shapes, r.path))) *
+               (4 if r.float32 else out_dt.itemsize) for r in rules_for(config))
+
+
+def iter_params(reader: SafetensorsReader, config, dtype: str, progress: bool = True,
+                desc: str = "converting"):
+    """Yield ``(path, leaf)`` for every jmoe params leaf, one leaf in memory at a time.
+
+    Each leaf (a NumPy array in ``dtype``; float32 for ``Rule.float32`` leaves such as
+    LLaDA2's ``expert_bias``) is allocated once and filled from its HF tensors, read
+    one at a time with ``safe_open`` (per-expert tensors into their slot of the
+    stacked ``[E, ...]`` array). Only the leaf being built and the one HF tensor being
+    copied are held: the caller drops each leaf before asking for the next. The
+    progress bar counts bytes of leaves (GB/s) and tensors. Raises ValueError naming
+    a mis-shaped tensor.
+    """
+    rules = rules_for(config)
+    shapes = abstract_params(config)
+    out_dt = np_dtype(dtype)
+    n_tensors = sum(len(r.hf_keys(config.num_experts)) for r in rules)
+    bar = tqdm(total=leaf_nbytes(config, dtype), desc=desc, unit="B", unit_scale=True,
+               unit_divisor=1024, disable=not progress)
+    done = 0
+    try:
         for rule in rules:
             target = get_path(shapes, rule.path)
             leaf = np.empty(target, np.float32 if rule.float32 else out_dt)
+            want = target[1:] if rule.per_expert else target
             for e, key in enumerate(rule.hf_keys(config.num_experts)):
-                t = reader.read(key)
-                if rule.rows is not None:
-                    t = t[rule.rows[0]:rule.rows[1]]
-                t = t.T if rule.transpose else t
-                want = target[1:] if rule.per_expert else target
-                if tuple(t.shape) != tuple(want):
-                    part = "" if rule.rows is None else f" rows {rule.rows[0]}:{rule.rows[1]}"
-                    hf_want = tuple(reversed(want)) if rule.transpose else tuple(want)
-                    raise ValueError(f"tensor {key!r}{part} has shape "
-                                     f"{tuple(reader.shape(key))}, expected {hf_want}")
-                if rule.per_expert:
-                    leaf[e] = t
-                else:
-                    leaf[...] = t
-            bar.update(1)
-            _set_path(params, rule.path, leaf)
+                dest = leaf[e] if rule.per_expert else leaf
+                _copy_rows(reader, key, rule, want, dest)
+                done += 1
+            bar.set_postfix_str(f"{done}/{n_tensors} tensors", refresh=False)
+            bar.update(leaf.nbytes)
+            yield rule.path, leaf
+            del leaf
+    finally:
         bar.close()
+
+
+# bytes of one HF tensor copied at a time (a row block of ``safe_open``'s slice).
+# Measured with safetensors 0.8: a slice of the ``pread`` backend still reads the
+# whole tensor transiently, so a tensor can be held twice for an instant (0.6 GB for
+# LLaDA2's embedding); the row blocks keep the transposed copies small.
+READ_BYTES = 64 << 20
+
+
+def _copy_rows(reader, key, rule, want, dest):
+    """Copy HF tensor ``key`` (its ``rule.rows`` if fused, transposed if ``rule.transpose``)
+    into ``dest``, ``READ_BYTES`` of rows at a time; ValueError if its shape is not ``want``."""
+    shape = reader.shape(key)
+    lo, hi = rule.rows if rule.rows is not None else (0, shape[0] if shape else 0)
+    got = (max(0, min(hi, shape[0]) - lo),) + tuple(shape[1:]) if shape else ()
+    got = tuple(reversed(got)) if rule.transpose else got
+    if got != tuple(want):
+        part = "" if rule.rows is None else f" rows {rule.rows[0]}:{rule.rows[1]}"
+        hf_want = tuple(reversed(want)) if rule.transpose else tuple(want)
+        raise ValueError(f"tensor {key!r}{part} has shape {tuple(shape)}, expected {hf_want}")
+    if len(shape) < 2:
+        dest[...] = reader.read(key)[lo:hi] if rule.rows is not None else reader.read(key)
+        return
+    sl = reader.slice(key)
+    row_bytes = int(np.prod(shape[1:])) * 4
+    step = max(1, READ_BYTES // max(row_bytes, 1))
+    for a in range(lo, hi, step):
+        b = min(hi, a + step)
+        block = sl[a:b]
+        if rule.transpose:
+            dest[:, a - lo:b - lo] = block.T
+        else:
+            dest[a - lo:b - lo] = block
+        del block
+
+
+def read_params(hf_dir: str, config, dtype: str | None = None, progress: bool = True,
+                place=None):
+    """HF folder -> jmoe params (a nested dict of arrays in ``dtype``).
+
+    ``dtype`` None keeps the weights' own (``source_dtype``: float32 or bfloat16,
+    else refused); ``"float32"`` or ``"bfloat16"`` converts them. ``place``, if given,
+    maps each NumPy leaf as soon as it is read (``jax.device_put``: the NumPy copy is
+    dropped at once, so the tree is never held twice). Raises ValueError naming the
+    tensor for a missing, unexpected or mis-shaped tensor. Expected shapes come from
+    ``init_params`` of the config (abstractly).
+    """
+    reader, dtype = open_params(hf_dir, config, dtype)
+    try:
+        params: dict = {}
+        for path, leaf in iter_params(reader, config, dtype, progress):
+            _set_path(params, path, leaf if place is None else place(leaf))
+            del leaf
         return params, dtype
     finally:
         reader.close()

@@ -10,6 +10,8 @@ import os
 
 # Tests run on CPU in float32; keep XLA from grabbing all cores' worth of threads twice.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# no persistent compilation cache in tests (test_scale_memory checks it in a subprocess)
+os.environ["JMOE_COMPILATION_CACHE"] = "0"
 
 import pytest
 
