@@ -222,26 +222,21 @@ def _forward(args) -> int:
     return 0
 
 
-def _non_negative_int(text: str) -> int:
-    """argparse type: an int >= 0."""
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an int >= 0, got {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"expected an int >= 0, got {v}")
-    return v
+def _int_at_least(least: int, what: str):
+    """argparse type: an int >= ``least`` (a bad value is the parser's one-line error)."""
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if v < least:
+            raise argparse.ArgumentTypeError(f"expected {what} (>= {least}), got {v}")
+        return v
+    return parse
 
 
-def _positive_int(text: str) -> int:
-    """argparse type: an int >= 1 (a bad value is the parser's one-line error)."""
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive int, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive int (>= 1), got {v}")
-    return v
+_positive_int = _int_at_least(1, "a positive int")
+_non_negative_int = _int_at_least(0, "an int")
 
 
 def _shipped_generation() -> str:
