@@ -109,7 +109,7 @@ class Convention:
         raise NotImplementedError
 
     def gate_call(self, predict, candidates_BG, active_B):
-        """Run ``predict(rows_B) -> (x0_BG, conf_BG, pairs)`` on the rows this step
+        """Run ``predict(rows_B) -> (x0_BG, conf_BG, work)`` on the rows this step
         computes; return its results and whether a model call was made."""
         return *predict(active_B), jnp.bool_(True)
 
@@ -255,8 +255,10 @@ class LLaDA2(Convention):
         prompt's) makes no call at all."""
         busy_B = candidates_BG.any(-1)
         b, g = candidates_BG.shape
+        # the rest of predict's results (routed pairs, carried sets) as zeros
+        rest = jax.eval_shape(predict, busy_B)[2:]
         idle = lambda _: (jnp.zeros((b, g), jnp.int32), jnp.full((b, g), -jnp.inf, jnp.float32),
-                          jnp.zeros((), jnp.int32))
+                          *jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), rest))
         return *jax.lax.cond(busy_B.any(), predict, idle, busy_B), busy_B.any()
 
     def reach(self, valid_BL, block, opts):

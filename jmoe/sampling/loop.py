@@ -33,7 +33,7 @@ from jmoe import xla_options
 from jmoe.sampling import budgets as budgets_lib
 from jmoe.sampling import remasking as rm
 from jmoe.sampling import schedules
-from jmoe.sampling.model_call import call_model, new_cache
+from jmoe.sampling.model_call import call_model, new_cache, num_moe_layers
 from jmoe.sampling.state import SamplerOptions, SamplerState
 
 
@@ -56,7 +56,7 @@ def _guide(logits, cfg_scale, opts: SamplerOptions):
 
 
 def model_logits(params, tokens_BL, valid_BL, prompt_BL, budget_BL, cfg_scale, *, config,
-                 opts: SamplerOptions):
+                 opts: SamplerOptions, sets=(None, None)):
     """Logits of the generated region ``[B, G, V]`` and the call's routed pairs.
 
     With guidance both halves (the prompt masked in the second) go through one
@@ -64,13 +64,13 @@ def model_logits(params, tokens_BL, valid_BL, prompt_BL, budget_BL, cfg_scale, *
     """
     tokens_BL, valid_BL, budget_BL = _guided_batch(tokens_BL, valid_BL, prompt_BL, budget_BL,
                                                    opts)
-    logits, pairs, _ = call_model(params, tokens_BL, valid_BL, budget_BL, config=config,
-                                  opts=opts)
-    return _guide(logits[:, -opts.gen_length:], cfg_scale, opts), pairs
+    logits, pairs, _, used = call_model(params, tokens_BL, valid_BL, budget_BL, config=config,
+                                        opts=opts, expert_set=sets[0], refresh_set=sets[1])
+    return _guide(logits[:, -opts.gen_length:], cfg_scale, opts), pairs, used
 
 
 def block_call(params, tokens_BL, valid_BL, prompt_BL, budget_BL, rows_B, cache, block,
-               cfg_scale, *, config, opts: SamplerOptions):
+               cfg_scale, *, config, opts: SamplerOptions, sets=(None, None)):
     """Cached: run the model on block ``block`` only, keys = cache + block.
 
     Only ``rows_B`` are computed (the others are invalid tokens: no expert work, their
@@ -84,9 +84,10 @@ def block_call(params, tokens_BL, valid_BL, prompt_BL, budget_BL, rows_B, cache,
     valid_BK = cut(valid_BL) & rows_B[:, None]
     tok_BK, valid_BK, budget_BK = _guided_batch(cut(tokens_BL), valid_BK, cut(prompt_BL),
                                                 cut(budget_BL), opts)
-    logits, pairs, cache = call_model(params, tok_BK, valid_BK, budget_BK, config=config,
-                                      opts=opts, cache=cache, offset=p0)
-    return _guide(logits, cfg_scale, opts), pairs, cache
+    logits, pairs, cache, used = call_model(params, tok_BK, valid_BK, budget_BK, config=config,
+                                            opts=opts, cache=cache, offset=p0,
+                                            expert_set=sets[0], refresh_set=sets[1])
+    return _guide(logits, cfg_scale, opts), pairs, cache, used
 
 
 def prefill(params, tokens_BL, prompt_BL, budget_BL, cache, *, config, opts: SamplerOptions):
@@ -96,8 +97,8 @@ def prefill(params, tokens_BL, prompt_BL, budget_BL, cache, *, config, opts: Sam
     tok_BP, valid_BP, budget_BP = _guided_batch(
         tokens_BL[:, :p], jnp.ones((tokens_BL.shape[0], p), bool), prompt_BL[:, :p],
         budget_BL[:, :p], opts)
-    _, pairs, cache = call_model(params, tok_BP, valid_BP, budget_BP, config=config,
-                                 opts=opts, cache=cache, offset=0)
+    _, pairs, cache, _ = call_model(params, tok_BP, valid_BP, budget_BP, config=config,
+                                    opts=opts, cache=cache, offset=0)
     return cache, pairs
 
 
@@ -147,24 +148,33 @@ def _predict(s: SamplerState, params, valid_BL, prompt_BL, rows_B, key, knobs, *
     """Sampled tokens, confidences ``[B, G]`` (only the current block matters) and the
     call's routed pairs; only ``rows_B`` are computed."""
     g, b = opts.gen_length, s.tokens_BL.shape[0]
+    # first_step block sets: picked at the block's first call, then the carried ones
+    sets = (s.expert_set, s.step == 0)
     if opts.cached:
         # the step's K/V are dropped: a block's final K/V are stored once, when it ends
-        logits, pairs, _ = block_call(params, s.tokens_BL, valid_BL, prompt_BL, s.budget_BL,
-                                      rows_B, s.cache, s.block, knobs["cfg_scale"],
-                                      config=config, opts=opts)
+        logits, pairs, _, used = block_call(params, s.tokens_BL, valid_BL, prompt_BL,
+                                            s.budget_BL, rows_B, s.cache, s.block,
+                                            knobs["cfg_scale"], config=config, opts=opts,
+                                            sets=sets)
         at = s.block * opts.block_length
         x0_BK, conf_BK = _sample(logits, at + jnp.arange(opts.block_length), s.nfe, key, knobs,
                                  opts)
         x0_BG = jax.lax.dynamic_update_slice_in_dim(jnp.zeros((b, g), jnp.int32), x0_BK, at, 1)
         conf_BG = jax.lax.dynamic_update_slice_in_dim(
             jnp.full((b, g), -jnp.inf, jnp.float32), conf_BK, at, 1)
-        return x0_BG, conf_BG, pairs
+        return x0_BG, conf_BG, (pairs, _carried(used, s))
     call_valid_BL = valid_BL & rows_B[:, None]  # stopped rows cost no expert work
     call_valid_BL = opts.convention.reach(call_valid_BL, s.block, opts)
-    logits, pairs = model_logits(params, s.tokens_BL, call_valid_BL, prompt_BL, s.budget_BL,
-                                 knobs["cfg_scale"], config=config, opts=opts)
+    logits, pairs, used = model_logits(params, s.tokens_BL, call_valid_BL, prompt_BL,
+                                       s.budget_BL, knobs["cfg_scale"], config=config,
+                                       opts=opts, sets=sets)
     x0_BG, conf_BG = _sample(logits, jnp.arange(g), s.nfe, key, knobs, opts)
-    return x0_BG, conf_BG, pairs
+    return x0_BG, conf_BG, (pairs, _carried(used, s))
+
+
+def _carried(used, s: SamplerState):
+    """The sets to carry (first_step), else a placeholder of no size."""
+    return used if s.expert_set is not None else jnp.zeros((0,), bool)
 
 
 def _call(s: SamplerState, params, valid_BL, prompt_BL, cand_BG, key, knobs, *, config,
@@ -185,8 +195,9 @@ def _finish_block(s: SamplerState, params, over, rows_B, tokens_BL, valid_BL, pr
         return s.cache, jnp.zeros((), jnp.int32)
 
     def fill(cache):
-        _, pairs, cache = block_call(params, tokens_BL, valid_BL, prompt_BL, budget_BL, rows_B,
-                                     cache, s.block, cfg_scale, config=config, opts=opts)
+        _, pairs, cache, _ = block_call(params, tokens_BL, valid_BL, prompt_BL, budget_BL,
+                                        rows_B, cache, s.block, cfg_scale, config=config,
+                                        opts=opts, sets=(s.expert_set, jnp.bool_(False)))
         return cache, pairs
 
     return jax.lax.cond(over & rows_B.any(), fill, lambda c: (c, jnp.zeros((), jnp.int32)),
@@ -201,8 +212,11 @@ def step(s: SamplerState, params, valid_BL, prompt_BL, key, knobs, *, config,
     gen_BG = s.tokens_BL[:, -g:]
     window_G = schedules.block_window_G(s.block, opts.block_length, g)
     cand_BG = (gen_BG == opts.mask_id) & window_G & s.active_B[:, None]
-    x0_BG, conf_BG, pairs, called = _call(s, params, valid_BL, prompt_BL, cand_BG, key, knobs,
-                                          config=config, opts=opts)
+    x0_BG, conf_BG, (pairs, used), called = _call(s, params, valid_BL, prompt_BL, cand_BG, key,
+                                                  knobs, config=config, opts=opts)
+    expert_set = s.expert_set
+    if expert_set is not None:
+        expert_set = jnp.where(called, used, expert_set)
 
     sched = schedules.schedule_count(opts.block_length, opts.steps_per_block, s.step)
     n_B = count(conf_BG, cand_BG, jnp.full(cand_BG.shape[:1], sched, jnp.int32),
@@ -239,7 +253,8 @@ def step(s: SamplerState, params, valid_BL, prompt_BL, key, knobs, *, config,
         remask_BG=remask_BG, active_B=active_B,
         block=s.block + over.astype(jnp.int32),
         step=jnp.where(over, 0, s.step + 1),
-        nfe=nfe, work_S=s.work_S.at[slot].add(pairs + fill_pairs), trace=trace, cache=cache)
+        nfe=nfe, work_S=s.work_S.at[slot].add(pairs + fill_pairs), trace=trace, cache=cache,
+        expert_set=expert_set)
 
 
 def initial_state(tokens_BL, prompt_region_BL, *, config, opts: SamplerOptions,
@@ -266,9 +281,15 @@ def initial_state(tokens_BL, prompt_region_BL, *, config, opts: SamplerOptions,
             cache, pairs = prefill(params, tokens_BL, prompt_region_BL, budget_BL, cache,
                                    config=config, opts=opts)
             work_S = work_S.at[0].add(pairs)
+    expert_set = None
+    ad = opts.adaptive
+    if ad and ad.experts_per_block and ad.expert_set == "first_step":
+        rows = 2 * b if opts.guided else b
+        expert_set = jnp.zeros((num_moe_layers(config), rows, config.num_experts), bool)
     return SamplerState(tokens_BL=tokens_BL, budget_BL=budget_BL,
                         remask_BG=jnp.zeros((b, g), jnp.int32), active_B=jnp.ones((b,), bool),
-                        block=zero, step=zero, nfe=zero, work_S=work_S, trace=trace, cache=cache)
+                        block=zero, step=zero, nfe=zero, work_S=work_S, trace=trace, cache=cache,
+                        expert_set=expert_set)
 
 
 @xla_options.jit(static_argnames=("config", "opts"))
