@@ -264,3 +264,78 @@ def test_bad_values_refused_in_one_line():
         jmoe.forward(ec, tokens, experts_per_block=4)
     with pytest.raises(ValueError, match="expert_set='nope': expected one of"):
         jmoe.AdaptiveExperts(experts_per_block=4, expert_set="nope")
+
+
+# -- the sampler: mass and first_step sets against the plain-loop reference --------------------
+
+from sampler_reference import reference_generate  # noqa: E402
+
+from jmoe.sampling import AdaptiveExperts, generate  # noqa: E402
+
+SAMPLER_ROWS = [[5, 17, 42, 8, 9, 60, 11], [23, 7, 4], [70, 71, 72, 73, 74]]
+
+
+@pytest.fixture(scope="module")
+def sampler_model():
+    cfg = olmoe_cfg(vocab_size=97, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                    num_experts=8, num_experts_per_tok=2, moe_intermediate_size=16)
+    m = jmoe.random_model(cfg, seed=0)
+    params = dict(jax.tree.map(lambda p: p * 7.5 if p.ndim >= 2 else p, m.params))
+    params["lm_head"] = params["lm_head"] * 5
+    return m.replace(params=params)
+
+
+SAMPLER_CASES = {
+    "mass_budgets": dict(gen_length=16, block_length=8, steps=8,
+                         adaptive=AdaptiveExperts(initial=1, maximum=3, update_interval=1,
+                                                  experts_per_block=3)),
+    "first_step_blocks": dict(gen_length=16, block_length=8, steps=8,
+                              adaptive=AdaptiveExperts(initial=2, maximum=2, update_interval=1,
+                                                       experts_per_block=3,
+                                                       expert_set="first_step")),
+    "first_step_cfg_threshold": dict(gen_length=16, block_length=8, steps=8, cfg_scale=0.5,
+                                     threshold=0.5,
+                                     adaptive=AdaptiveExperts(
+                                         growth="exponential", initial=1, maximum=4,
+                                         update_interval=2, experts_per_block=4,
+                                         expert_set="first_step")),
+}
+
+
+@pytest.mark.parametrize("name", list(SAMPLER_CASES))
+def test_sampler_sets_match_reference(sampler_model, name):
+    kw = SAMPLER_CASES[name]
+    out = generate(sampler_model, SAMPLER_ROWS, return_trace=True, **kw)
+    ref = reference_generate(sampler_model, SAMPLER_ROWS, mask_id=96, eos_id=3, pad_id=1, **kw)
+    np.testing.assert_array_equal(out.tokens, ref["tokens"])
+    assert out.nfe == ref["nfe"] and out.expert_work == ref["expert_work"]
+    assert out.expert_reads == int(sum(d.sum() for d in ref["trace"]["distinct_experts"]))
+    m = kw["adaptive"].experts_per_block
+    assert max(d.max() for d in ref["trace"]["distinct_experts"]) <= m
+    if kw["adaptive"].expert_set == "first_step":  # one set per block, kept for the block
+        sets, blocks = ref["trace"]["expert_set"], ref["trace"]["block"]
+        for i in range(1, len(sets)):
+            if blocks[i] == blocks[i - 1]:
+                np.testing.assert_array_equal(sets[i], sets[i - 1])
+
+
+def test_sampler_sets_cut_reads_and_full_set_is_exact(sampler_model):
+    kw = dict(gen_length=16, block_length=8, steps=8)
+    ad = dict(initial=2, maximum=2, update_interval=1)
+    plain = generate(sampler_model, SAMPLER_ROWS, adaptive=AdaptiveExperts(**ad), **kw)
+    full = generate(sampler_model, SAMPLER_ROWS,
+                    adaptive=AdaptiveExperts(**ad, experts_per_block=8), **kw)
+    np.testing.assert_array_equal(full.tokens, plain.tokens)
+    assert full.expert_reads == plain.expert_reads
+    few = generate(sampler_model, SAMPLER_ROWS,
+                   adaptive=AdaptiveExperts(**ad, experts_per_block=2), **kw)
+    n_calls_rows_layers = few.nfe * len(SAMPLER_ROWS) * 2
+    assert few.expert_reads <= 2 * n_calls_rows_layers < plain.expert_reads
+
+
+def test_adaptive_defaults_from_the_model():
+    ad = AdaptiveExperts()
+    assert ad.resolved(4, 6) == AdaptiveExperts(initial=2, maximum=4, update_interval=1)
+    assert ad.resolved(8, 32) == AdaptiveExperts(initial=4, maximum=8, update_interval=4)
+    assert AdaptiveExperts(growth="exponential", initial=1).resolved(8, 32).update_interval == 5
+    assert AdaptiveExperts(initial=6).resolved(4, 6).maximum == 6

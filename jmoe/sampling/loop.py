@@ -146,7 +146,7 @@ def _sample(logits, positions_G, nfe, key, knobs, opts: SamplerOptions):
 def _predict(s: SamplerState, params, valid_BL, prompt_BL, rows_B, key, knobs, *, config,
              opts: SamplerOptions):
     """Sampled tokens, confidences ``[B, G]`` (only the current block matters) and the
-    call's routed pairs; only ``rows_B`` are computed."""
+    call's work (routed pairs, expert reads) and carried sets; only ``rows_B`` are computed."""
     g, b = opts.gen_length, s.tokens_BL.shape[0]
     # first_step block sets: picked at the block's first call, then the carried ones
     sets = (s.expert_set, s.step == 0)
@@ -192,7 +192,7 @@ def _finish_block(s: SamplerState, params, over, rows_B, tokens_BL, valid_BL, pr
     for the rows that go on (``rows_B``) and have real tokens there (prompt-only
     blocks included); the others' are never read."""
     if not opts.cached:
-        return s.cache, jnp.zeros((), jnp.int32)
+        return s.cache, jnp.zeros((2,), jnp.int32)
 
     def fill(cache):
         _, pairs, cache, _ = block_call(params, tokens_BL, valid_BL, prompt_BL, budget_BL,
@@ -200,7 +200,7 @@ def _finish_block(s: SamplerState, params, over, rows_B, tokens_BL, valid_BL, pr
                                         opts=opts, sets=(s.expert_set, jnp.bool_(False)))
         return cache, pairs
 
-    return jax.lax.cond(over & rows_B.any(), fill, lambda c: (c, jnp.zeros((), jnp.int32)),
+    return jax.lax.cond(over & rows_B.any(), fill, lambda c: (c, jnp.zeros((2,), jnp.int32)),
                         s.cache)
 
 
@@ -272,7 +272,7 @@ def initial_state(tokens_BL, prompt_region_BL, *, config, opts: SamplerOptions,
                  "remask_SBG": jnp.zeros((n, b, g), jnp.int32),
                  "block_S": jnp.zeros((n,), jnp.int32)}
     zero = jnp.zeros((), jnp.int32)
-    work_S = jnp.zeros((n,), jnp.int32)
+    work_S = jnp.zeros((n, 2), jnp.int32)
     cache = None
     if opts.cached:
         # guidance: the prompt-masked copies get their own K/V rows, after the B rows

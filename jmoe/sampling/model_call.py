@@ -34,7 +34,9 @@ def num_moe_layers(config) -> int:
 
 def call_model(params, tokens_BL, valid_BL, budget_BL, *, config, opts, cache=None,
                offset=None, expert_set=None, refresh_set=None):
-    """One model call: ``(logits_BLV float32, routed_pairs int32 scalar, cache, expert_set)``.
+    """One model call: ``(logits_BLV float32, work int32 [2], cache, expert_set)``; ``work``
+    holds the call's routed pairs and its expert reads (distinct experts with rows,
+    summed over the MoE layers and the call's rows).
 
     ``valid_BL`` marks real tokens (invalid ones cost no expert work; their logits are
     garbage). ``budget_BL`` holds per-position expert budgets, used only with
@@ -60,8 +62,9 @@ def call_model(params, tokens_BL, valid_BL, budget_BL, *, config, opts, cache=No
         cache = cache.replace(length=jnp.asarray(offset, jnp.int32))
     logits, aux, cache = model_lib.apply(config, params, tokens_BL, valid_BL=valid_BL,
                                          budgets=budgets, cache=cache)
-    return (logits, jnp.asarray(aux["routed_pairs"]).sum().astype(jnp.int32), cache,
-            aux.get("expert_set"))
+    work = jnp.stack([jnp.asarray(aux["routed_pairs"]).sum(),
+                      jnp.asarray(aux["distinct_experts"]).sum()]).astype(jnp.int32)
+    return logits, work, cache, aux.get("expert_set")
 
 
 def new_cache(config, batch: int, length: int) -> KVCache:
