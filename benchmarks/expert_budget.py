@@ -9,8 +9,8 @@ Run: python benchmarks/expert_budget.py [--n 400] [--part shipped|shapes|all] [-
    n_moe)``: the experts whose weights a batch-1 step reads), for fixed k = 1..top-k,
    adaptive budgets (linear / exponential from 1 and 2; the update interval derived
    from the steps), the derived defaults (``AdaptiveExperts()``), and block sets
-   ``M`` in {E/8, E/4, 3E/8, E/2} under the ``mass`` and ``first_step`` rules (budgets:
-   the defaults, capped at M).
+   ``M`` in {E/8, E/4, 3E/8, E/2} under the ``mass``, ``first_step`` and ``topk_mass``
+   rules (budgets: the defaults, or fixed top-k; capped at M).
 2. ``shapes``: random models shaped like LLaDA-MoE-7B (E=64, top-8, softmax) and
    LLaDA2-mini (E=256, top-8, 8 groups / top-4 groups, sigmoid, one shared expert),
    one MoE layer, on one 32-token block (a cached LLaDA2 block call, or one LLaDA-MoE
@@ -50,7 +50,7 @@ def shipped(n: int, seed: int):
     runs += [(f"adaptive {g} from {i}", A(growth=g, initial=i))
              for g in ("linear", "exponential") for i in (1, 2)]
     runs += [("adaptive defaults", A())]
-    for rule in ("mass", "first_step"):
+    for rule in ("mass", "first_step", "topk_mass"):
         for m in sorted({max(1, e // 8), e // 4, 3 * e // 8, e // 2}):
             if m < k:  # the budgets must fit the set: top-k capped at M
                 runs.append((f"sets {rule} M={m}, k={m}",

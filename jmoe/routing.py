@@ -179,7 +179,7 @@ def make_budget(config, experts_per_token=None, max_experts=None,
     return budget if m is None else budget.replace(experts_per_block=m)
 
 
-EXPERT_SETS = ("mass", "first_step")
+EXPERT_SETS = ("mass", "first_step", "topk_mass")
 
 
 def check_expert_set(config, experts_per_block, expert_set: str = "mass",
@@ -226,6 +226,19 @@ def mass_set(scores_BLE, valid_BL, m: int):
     return jnp.zeros((b, e), bool).at[jnp.arange(b)[:, None], ids_BM].set(True)
 
 
+def topk_mass_set(scores_BLE, valid_BL, m: int, k: int):
+    """The ``topk_mass`` rule: per sequence, the ``m`` experts with the largest sum of the
+    scores that put them in a valid token's own top-``k`` (each token votes for its
+    unrestricted top-k with its scores; ties: the lower id). Returns bool ``[B, E]``."""
+    b, l, e = scores_BLE.shape
+    top_v, top_i = jax.lax.top_k(scores_BLE, k)
+    top_v = jnp.where(valid_BL[..., None], top_v, 0.0)
+    mass_BE = jnp.zeros((b, e), jnp.float32).at[
+        jnp.arange(b)[:, None, None], top_i].add(top_v)
+    _, ids_BM = jax.lax.top_k(mass_BE, m)
+    return jnp.zeros((b, e), bool).at[jnp.arange(b)[:, None], ids_BM].set(True)
+
+
 def block_expert_set(config, logits_BLE, params, valid_BL, budget: Budget):
     """The experts each sequence may use in this call, bool ``[B, E]`` (None: all).
 
@@ -234,13 +247,21 @@ def block_expert_set(config, logits_BLE, params, valid_BL, budget: Budget):
       ``mass``        every call picks the ``M`` experts with the largest summed router
                       score over the call's valid tokens of that sequence (``mass_set``);
       ``first_step``  the set is picked by ``mass`` at a block's first step and then
-                      given back (``budget.expert_set``) for the block's later steps.
-    Given sets are used where ``budget.refresh_set`` is False, else ``mass`` picks.
+                      given back (``budget.expert_set``) for the block's later steps;
+      ``topk_mass``   every call picks the ``M`` experts with the largest score summed
+                      over the tokens that rank them in their own top-k (the call's
+                      ``bound``; ``topk_mass_set``): a vote of the tokens' preferred
+                      experts rather than of their whole score distributions.
+    Given sets are used where ``budget.refresh_set`` is False, else the rule picks.
     """
     m = budget.experts_per_block
     if m is None:
         return None
-    fresh_BE = mass_set(set_scores(config, logits_BLE, params), valid_BL, m)
+    scores_BLE = set_scores(config, logits_BLE, params)
+    if budget.expert_set_rule == "topk_mass":
+        fresh_BE = topk_mass_set(scores_BLE, valid_BL, m, budget.bound)
+    else:
+        fresh_BE = mass_set(scores_BLE, valid_BL, m)
     if budget.expert_set is None:
         return fresh_BE
     given_BE = jnp.asarray(budget.expert_set, bool)

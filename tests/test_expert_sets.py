@@ -151,6 +151,35 @@ def test_llada2_restricted_routing_matches_reference(m):
     assert_same_routes(routes(r, 2, 10), want)
 
 
+def ref_topk_mass_set(scores_BLE, valid_BL, m, k):
+    b, l, e = scores_BLE.shape
+    mass = np.zeros((b, e))
+    for i, j in zip(*np.nonzero(valid_BL)):
+        top = np.argsort(-scores_BLE[i, j], kind="stable")[:k]
+        mass[i, top] += scores_BLE[i, j, top]
+    allowed = np.zeros((b, e), bool)
+    for i in range(b):
+        allowed[i, np.argsort(-mass[i], kind="stable")[:m]] = True
+    return allowed
+
+
+@pytest.mark.parametrize("family", ["olmoe", "llada2"])
+def test_topk_mass_rule_matches_reference(family):
+    logits, valid, _, rng = case(seed=5)
+    if family == "olmoe":
+        cfg, params, scores = olmoe_cfg(), {}, softmax64(logits)
+    else:
+        bias = rng.normal(size=(16,)) * 0.3
+        cfg, params = llada2_cfg(), {"expert_bias": jnp.asarray(bias, jnp.float32)}
+        scores = sigmoid64(logits) + bias
+    bud = Budget(None, 3, experts_per_block=4, expert_set_rule="topk_mass")
+    got = routing.block_expert_set(cfg, jnp.asarray(logits, jnp.float32), params,
+                                   jnp.asarray(valid), bud)
+    want = ref_topk_mass_set(scores, valid, 4, 3)
+    np.testing.assert_array_equal(np.asarray(got), want)
+    assert not (want == ref_mass_set(scores, valid, 4)).all()  # the two rules differ here
+
+
 def test_given_sets_and_refresh():
     """``first_step``'s carry: a given set is used where refresh is False, mass picks
     where it is True."""
@@ -339,3 +368,27 @@ def test_adaptive_defaults_from_the_model():
     assert ad.resolved(8, 32) == AdaptiveExperts(initial=4, maximum=8, update_interval=4)
     assert AdaptiveExperts(growth="exponential", initial=1).resolved(8, 32).update_interval == 5
     assert AdaptiveExperts(initial=6).resolved(4, 6).maximum == 6
+
+
+def test_llada2_cached_generation_with_sets():
+    """The K/V cache (LLaDA2, block-causal): M = E is exact, first_step sets bound the
+    experts every call reads (prefill, steps and block fills)."""
+    cfg = llada2_cfg(num_experts=8, num_experts_per_tok=2, n_group=4, topk_group=2,
+                     hidden_size=32, num_layers=3, attention_block_length=4,
+                     moe_backend="auto")
+    model = jmoe.random_model(cfg, seed=1)
+    model = model.replace(params=jax.tree.map(lambda p: p * 7.5 if p.ndim >= 2 else p,
+                                              model.params))
+    rows = [[5, 17, 42, 8, 9, 60], [23, 7, 4, 50, 2, 31, 11, 12]]
+    kw = dict(gen_length=8, block_length=4, steps=4, cache=True)
+    ad = dict(initial=2, maximum=2, update_interval=1)
+    plain = generate(model, rows, adaptive=AdaptiveExperts(**ad), **kw)
+    full = generate(model, rows, adaptive=AdaptiveExperts(**ad, experts_per_block=8,
+                                                          expert_set="first_step"), **kw)
+    np.testing.assert_array_equal(full.tokens, plain.tokens)
+    assert full.expert_reads == plain.expert_reads and full.nfe == plain.nfe
+    few = generate(model, rows, adaptive=AdaptiveExperts(**ad, experts_per_block=2,
+                                                         expert_set="first_step"), **kw)
+    calls = few.nfe + 1 + 4  # steps, the prefill, at most one fill per block of the canvas
+    assert few.expert_reads <= 2 * 2 * len(rows) * calls
+    assert few.expert_reads < plain.expert_reads

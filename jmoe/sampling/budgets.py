@@ -19,7 +19,8 @@ Block expert sets (``experts_per_block``, ``expert_set``): each model call's rou
 is restricted, per MoE layer and sequence, to at most M experts
 (``jmoe.routing.block_expert_set``); ``"mass"`` picks them anew at every call,
 ``"first_step"`` at a block's first call and keeps them for the block (the sampler
-carries them in its state).
+carries them in its state), ``"topk_mass"`` anew at every call from the tokens' own
+top-k votes.
 """
 
 from __future__ import annotations
@@ -58,10 +59,13 @@ class AdaptiveExperts:
             (``jmoe.routing.block_expert_set``), so a memory-bound step reads at most
             M experts' weights per layer instead of up to E. Token choice only.
         expert_set: the set rule, ``"mass"`` (default: every call, the M experts with
-            the largest router score summed over the call's tokens) or
+            the largest router score summed over the call's tokens),
             ``"first_step"`` (picked by mass at a block's first call, kept for the
             block; after TEAM's observation that routing changes little across
-            denoising steps).
+            denoising steps) or ``"topk_mass"`` (every call, the M experts with the
+            largest score summed over the tokens that rank them in their own top-k;
+            the most accurate of the three on the shipped model,
+            benchmarks/expert_budget.py).
 
     Raises ValueError (one line, naming the value and the range) on a bad field
     here, and on ``maximum`` or ``experts_per_block`` outside the model's range when
