@@ -208,7 +208,7 @@ def moe_oracle(x_BLD, params, routes_, b, l):
     return y
 
 
-@pytest.mark.parametrize("backend", ["dense", "bucketed", "ragged", "cpu_gmm"])
+@pytest.mark.parametrize("backend", ["dense", "bucketed", "ragged", "cpu_gmm", "pallas"])
 def test_moe_layer_with_sets_matches_oracle(backend):
     cfg = olmoe_cfg(moe_backend=backend, norm_topk_prob=True)
     rng = np.random.default_rng(3)
@@ -293,6 +293,11 @@ def test_bad_values_refused_in_one_line():
         jmoe.forward(ec, tokens, experts_per_block=4)
     with pytest.raises(ValueError, match="expert_set='nope': expected one of"):
         jmoe.AdaptiveExperts(experts_per_block=4, expert_set="nope")
+    with pytest.raises(ValueError, match=r"experts_per_block=1: expected an int in top-k=2"):
+        jmoe.generate(model, [[1, 2, 3]], gen_length=4,
+                      adaptive=jmoe.AdaptiveExperts(experts_per_block=1))
+    with pytest.raises(ValueError, match=r"experts_per_block=3: expected an int >= maximum=4"):
+        jmoe.AdaptiveExperts(maximum=4, experts_per_block=3)
 
 
 # -- the sampler: mass and first_step sets against the plain-loop reference --------------------
