@@ -8,7 +8,8 @@ Run: python benchmarks/expert_budget.py [--n 400] [--part shipped|shapes|all] [-
    experts per MoE layer per model call per sequence (``expert_reads / (nfe * n *
    n_moe)``: the experts whose weights a batch-1 step reads), for fixed k = 1..top-k,
    adaptive budgets (linear / exponential from 1 and 2; the update interval derived
-   from the steps), the derived defaults (``AdaptiveExperts()``), and block sets
+   from the steps), the derived defaults (``AdaptiveExperts()``), linear budgets capped
+   one below top-k, and block sets
    ``M`` in {E/8, E/4, 3E/8, E/2} under the ``mass``, ``first_step`` and ``topk_mass``
    rules (budgets: the defaults, or fixed top-k; capped at M).
 2. ``shapes``: random models shaped like LLaDA-MoE-7B (E=64, top-8, softmax) and
@@ -50,6 +51,8 @@ def shipped(n: int, seed: int):
     runs += [(f"adaptive {g} from {i}", A(growth=g, initial=i))
              for g in ("linear", "exponential") for i in (1, 2)]
     runs += [("adaptive defaults", A())]
+    runs += [(f"adaptive linear {i} to {k - 1}", A(initial=i, maximum=k - 1))
+             for i in (1, 2) if k > 2]
     for rule in ("mass", "first_step", "topk_mass"):
         for m in sorted({max(1, e // 8), e // 4, 3 * e // 8, e // 2}):
             if m < k:  # the budgets must fit the set: top-k capped at M
