@@ -63,9 +63,9 @@ class AdaptiveExperts:
             ``"first_step"`` (picked by mass at a block's first call, kept for the
             block; after TEAM's observation that routing changes little across
             denoising steps) or ``"topk_mass"`` (every call, the M experts with the
-            largest score summed over the tokens that rank them in their own top-k;
-            the most accurate of the three on the shipped model,
-            benchmarks/expert_budget.py).
+            largest score summed over the tokens that rank them in their own top-k).
+            On the shipped model the three are within a point of each other at
+            M >= 3E/8 (benchmarks/RESULTS.md).
 
     Raises ValueError (one line, naming the value and the range) on a bad field
     here, and on ``maximum`` or ``experts_per_block`` outside the model's range when
