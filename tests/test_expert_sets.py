@@ -397,3 +397,51 @@ def test_llada2_cached_generation_with_sets():
     calls = few.nfe + 1 + 4  # steps, the prefill, at most one fill per block of the canvas
     assert few.expert_reads <= 2 * 2 * len(rows) * calls
     assert few.expert_reads < plain.expert_reads
+
+
+# -- sets with the caches and decoders of issue 15 (threaded through the same step) -----------
+
+@pytest.mark.parametrize("cache, rule", [("prefix", "mass"), ("dual", "first_step")])
+def test_approximate_caches_with_sets(sampler_model, cache, rule):
+    """Fast-dLLM's caches: with ``cache_refresh=1`` every call runs the whole canvas, so a
+    run with sets is the uncached run with the same sets (tokens, calls, work, reads);
+    without refresh the window calls read at most M experts per layer and row."""
+    kw = dict(gen_length=16, block_length=8, steps=8, early_stop=False,
+              adaptive=AdaptiveExperts(initial=1, maximum=2, update_interval=1,
+                                       experts_per_block=3, expert_set=rule))
+    base = generate(sampler_model, SAMPLER_ROWS, cache=False, **kw)
+    got = generate(sampler_model, SAMPLER_ROWS, cache=cache, cache_refresh=1, **kw)
+    np.testing.assert_array_equal(got.tokens, base.tokens)
+    assert (got.nfe, got.expert_work, got.expert_reads) == \
+        (base.nfe, base.expert_work, base.expert_reads)
+    stale = generate(sampler_model, SAMPLER_ROWS, cache=cache, **kw)
+    assert 0 < stale.expert_reads <= 3 * stale.nfe * len(SAMPLER_ROWS) * 2
+
+
+def test_llada2_idle_blocks_decoder_and_sets():
+    """LLaDA2 rows of mixed lengths (a block with no row's masks makes no call: its work and
+    sets are zeros, the decoder's carry passes through) under the credit decoder, cached
+    and not: M = E is the run without sets, first_step sets bound every call's reads."""
+    cfg = llada2_cfg(num_experts=8, num_experts_per_tok=2, n_group=4, topk_group=2,
+                     hidden_size=32, num_layers=3, attention_block_length=4,
+                     moe_backend="auto")
+    model = jmoe.random_model(cfg, seed=1)
+    model = model.replace(params=jax.tree.map(lambda p: p * 7.5 if p.ndim >= 2 else p,
+                                              model.params))
+    rows = [[5, 17, 42], list(range(30, 51))]  # regions in blocks 0-2 and 5-6
+    ad = dict(initial=2, maximum=2, update_interval=1)
+    for cache in (False, True):
+        kw = dict(gen_length=6, block_length=4, steps=3, cache=cache, decoder="credit",
+                  threshold=0.6, return_trace=True)
+        plain = generate(model, rows, adaptive=AdaptiveExperts(**ad), **kw)
+        full = generate(model, rows, adaptive=AdaptiveExperts(**ad, experts_per_block=8,
+                                                              expert_set="first_step"), **kw)
+        np.testing.assert_array_equal(full.tokens, plain.tokens)
+        assert (full.nfe, full.expert_work, full.expert_reads) == \
+            (plain.nfe, plain.expert_work, plain.expert_reads)
+        assert not {3, 4} & set(np.asarray(full.trace["block"]).tolist())  # no calls
+        few = generate(model, rows, adaptive=AdaptiveExperts(**ad, experts_per_block=2,
+                                                             expert_set="first_step"), **kw)
+        calls = few.nfe + (1 + 7 if cache else 0)  # steps, the prefill, block fills
+        assert few.expert_reads <= 2 * 2 * len(rows) * calls
+        assert few.expert_reads < plain.expert_reads

@@ -272,17 +272,19 @@ def _call(s: SamplerState, params, valid_BL, prompt_BL, cand_BG, calls_BG, key, 
 
 
 def _finish_block(s: SamplerState, params, over, rows_B, tokens_BL, valid_BL, prompt_BL,
-                  budget_BL, cfg_scale, *, config, opts: SamplerOptions):
+                  budget_BL, cfg_scale, *, config, opts: SamplerOptions,
+                  refresh_set=jnp.bool_(False)):
     """Cached: at a block's end, K/V of its final tokens go into the cache once,
     for the rows that go on (``rows_B``) and have real tokens there (prompt-only
-    blocks included); the others' are never read."""
+    blocks included); the others' are never read. First_step sets: ``s.expert_set``
+    (the block's), or picked anew where ``refresh_set`` (a block that made no call)."""
     if not opts.cached:
         return s.cache, jnp.zeros((2,), jnp.int32)
 
     def fill(cache):
         _, pairs, cache, _ = block_call(params, tokens_BL, valid_BL, prompt_BL, budget_BL,
                                         rows_B, cache, s.block, cfg_scale, config=config,
-                                        opts=opts, sets=(s.expert_set, jnp.bool_(False)))
+                                        opts=opts, sets=(s.expert_set, refresh_set))
         return cache, pairs
 
     return jax.lax.cond(over & rows_B.any(), fill, lambda c: (c, jnp.zeros((2,), jnp.int32)),
@@ -331,9 +333,13 @@ def step(s: SamplerState, params, valid_BL, prompt_BL, key, knobs, *, config,
     budget_BL = s.budget_BL.at[:, -g:].set(budget_BG)
     stopped_gen_BG, stopped_active_B = _early_stop(opts, gen_BG, s.active_B, s.block, fixed_BG)
     stopped_active_B = opts.convention.rows_done(stopped_gen_BG, stopped_active_B, opts)
-    cache, fill_pairs = _finish_block(s, params, over, stopped_active_B, tokens_BL, valid_BL,
-                                      prompt_BL, budget_BL, knobs["cfg_scale"], config=config,
-                                      opts=opts)
+    # the fill uses the sets of the block's first call (this step's when the block ends at
+    # its first step); a block without any call (llada2: no row has a mask there) picks its
+    # own from the fill's tokens
+    cache, fill_pairs = _finish_block(s.replace(expert_set=expert_set), params, over,
+                                      stopped_active_B, tokens_BL, valid_BL, prompt_BL,
+                                      budget_BL, knobs["cfg_scale"], config=config, opts=opts,
+                                      refresh_set=~called & (s.step == 0))
     gen_BG = jnp.where(over, stopped_gen_BG, gen_BG)
     active_B = jnp.where(over, stopped_active_B, s.active_B)
     # a call-less step (an empty block) books its block fill on the previous call
