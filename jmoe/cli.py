@@ -41,7 +41,9 @@ def _adaptive(args):
 
     return jmoe.AdaptiveExperts(growth=args.adaptive, initial=args.adaptive_initial,
                                 maximum=args.adaptive_maximum,
-                                update_interval=args.update_interval)
+                                update_interval=args.update_interval,
+                                experts_per_block=args.experts_per_block,
+                                expert_set=args.expert_set)
 
 
 def _show_steps(out, model, animate: bool, delay: float = 0.08) -> None:
@@ -325,13 +327,19 @@ def _add_sampler_options(g) -> None:
     g.add_argument("--adaptive", choices=("linear", "exponential"),
                    help="adaptive per-token expert budgets with this growth (default: off, "
                    "the model's top-k everywhere)")
-    g.add_argument("--adaptive-initial", type=_positive_int, default=1,
-                   help="initial budget with --adaptive (default: %(default)s)")
-    g.add_argument("--adaptive-maximum", type=_positive_int, default=8,
+    g.add_argument("--adaptive-initial", type=_positive_int,
+                   help="initial budget with --adaptive (default: half the maximum, >= 1)")
+    g.add_argument("--adaptive-maximum", type=_positive_int,
                    help="maximum budget with --adaptive, at most the model's experts "
-                   "(default: %(default)s)")
-    g.add_argument("--update-interval", type=_positive_int, default=8,
-                   help="model calls between growths with --adaptive (default: %(default)s)")
+                   "(default: the model's top-k)")
+    g.add_argument("--update-interval", type=_positive_int,
+                   help="model calls between growths with --adaptive (default: from the "
+                   "steps per block, so a masked position reaches the maximum by mid-block)")
+    g.add_argument("--experts-per-block", type=_positive_int,
+                   help="block expert sets with --adaptive: at most this many distinct "
+                   "experts per layer and sequence in each model call (default: off)")
+    g.add_argument("--expert-set", choices=("mass", "first_step", "topk_mass"), default="mass",
+                   help="the block set rule with --experts-per-block (default: %(default)s)")
     g.add_argument("--mask-id", type=int, help="mask token id (default: the model's "
                    "mask_token_id)")
     g.add_argument("--eos-id", type=int, help="EOS token id (default: the model's "

@@ -132,7 +132,8 @@ def apply(config, params, tokens_BL, *, valid_BL, budgets: routing_lib.Budget | 
     Returns:
         ``(logits_BLV, aux, cache)``: logits float32 ``[B, L, V]``; aux holds
         ``expert_counts [n_moe, E]``, ``routed_pairs`` (a scalar),
-        ``unrouted_tokens [n_moe]``, ``load_balancing_loss``, ``ep_dropped`` when
+        ``unrouted_tokens [n_moe]``, ``distinct_experts [n_moe, B]``,
+        ``expert_set [n_moe, B, E]`` with block expert sets, ``load_balancing_loss``, ``ep_dropped`` when
         expert-parallel, and with ``capture`` ``router_logits [n_moe, B, L, E]``,
         ``expert_ids`` and ``expert_weights`` ``[n_moe, B, L, K]``; the cache with
         ``length + L`` (keep it to commit the call's tokens) or None without one.
@@ -156,9 +157,12 @@ def apply(config, params, tokens_BL, *, valid_BL, budgets: routing_lib.Budget | 
         "expert_counts": layer_aux["expert_counts"],
         "routed_pairs": layer_aux["routed_pairs"].sum(),
         "unrouted_tokens": layer_aux["unrouted_tokens"],
+        "distinct_experts": layer_aux["distinct_experts"],
         "load_balancing_loss": routing_lib.load_balancing_loss(layer_aux["lb_f"],
                                                                layer_aux["lb_p"]),
     }
+    if "expert_set" in layer_aux:  # block expert sets
+        aux["expert_set"] = layer_aux["expert_set"]
     if "ep_dropped" in layer_aux:  # expert-parallel capacity mode: assignments dropped
         aux["ep_dropped"] = layer_aux["ep_dropped"].sum()
     if capture:
@@ -226,7 +230,7 @@ def _forward(params, tokens_BL, valid_BL, budget, *, config, capture):
 
 
 def forward(model: Model, tokens_BL, *, attention_mask=None, experts_per_token=None,
-            max_experts=None, capture_router_logits=False):
+            max_experts=None, experts_per_block=None, capture_router_logits=False):
     """Logits ``[B, L, V]`` (float32) and an aux dict, from one compiled call.
 
     Compiled once per config, input shapes, budget form and capture flag (jmoe's jit,
@@ -255,6 +259,12 @@ def forward(model: Model, tokens_BL, *, attention_mask=None, experts_per_token=N
             ``expert_ids``). None: the model's top-k, or k for an int k. Given with an
             int k, k becomes a masked budget under bound ``max_experts``; given alone,
             every token takes ``max_experts`` experts (expert choice: the capacity's k).
+        experts_per_block: None (default: unrestricted) or an int M in
+            ``K..E`` (K: the call's top-k bound): a block expert set per MoE layer and
+            sequence, the M experts with the largest router score summed over the
+            sequence's real tokens (``jmoe.routing.block_expert_set``, rule
+            ``mass``); every token then takes its top-k (its budget) within the set,
+            weighted by the model's own rule. Token choice only.
         capture_router_logits: bool, default False: also return the router's logits
             and choices in aux.
 
@@ -286,7 +296,8 @@ def forward(model: Model, tokens_BL, *, attention_mask=None, experts_per_token=N
             1 or above ``max_experts``, or an int above E; per-token budgets (an
             array, or an int with ``max_experts``) under ``routing="expert_choice"``;
             an array of budgets not a scalar nor broadcastable to ``[B, L]``;
-            ``moe_backend="cpu_gmm"`` on a platform other than CPU.
+            ``experts_per_block`` not an int in ``K..E`` or given under expert
+            choice; ``moe_backend="cpu_gmm"`` on a platform other than CPU.
         RuntimeError: ``moe_backend="cpu_gmm"`` set explicitly and jmoe's CPU kernels
             cannot be built here (with the compiler's message).
 
@@ -298,7 +309,8 @@ def forward(model: Model, tokens_BL, *, attention_mask=None, experts_per_token=N
     tokens = _check_tokens(config, tokens_BL)
     valid = _check_mask(attention_mask, tokens.shape)
     budget = routing_lib.make_budget(config, experts_per_token, max_experts,
-                                     shape_BL=tuple(tokens.shape))
+                                     shape_BL=tuple(tokens.shape),
+                                     experts_per_block=experts_per_block)
     logits, aux = _forward(model.params, jnp.asarray(tokens, jnp.int32), valid, budget,
                            config=config, capture=bool(capture_router_logits))
     aux["moe_backend"] = resolve_backend(config.moe_backend, config.dtype, config.platform)

@@ -350,10 +350,35 @@ def data_parallel_experts(config, x_BLD, r: routing_lib.Routing, weights):
         r.weight_A.reshape(b, l * k), *weights)
 
 
+def distinct_experts(r: routing_lib.Routing, b: int):
+    """Distinct experts with at least one live assignment in each of the ``b`` sequences
+    (tokens ``T = b * L`` in order), int32 ``[B]``."""
+    e, l = r.num_experts, r.num_tokens // b
+    used = jnp.zeros((b, e + 1), bool).at[r.token_A // l, r.expert_A].set(True)
+    return used[:, :e].sum(-1).astype(jnp.int32)
+
+
+def gather_set(r: routing_lib.Routing, allowed_BE, experts_per_block: int, weights):
+    """Compact a routing and the expert weights to the union of the block sets.
+
+    ``U = min(E, B * M)`` slots (static) hold the union's expert ids in increasing
+    order (then experts no sequence may use, which get no rows); returns the routing
+    over ``U`` experts and the weights gathered to ``[U, ...]``, so the backend reads
+    only those experts' weights.
+    """
+    e = r.num_experts
+    u = min(e, allowed_BE.shape[0] * experts_per_block)
+    ids_U = jnp.argsort(jnp.where(allowed_BE.any(0), 0, 1), stable=True)[:u].astype(jnp.int32)
+    pos = jnp.full((e + 1,), u, jnp.int32).at[ids_U].set(jnp.arange(u, dtype=jnp.int32))
+    r_u = r.replace(expert_A=pos[r.expert_A], num_experts=u)
+    return r_u, tuple(w[ids_U] for w in weights)
+
+
 def layer_aux(r: routing_lib.Routing, logits_BLE, valid_BL, top_k: int,
               platform: str | None = None) -> dict:
     """One MoE layer's aux: router logits ``[B, L, E]``, chosen ids/weights ``[B, L, K]``,
-    expert counts ``[E]``, routed pairs, unrouted tokens, load-balancing stats."""
+    expert counts ``[E]``, routed pairs, unrouted tokens, load-balancing stats, distinct
+    experts per sequence ``[B]``."""
     b, l, e = logits_BLE.shape
     valid_T = valid_BL.reshape(-1)
     logits_TE = logits_BLE.reshape(b * l, e)
@@ -365,6 +390,7 @@ def layer_aux(r: routing_lib.Routing, logits_BLE, valid_BL, top_k: int,
         "expert_counts": r.expert_counts(),
         "routed_pairs": r.live_A.sum(),
         "unrouted_tokens": r.unrouted_tokens(valid_T),
+        "distinct_experts": distinct_experts(r, b),
     }
     aux["lb_f"], aux["lb_p"] = routing_lib.load_balancing_stats(logits_TE, top_k, valid_T,
                                                                 platform)
@@ -375,7 +401,12 @@ class MoE(nn.Module):
     """The MoE of one decoder layer: route -> experts (backend) -> combine, plus the
     always-on shared experts (``config.num_shared_experts``), for every family.
 
-    ``__call__(x_BLD, valid_BL, budget) -> (y_BLD, aux)``. The router is the family's
+    ``__call__(x_BLD, valid_BL, budget) -> (y_BLD, aux)``. With
+    ``budget.experts_per_block`` each sequence's tokens route within its block expert
+    set (``routing.block_expert_set``, reported as ``aux["expert_set"]``); the dense,
+    bucketed, ragged and pallas backends then run on the set's weights only
+    (``gather_set``; when ``B * M < E``), cpu_gmm reads only experts with rows anyway.
+    The router is the family's
     (``config.router``, ``jmoe.routing.ROUTERS``) under ``config.routing``, in float32,
     run once; with ``config.mesh`` holding an ``expert`` axis > 1 the experts run
     expert-parallel (``jmoe.expert_parallel``). aux: ``layer_aux``, plus
@@ -404,8 +435,11 @@ class MoE(nn.Module):
 
         logits_BLE = jnp.einsum("BLD,DE->BLE", x_BLD.astype(jnp.float32),
                                 router_DE.astype(jnp.float32))
-        r = routing_lib.route(c, logits_BLE, router_params, valid_BL, budget)
+        allowed_BE = routing_lib.block_expert_set(c, logits_BLE, router_params, valid_BL, budget)
+        r = routing_lib.route(c, logits_BLE, router_params, valid_BL, budget, allowed_BE)
         aux = layer_aux(r, logits_BLE, valid_BL, c.num_experts_per_tok, c.platform)
+        if allowed_BE is not None:
+            aux["expert_set"] = allowed_BE
         if expert_parallel_active(c.mesh):
             y_BLD, aux["ep_dropped"] = expert_parallel.expert_parallel_moe(
                 c.mesh, x_BLD, r, weights,
@@ -414,7 +448,14 @@ class MoE(nn.Module):
         elif c.mesh is not None and kernels(c.platform).moe_backend(c.moe_backend, dt) == "pallas":
             y_BLD = data_parallel_experts(c, x_BLD, r, weights)
         else:
-            y_BLD = expert_compute(c.moe_backend, x_BLD.reshape(b * l, d), r, *weights,
+            backend = kernels(c.platform).moe_backend(
+                c.moe_backend, weights[0].dtype if c.moe_backend == "auto" else None)
+            if allowed_BE is not None and backend != "cpu_gmm" and \
+                    b * budget.experts_per_block < e:
+                # cpu_gmm never reads an expert without rows; the others get only the
+                # union of the sequences' sets
+                r, weights = gather_set(r, allowed_BE, budget.experts_per_block, weights)
+            y_BLD = expert_compute(backend, x_BLD.reshape(b * l, d), r, *weights,
                                    platform=c.platform).reshape(b, l, d)
         y_BLD = y_BLD.astype(x_BLD.dtype)
         if c.num_shared_experts:

@@ -120,6 +120,20 @@ class Budget:
 
     per_token: jax.Array | None
     bound: int = struct.field(pytree_node=False)
+    # block expert sets (``restrict_experts``): at most ``experts_per_block`` distinct
+    # experts per layer and sequence; None: unrestricted
+    experts_per_block: int | None = struct.field(pytree_node=False, default=None)
+    expert_set_rule: str = struct.field(pytree_node=False, default="mass")
+    # given sets: bool [n_moe, B, E] (one per MoE layer), used where ``refresh_set`` is
+    # False (a traced bool scalar; None: always used); None: every call picks its own
+    expert_set: jax.Array | None = None
+    refresh_set: jax.Array | None = None
+
+    def for_layer(self, i: int) -> "Budget":
+        """The budget of MoE layer ``i`` (its row of the given expert sets)."""
+        if self.expert_set is None:
+            return self
+        return self.replace(expert_set=self.expert_set[i])
 
     def per_token_T(self, b: int, l: int):
         """The budgets flattened to ``[B*L]`` (None when every token takes ``bound``)."""
@@ -129,7 +143,7 @@ class Budget:
 
 
 def make_budget(config, experts_per_token=None, max_experts=None,
-                shape_BL: tuple[int, int] | None = None) -> Budget:
+                shape_BL: tuple[int, int] | None = None, experts_per_block=None) -> Budget:
     """The ``Budget`` of a call from the public spellings, checked once.
 
     ``experts_per_token``: None (the model's top-k), an int (this call's top-k, a static
@@ -138,7 +152,9 @@ def make_budget(config, experts_per_token=None, max_experts=None,
     or the int given; at most ``num_experts``). ``shape_BL``: the call's ``[B, L]``, to
     check an array's shape against (None: not checked). Raises ValueError naming the
     bad value, dtype or shape and what was expected; per-token budgets with
-    expert-choice routing are a ValueError too.
+    expert-choice routing are a ValueError too. ``experts_per_block``: None or an int
+    M in ``bound..E``: each sequence's tokens use at most M distinct experts per layer
+    (the ``mass`` rule, ``block_expert_set``); token choice only (``check_expert_set``).
     """
     top_k, e = config.num_experts_per_tok, config.num_experts
     if max_experts is not None and not (_is_int(max_experts) and 1 <= int(max_experts) <= e):
@@ -159,7 +175,99 @@ def make_budget(config, experts_per_token=None, max_experts=None,
         raise ValueError("experts_per_token as per-token budgets (or with max_experts) needs "
                          "routing='token_choice'; with routing='expert_choice' pass a scalar k "
                          "(it sets the capacity C = ceil(capacity_factor * L * k / E))")
-    return budget
+    m = check_expert_set(config, experts_per_block, "mass", budget.bound)
+    return budget if m is None else budget.replace(experts_per_block=m)
+
+
+EXPERT_SETS = ("mass", "first_step", "topk_mass")
+
+
+def check_expert_set(config, experts_per_block, expert_set: str = "mass",
+                     bound: int | None = None) -> int | None:
+    """Validate block expert-set options (one-line ValueErrors); returns M as an int.
+
+    ``experts_per_block``: None (off) or an int ``M`` with ``bound <= M <= E`` (bound:
+    the call's top-k, default the model's); ``expert_set`` one of ``EXPERT_SETS``;
+    block sets need ``routing='token_choice'`` (under expert choice every expert picks
+    tokens, so a per-sequence set of experts is not a routing restriction).
+    """
+    if expert_set not in EXPERT_SETS:
+        raise ValueError(f"expert_set={expert_set!r}: expected one of {EXPERT_SETS}")
+    if experts_per_block is None:
+        return None
+    e = config.num_experts
+    k = config.num_experts_per_tok if bound is None else bound
+    if not _is_int(experts_per_block) or not k <= int(experts_per_block) <= e:
+        raise ValueError(f"experts_per_block={experts_per_block!r}: expected an int in "
+                         f"top-k={k}..num_experts={e}")
+    if config.routing != "token_choice":
+        raise ValueError(f"experts_per_block={experts_per_block} needs routing='token_choice'"
+                         f"; with routing={config.routing!r} experts pick tokens, so block "
+                         f"expert sets do not apply")
+    return int(experts_per_block)
+
+
+def set_scores(config, logits_BLE, params):
+    """The per-token expert scores a set rule sums ``[B, L, E]`` float32: the softmax
+    probabilities (OLMoE) or the selection scores ``sigmoid(logits) + expert_bias``
+    (LLaDA2: what its top-k ranks)."""
+    logits_BLE = logits_BLE.astype(jnp.float32)
+    if config.router == "sigmoid_group_topk":
+        return jax.nn.sigmoid(logits_BLE) + params["expert_bias"].astype(jnp.float32)
+    return jax.nn.softmax(logits_BLE, axis=-1)
+
+
+def mass_set(scores_BLE, valid_BL, m: int):
+    """The ``mass`` rule: per sequence, the ``m`` experts with the largest score summed
+    over its valid tokens (ties: the lower id). Returns bool ``[B, E]``."""
+    b, _, e = scores_BLE.shape
+    mass_BE = jnp.where(valid_BL[..., None], scores_BLE, 0.0).sum(1)
+    _, ids_BM = jax.lax.top_k(mass_BE, m)
+    return jnp.zeros((b, e), bool).at[jnp.arange(b)[:, None], ids_BM].set(True)
+
+
+def topk_mass_set(scores_BLE, valid_BL, m: int, k: int):
+    """The ``topk_mass`` rule: per sequence, the ``m`` experts with the largest sum of the
+    scores that put them in a valid token's own top-``k`` (each token votes for its
+    unrestricted top-k with its scores; ties: the lower id). Returns bool ``[B, E]``."""
+    b, l, e = scores_BLE.shape
+    top_v, top_i = jax.lax.top_k(scores_BLE, k)
+    top_v = jnp.where(valid_BL[..., None], top_v, 0.0)
+    mass_BE = jnp.zeros((b, e), jnp.float32).at[
+        jnp.arange(b)[:, None, None], top_i].add(top_v)
+    _, ids_BM = jax.lax.top_k(mass_BE, m)
+    return jnp.zeros((b, e), bool).at[jnp.arange(b)[:, None], ids_BM].set(True)
+
+
+def block_expert_set(config, logits_BLE, params, valid_BL, budget: Budget):
+    """The experts each sequence may use in this call, bool ``[B, E]`` (None: all).
+
+    Rules (``budget.expert_set_rule``), after dMoE's block expert sets and TEAM's
+    temporal consistency of routing across denoising steps:
+      ``mass``        every call picks the ``M`` experts with the largest summed router
+                      score over the call's valid tokens of that sequence (``mass_set``);
+      ``first_step``  the set is picked by ``mass`` at a block's first step and then
+                      given back (``budget.expert_set``) for the block's later steps;
+      ``topk_mass``   every call picks the ``M`` experts with the largest score summed
+                      over the tokens that rank them in their own top-k (the call's
+                      ``bound``; ``topk_mass_set``): a vote of the tokens' preferred
+                      experts rather than of their whole score distributions.
+    Given sets are used where ``budget.refresh_set`` is False, else the rule picks.
+    """
+    m = budget.experts_per_block
+    if m is None:
+        return None
+    scores_BLE = set_scores(config, logits_BLE, params)
+    if budget.expert_set_rule == "topk_mass":
+        fresh_BE = topk_mass_set(scores_BLE, valid_BL, m, budget.bound)
+    else:
+        fresh_BE = mass_set(scores_BLE, valid_BL, m)
+    if budget.expert_set is None:
+        return fresh_BE
+    given_BE = jnp.asarray(budget.expert_set, bool)
+    if budget.refresh_set is None:
+        return given_BE
+    return jnp.where(budget.refresh_set, fresh_BE, given_BE)
 
 
 def _broadcasts(shape: tuple, target: tuple) -> bool:
@@ -245,7 +353,7 @@ def rank_mask(bound: int, budget_T, valid_T):
 
 
 def softmax_topk(logits_TE, *, bound: int, norm_topk_prob: bool, budget_T=None,
-                 valid_T=None, platform: str | None = None) -> Routing:
+                 valid_T=None, platform: str | None = None, allowed_TE=None) -> Routing:
     """OLMoE token choice: softmax over all experts, keep the top-k_i of each token.
 
     Weights are the softmax probabilities of the kept experts, renormalised over
@@ -265,9 +373,14 @@ def softmax_topk(logits_TE, *, bound: int, norm_topk_prob: bool, budget_T=None,
     if valid_T is None:
         valid_T = jnp.ones((t,), bool)
     probs_TE = jax.nn.softmax(logits_TE, axis=-1)
-    top_e_TK = top_k_ids(probs_TE, bound, platform)
+    if allowed_TE is None:
+        top_e_TK = top_k_ids(probs_TE, bound, platform)
+    else:  # probabilities are >= 0: -1 ranks every excluded expert last
+        top_e_TK = top_k_ids(jnp.where(allowed_TE, probs_TE, -1.0), bound, platform)
     top_p_TK = jnp.take_along_axis(probs_TE, top_e_TK, axis=-1)
     live_TK = rank_mask(bound, budget_T, valid_T)
+    if allowed_TE is not None:
+        live_TK = live_TK & jnp.take_along_axis(allowed_TE, top_e_TK, axis=-1)
     w_TK = jnp.where(live_TK, top_p_TK, 0.0)
     if norm_topk_prob:
         w_TK = w_TK / jnp.maximum(w_TK.sum(-1, keepdims=True), jnp.finfo(jnp.float32).tiny)
@@ -374,7 +487,7 @@ def load_balancing_loss(f_LE, p_LE):
 
 def sigmoid_group_topk(logits_TE, expert_bias_E, *, bound: int, n_group: int, topk_group: int,
                        scaling: float, normalize: bool = True, budget_T=None,
-                       valid_T=None, platform: str | None = None) -> Routing:
+                       valid_T=None, platform: str | None = None, allowed_TE=None) -> Routing:
     """LLaDA2 token choice: sigmoid scores, group-limited top-k with a selection bias.
 
     Selection ranks ``sigmoid(logits) + expert_bias``; only experts of the
@@ -382,6 +495,12 @@ def sigmoid_group_topk(logits_TE, expert_bias_E, *, bound: int, n_group: int, to
     compete. Weights are the *unbiased* scores of the kept experts (the first k_i
     of the ranking), normalised over the kept set (when ``normalize``; the
     reference does so whenever top-k > 1) and multiplied by ``scaling``.
+
+    ``allowed_TE`` (bool ``[T, E]``, a block expert set): the other experts are treated
+    as absent: a group scores the sum of its (up to) two best *allowed* biased scores
+    (-inf when it has none), the ``topk_group`` best groups compete, and a token takes
+    its top-k among their allowed experts; a slot left without one is dropped. An
+    all-True set changes nothing.
     """
     logits_TE = logits_TE.astype(jnp.float32)
     t, e = logits_TE.shape
@@ -389,13 +508,22 @@ def sigmoid_group_topk(logits_TE, expert_bias_E, *, bound: int, n_group: int, to
         valid_T = jnp.ones((t,), bool)
     scores_TE = jax.nn.sigmoid(logits_TE)
     biased_TE = scores_TE + expert_bias_E.astype(jnp.float32)
+    if allowed_TE is not None:
+        biased_TE = jnp.where(allowed_TE, biased_TE, -jnp.inf)
     grouped = biased_TE.reshape(t, n_group, e // n_group)
-    group_score_TG = jax.lax.top_k(grouped, 2)[0].sum(-1)
+    top2_TG2 = jax.lax.top_k(grouped, 2)[0]
+    if allowed_TE is None:
+        group_score_TG = top2_TG2.sum(-1)
+    else:  # a missing second best counts 0; a group with no allowed expert stays -inf
+        group_score_TG = jnp.where(jnp.isfinite(top2_TG2[..., 1]), top2_TG2.sum(-1),
+                                   top2_TG2[..., 0])
     _, keep_groups = jax.lax.top_k(group_score_TG, topk_group)
     group_live_TG = jnp.zeros((t, n_group), bool).at[jnp.arange(t)[:, None], keep_groups].set(True)
     expert_live_TE = jnp.repeat(group_live_TG, e // n_group, axis=1)
     top_e_TK = top_k_ids(jnp.where(expert_live_TE, biased_TE, -jnp.inf), bound, platform)
     live_TK = rank_mask(bound, budget_T, valid_T)
+    if allowed_TE is not None:
+        live_TK = live_TK & jnp.take_along_axis(allowed_TE & expert_live_TE, top_e_TK, axis=1)
     w_TK = jnp.where(live_TK, jnp.take_along_axis(scores_TE, top_e_TK, axis=1), 0.0)
     if normalize:
         w_TK = w_TK / (w_TK.sum(-1, keepdims=True) + 1e-20)
@@ -451,29 +579,40 @@ def sigmoid_expert_choice(logits_BLE, *, k: int, capacity_factor: float = 1.0,
 
 # -- the router table: (router kind, routing strategy) -> Routing ------------------------------
 
-def _softmax_token_choice(config, logits_BLE, params, valid_BL, budget: Budget) -> Routing:
+def _allowed_TE(allowed_BE, b: int, l: int):
+    if allowed_BE is None:
+        return None
+    return jnp.broadcast_to(allowed_BE[:, None, :], (b, l, allowed_BE.shape[-1])).reshape(b * l, -1)
+
+
+def _softmax_token_choice(config, logits_BLE, params, valid_BL, budget: Budget,
+                          allowed_BE=None) -> Routing:
     b, l, e = logits_BLE.shape
     return softmax_topk(logits_BLE.reshape(b * l, e), bound=budget.bound,
                         norm_topk_prob=config.norm_topk_prob, budget_T=budget.per_token_T(b, l),
-                        valid_T=valid_BL.reshape(-1), platform=config.platform)
+                        valid_T=valid_BL.reshape(-1), platform=config.platform,
+                        allowed_TE=_allowed_TE(allowed_BE, b, l))
 
 
-def _softmax_expert_choice(config, logits_BLE, params, valid_BL, budget: Budget) -> Routing:
+def _softmax_expert_choice(config, logits_BLE, params, valid_BL, budget: Budget,
+                           allowed_BE=None) -> Routing:
     return expert_choice(logits_BLE, k=budget.bound, capacity_factor=config.capacity_factor,
                          valid_BL=valid_BL)
 
 
-def _sigmoid_token_choice(config, logits_BLE, params, valid_BL, budget: Budget) -> Routing:
+def _sigmoid_token_choice(config, logits_BLE, params, valid_BL, budget: Budget,
+                          allowed_BE=None) -> Routing:
     b, l, e = logits_BLE.shape
     return sigmoid_group_topk(
         logits_BLE.reshape(b * l, e), params["expert_bias"], bound=budget.bound,
         n_group=config.n_group, topk_group=config.topk_group,
         scaling=config.routed_scaling_factor, normalize=config.num_experts_per_tok > 1,
         budget_T=budget.per_token_T(b, l), valid_T=valid_BL.reshape(-1),
-        platform=config.platform)
+        platform=config.platform, allowed_TE=_allowed_TE(allowed_BE, b, l))
 
 
-def _sigmoid_expert_choice(config, logits_BLE, params, valid_BL, budget: Budget) -> Routing:
+def _sigmoid_expert_choice(config, logits_BLE, params, valid_BL, budget: Budget,
+                           allowed_BE=None) -> Routing:
     # the group limit and the expert bias do not apply (see sigmoid_expert_choice)
     return sigmoid_expert_choice(
         logits_BLE, k=budget.bound, capacity_factor=config.capacity_factor,
@@ -493,12 +632,14 @@ ROUTERS = {
 ROUTER_PARAMS = {"softmax_topk": (), "sigmoid_group_topk": ("expert_bias",)}
 
 
-def route(config, logits_BLE, params, valid_BL, budget: Budget) -> Routing:
+def route(config, logits_BLE, params, valid_BL, budget: Budget, allowed_BE=None) -> Routing:
     """The ``Routing`` of one MoE layer: ``config.router`` under ``config.routing``.
 
     ``logits_BLE`` float32 router logits, ``params`` the router's extra params (a dict,
     ``ROUTER_PARAMS``), ``valid_BL`` real tokens (padding is never routed), ``budget``
-    the call's ``Budget``. Per-token budgets under expert choice are a ValueError.
+    the call's ``Budget``, ``allowed_BE`` the block expert set of each sequence (bool
+    ``[B, E]``, ``block_expert_set``; None: all experts). Per-token budgets or block
+    sets under expert choice are a ValueError.
     """
     fn = ROUTERS.get((config.router, config.routing))
     if fn is None:
@@ -507,4 +648,6 @@ def route(config, logits_BLE, params, valid_BL, budget: Budget) -> Routing:
     if config.routing == "expert_choice" and budget.per_token is not None:
         raise ValueError("per-token experts_per_token budgets need routing='token_choice'; "
                          "routing='expert_choice' takes a scalar k only")
-    return fn(config, logits_BLE.astype(jnp.float32), params, valid_BL, budget)
+    if config.routing == "expert_choice" and allowed_BE is not None:
+        raise ValueError("experts_per_block (block expert sets) needs routing='token_choice'")
+    return fn(config, logits_BLE.astype(jnp.float32), params, valid_BL, budget, allowed_BE)

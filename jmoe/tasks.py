@@ -19,7 +19,14 @@ def _held_out(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return h % HELD_OUT_MOD == 0
 
 
-def _operands(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+DISTRIBUTIONS = ("digits", "uniform")
+
+
+def _operands(rng: np.random.Generator, n: int, distribution: str = "digits"
+              ) -> tuple[np.ndarray, np.ndarray]:
+    if distribution == "uniform":
+        vals = rng.integers(0, 1000, (2, n))
+        return vals[0], vals[1]
     digits = rng.integers(1, 4, (2, n))
     lo = np.where(digits == 1, 0, 10 ** (digits - 1))
     hi = 10 ** digits
@@ -27,11 +34,20 @@ def _operands(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]
     return vals[0], vals[1]
 
 
-def addition_pairs(rng: np.random.Generator, n: int, held_out: bool = False):
-    """``n`` operand pairs from the training (or held-out) side of the split."""
+def addition_pairs(rng: np.random.Generator, n: int, held_out: bool = False,
+                   distribution: str = "digits"):
+    """``n`` operand pairs from the training (or held-out) side of the split.
+
+    ``distribution``: ``"digits"`` (default; each operand's digit count 1-3 uniform, then
+    the value uniform among numbers of that many digits) or ``"uniform"`` (each operand
+    uniform in [0, 999], so mostly 3-digit sums with carries). The split is on the pair,
+    whichever distribution draws it. Raises ValueError for another distribution.
+    """
+    if distribution not in DISTRIBUTIONS:
+        raise ValueError(f"distribution={distribution!r}: expected one of {DISTRIBUTIONS}")
     out_a, out_b = [], []
     while sum(len(x) for x in out_a) < n:
-        a, b = _operands(rng, 4 * n if held_out else n + n // 8 + 8)
+        a, b = _operands(rng, 4 * n if held_out else n + n // 8 + 8, distribution)
         keep = _held_out(a, b) == held_out
         out_a.append(a[keep])
         out_b.append(b[keep])
@@ -69,11 +85,13 @@ def encode_batch(tokenizer, prompts, answers, prompt_len: int, answer_len: int):
 
 
 def addition_accuracy(model, n: int = 200, seed: int = 1234, batch_size: int = 100,
-                      **generate_kw) -> float:
-    """Exact-match accuracy of ``jmoe.generate`` on ``n`` held-out addition pairs."""
+                      distribution: str = "digits", **generate_kw) -> float:
+    """Exact-match accuracy of ``jmoe.generate`` on ``n`` held-out addition pairs drawn
+    from ``distribution`` (see ``addition_pairs``)."""
     from jmoe.sampling import generate
 
-    a, b = addition_pairs(np.random.default_rng(seed), n, held_out=True)
+    a, b = addition_pairs(np.random.default_rng(seed), n, held_out=True,
+                          distribution=distribution)
     prompts, answers = addition_texts(a, b)
     correct = 0
     for s in range(0, n, batch_size):

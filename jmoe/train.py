@@ -49,11 +49,17 @@ class TrainConfig:
     moe_backend: str | None = None
     prompt_len: int = 8
     answer_len: int = 8
+    # addition task only: the fraction of each batch drawn uniformly from [0, 999]^2
+    # (jmoe.tasks "uniform"), the rest by digit count ("digits")
+    uniform_fraction: float = 0.0
 
     def __post_init__(self):
         for name in ("steps", "batch_size"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"train config {name}={getattr(self, name)}: expected > 0")
+        if not 0 <= self.uniform_fraction <= 1:
+            raise ValueError(f"train config uniform_fraction={self.uniform_fraction}: "
+                             "expected in [0, 1]")
         if not 0 < self.eps < 1:
             raise ValueError(f"train config eps={self.eps}: expected in (0, 1)")
 
@@ -146,11 +152,17 @@ def train(config, batch_fn: Callable, tc: TrainConfig = TrainConfig(), *, tokeni
     return Model(saved_config, state["params"], tokenizer)
 
 
-def addition_batch(tokenizer, rng, batch_size: int, prompt_len: int = 8, answer_len: int = 8):
-    """A training batch of the addition task (held-out pairs never appear)."""
+def addition_batch(tokenizer, rng, batch_size: int, prompt_len: int = 8, answer_len: int = 8,
+                   uniform_fraction: float = 0.0):
+    """A training batch of the addition task (held-out pairs never appear);
+    ``round(uniform_fraction * batch_size)`` rows are drawn uniformly from [0, 999]^2."""
     from jmoe import tasks
 
-    a, b = tasks.addition_pairs(rng, batch_size)
+    n_uni = int(round(uniform_fraction * batch_size))
+    a, b = tasks.addition_pairs(rng, batch_size - n_uni)
+    if n_uni:
+        au, bu = tasks.addition_pairs(rng, n_uni, distribution="uniform")
+        a, b = np.concatenate([a, au]), np.concatenate([b, bu])
     prompts, answers = tasks.addition_texts(a, b)
     return tasks.encode_batch(tokenizer, prompts, answers, prompt_len, answer_len)
 
@@ -182,7 +194,8 @@ def run_from_file(path: str, *, out: str | None = None, steps: int | None = None
     out = out or spec.get("out")
     if not out:
         raise ValueError("no output folder: give 'out' in the config or --out")
-    batch_fn = lambda rng, b: addition_batch(tok, rng, b, tc.prompt_len, tc.answer_len)  # noqa: E731
+    batch_fn = lambda rng, b: addition_batch(tok, rng, b, tc.prompt_len, tc.answer_len,  # noqa: E731
+                                             tc.uniform_fraction)
     init = None
     if spec.get("init"):
         from jmoe.checkpoint import load

@@ -1,7 +1,9 @@
 """A plain Python-loop reference of LLaDA generation, written from the spec.
 
 SEEDS.md §3 (LLaDA ``generate``), §1 (adaptive budgets), the issue's threshold
-and early-stop rules. NumPy float64 for everything after the model call; one
+and early-stop rules; block expert sets (issue 16): ``mass`` passes
+``experts_per_block`` to every call, ``first_step`` gives the sets of a block's first
+call back to its later calls. NumPy float64 for everything after the model call; one
 ``jmoe.forward`` per step on the batch left-padded to its longest prompt (no
 bucketing). Only the random stream is shared with the library, as a documented
 convention: call ``nfe`` uses ``split(fold_in(key(seed), nfe))`` -> (noise, rand)
@@ -113,6 +115,20 @@ def hierarchy_select(conf, cand, threshold, low_threshold):
     return out & cand
 
 
+def _forward_with_sets(model, tokens, valid, budget, k_max, m, sets):
+    """``jmoe.model.apply`` with given block expert sets ``[n_moe, B, E]``."""
+    import jax.numpy as jnp
+
+    from jmoe.model import apply
+    from jmoe.routing import Budget
+
+    b = Budget(jnp.asarray(budget, jnp.int32), k_max, experts_per_block=m,
+               expert_set=jnp.asarray(sets))
+    logits, aux, _ = apply(model.config, model.params, jnp.asarray(tokens, jnp.int32),
+                           valid_BL=jnp.asarray(valid), budgets=b)
+    return logits, aux
+
+
 def reference_generate(model, rows, *, gen_length, block_length, steps, temperature=0.0,
                        cfg_scale=0.0, remasking="low_confidence", threshold=None,
                        threshold_floor="one", adaptive=None, mask_id, eos_id=None,
@@ -164,9 +180,20 @@ def reference_generate(model, rows, *, gen_length, block_length, steps, temperat
                 un = np.where(prompt, mask_id, x)
                 xs, vs, bs = (np.concatenate([x, un]), np.concatenate([call_valid] * 2),
                               np.concatenate([budget] * 2))
-            logits, aux = jmoe.forward(model, xs, attention_mask=vs,
-                                       experts_per_token=bs if adaptive else None,
-                                       max_experts=k_max if adaptive else None)
+            m = adaptive.experts_per_block if adaptive else None
+            if m is not None and adaptive.expert_set == "first_step" and i > 0:
+                # the block's sets, picked at its first call, given back
+                logits, aux = _forward_with_sets(model, xs, vs, bs, k_max, m, block_sets)
+            else:
+                logits, aux = jmoe.forward(model, xs, attention_mask=vs,
+                                           experts_per_token=bs if adaptive else None,
+                                           max_experts=k_max if adaptive else None,
+                                           experts_per_block=m)
+            if m is not None:
+                block_sets = np.asarray(aux["expert_set"])
+                trace.setdefault("expert_set", []).append(block_sets)
+                trace.setdefault("distinct_experts", []).append(
+                    np.asarray(aux["distinct_experts"]))
             work += int(aux["routed_pairs"])
             logits = np.asarray(logits, np.float64)[:, P:]
             if cfg_scale > 0:

@@ -383,6 +383,24 @@ def olmoe_model_budgets():
 
 
 @check
+def olmoe_model_expert_sets():
+    # block expert sets (issue 16) with per-token budgets: the restricted routing is
+    # computed once outside the shard_map, so every mesh equals the single device
+    model = peaked(jmoe.random_model(tiny_olmoe(moe_backend="bucketed"), seed=0))
+    tokens, mask, rng = tokens_and_mask()
+    compare_forward(model, tokens_BL=tokens, attention_mask=mask, max_experts=3,
+                    experts_per_token=rng.integers(1, 4, tokens.shape), experts_per_block=3)
+
+
+@check
+def llada2_model_expert_sets():
+    model = tiny_llada2()
+    tokens, mask, _ = tokens_and_mask(vocab=71, seed=2)
+    compare_forward(model, ((2, 4), (1, 8)), tokens_BL=tokens, attention_mask=mask,
+                    experts_per_block=4)
+
+
+@check
 def olmoe_model_expert_choice():
     model = peaked(jmoe.random_model(tiny_olmoe(routing="expert_choice", num_experts=16),
                                      seed=1))

@@ -892,8 +892,10 @@ def test_cli_help_prints_real_defaults(capsys):
     rc, out, _ = run_cli(capsys, "generate", "--help")
     assert rc == 0
     flat = " ".join(out.split())
-    for w in ("random seed, an int in [0, 2**64) (default: 0)", "(default: 1)",
-              "(default: 8)", "The shipped model's generation config: gen_length 6, "
+    # --adaptive's budgets derive from the model (issue 16)
+    for w in ("random seed, an int in [0, 2**64) (default: 0)",
+              "(default: half the maximum, >= 1)", "(default: the model's top-k)",
+              "The shipped model's generation config: gen_length 6, "
               "block_length 6, steps 6", "llada2 caps any value at gen-length"):
         assert w in flat, w
     rc, out, _ = run_cli(capsys, "bench", "--help")

@@ -109,7 +109,8 @@ class Decoder(nn.Module):
         auxes, ks, vs = [], [], []
         for i in range(c.num_layers):
             layer = DecoderLayer(c, dense=i < c.first_k_dense_replace, name=f"layer_{i}")
-            x, aux, kv = layer(x, cos, sin, bias, valid_BL, budget, cache, i)
+            moe_budget = budget.for_layer(max(i - c.first_k_dense_replace, 0))
+            x, aux, kv = layer(x, cos, sin, bias, valid_BL, moe_budget, cache, i)
             if aux is not None:
                 auxes.append(aux)
             if kv is not None:

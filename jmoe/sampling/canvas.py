@@ -27,6 +27,9 @@ class GenerateOutput:
     experts_per_token ``[B, P + G]`` final budgets (0 on padding)
     remask_count      ``[B, P + G]`` update rounds each position stayed masked (0 on prompts)
     expert_work       routed token-expert pairs summed over model calls and layers
+    expert_reads      distinct experts with at least one routed token, summed over model
+                      calls, MoE layers and rows: the expert weights a batch-1 step
+                      reads (block expert sets bound it by ``experts_per_block``)
     trace             with ``return_trace``, per model call ``[nfe, B, G]`` arrays (llada2:
                       ``[nfe, B, P + G]``, the columns of ``tokens``): ``committed``,
                       ``experts_per_token`` (the budgets the call used), ``remask_count``
@@ -40,6 +43,7 @@ class GenerateOutput:
     remask_count: np.ndarray
     expert_work: int
     trace: dict[str, np.ndarray] | None = None
+    expert_reads: int = 0
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -101,10 +105,10 @@ def state_output(s, canvas: Canvas, cut: int) -> GenerateOutput:
                  "experts_per_token": np.asarray(t["budget_SBG"][:nfe]),
                  "remask_count": np.asarray(t["remask_SBG"][:nfe]),
                  "block": np.asarray(t["block_S"][:nfe]),
-                 "work": np.asarray(s.work_S[:nfe])}
+                 "work": np.asarray(s.work_S[:nfe, 0])}
     return GenerateOutput(tokens=tokens, texts=None, nfe=nfe, experts_per_token=budgets,
-                          remask_count=remask, expert_work=sum(int(w) for w in s.work_S[:nfe]),
-                          trace=trace)
+                          remask_count=remask, expert_work=int(np.sum(s.work_S[:nfe, 0])),
+                          trace=trace, expert_reads=int(np.sum(s.work_S[:nfe, 1])))
 
 
 def with_texts(out: GenerateOutput, tokenizer, gen_length: int, eos_id) -> GenerateOutput:

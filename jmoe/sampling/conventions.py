@@ -117,9 +117,10 @@ class Convention:
         raise NotImplementedError
 
     def gate_call(self, predict, candidates_BG, active_B, carry=None):
-        """Run ``predict(rows_B) -> (x0_BG, conf_BG, pairs, carry)`` on the rows this
-        step computes; return its results and whether a model call was made (``carry``:
-        the decoder's, returned unchanged without a call)."""
+        """Run ``predict(rows_B) -> (x0_BG, conf_BG, work, carry)`` on the rows this step
+        computes (``work``: the call's routed pairs and expert reads, and the carried
+        sets); return its results and whether a model call was made (``carry``: the
+        decoder's, returned unchanged without a call)."""
         return *predict(active_B), jnp.bool_(True)
 
     def reach(self, valid_BL, block, opts):
@@ -277,8 +278,11 @@ class LLaDA2(Convention):
         prompt's) makes no call at all."""
         busy_B = candidates_BG.any(-1)
         b, g = candidates_BG.shape
+        # predict's work (routed pairs and expert reads, carried sets) as zeros; the
+        # decoder's carry unchanged
+        work = jax.eval_shape(predict, busy_B)[2]
         idle = lambda _: (jnp.zeros((b, g), jnp.int32), jnp.full((b, g), -jnp.inf, jnp.float32),
-                          jnp.zeros((), jnp.int32), carry)
+                          jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), work), carry)
         return *jax.lax.cond(busy_B.any(), predict, idle, busy_B), busy_B.any()
 
     def reach(self, valid_BL, block, opts):

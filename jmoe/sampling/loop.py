@@ -42,7 +42,8 @@ from jmoe.sampling import budgets as budgets_lib
 from jmoe.sampling import decoders
 from jmoe.sampling import remasking as rm
 from jmoe.sampling import schedules
-from jmoe.sampling.model_call import call_model, new_bidirectional_cache, new_cache
+from jmoe.sampling.model_call import call_model, new_bidirectional_cache, new_cache, \
+    num_moe_layers
 from jmoe.sampling.state import SamplerOptions, SamplerState
 
 
@@ -65,7 +66,7 @@ def _guide(logits, cfg_scale, opts: SamplerOptions):
 
 
 def model_logits(params, tokens_BL, valid_BL, prompt_BL, budget_BL, cfg_scale, *, config,
-                 opts: SamplerOptions):
+                 opts: SamplerOptions, sets=(None, None)):
     """Logits of the generated region ``[B, G, V]`` and the call's routed pairs.
 
     With guidance both halves (the prompt masked in the second) go through one
@@ -73,13 +74,13 @@ def model_logits(params, tokens_BL, valid_BL, prompt_BL, budget_BL, cfg_scale, *
     """
     tokens_BL, valid_BL, budget_BL = _guided_batch(tokens_BL, valid_BL, prompt_BL, budget_BL,
                                                    opts)
-    logits, pairs, _ = call_model(params, tokens_BL, valid_BL, budget_BL, config=config,
-                                  opts=opts)
-    return _guide(logits[:, -opts.gen_length:], cfg_scale, opts), pairs
+    logits, pairs, _, used = call_model(params, tokens_BL, valid_BL, budget_BL, config=config,
+                                        opts=opts, expert_set=sets[0], refresh_set=sets[1])
+    return _guide(logits[:, -opts.gen_length:], cfg_scale, opts), pairs, used
 
 
 def block_call(params, tokens_BL, valid_BL, prompt_BL, budget_BL, rows_B, cache, block,
-               cfg_scale, *, config, opts: SamplerOptions):
+               cfg_scale, *, config, opts: SamplerOptions, sets=(None, None)):
     """Cached: run the model on block ``block`` only, keys = cache + block.
 
     Only ``rows_B`` are computed (the others are invalid tokens: no expert work, their
@@ -93,9 +94,10 @@ def block_call(params, tokens_BL, valid_BL, prompt_BL, budget_BL, rows_B, cache,
     valid_BK = cut(valid_BL) & rows_B[:, None]
     tok_BK, valid_BK, budget_BK = _guided_batch(cut(tokens_BL), valid_BK, cut(prompt_BL),
                                                 cut(budget_BL), opts)
-    logits, pairs, cache = call_model(params, tok_BK, valid_BK, budget_BK, config=config,
-                                      opts=opts, cache=cache, offset=p0)
-    return _guide(logits, cfg_scale, opts), pairs, cache
+    logits, pairs, cache, used = call_model(params, tok_BK, valid_BK, budget_BK, config=config,
+                                            opts=opts, cache=cache, offset=p0,
+                                            expert_set=sets[0], refresh_set=sets[1])
+    return _guide(logits, cfg_scale, opts), pairs, cache, used
 
 
 def window_length(opts: SamplerOptions, l: int) -> int:
@@ -109,9 +111,11 @@ def window_length(opts: SamplerOptions, l: int) -> int:
 
 
 def approx_call(params, tokens_BL, valid_BL, prompt_BL, budget_BL, rows_B, cache, block, step,
-                cfg_scale, *, config, opts: SamplerOptions):
+                cfg_scale, *, config, opts: SamplerOptions, sets=(None, None)):
     """Approximate caches (Fast-dLLM's prefix and dual caches, dInfer's vicinity window):
-    logits ``[B, block_length, V]`` of block ``block``, the call's routed pairs, the cache.
+    logits ``[B, block_length, V]`` of block ``block``, the call's work (routed pairs,
+    expert reads), the cache and the block expert sets the call used (``sets`` as in
+    ``block_call``).
 
     A *refresh* step (the block's first, and with ``cache_refresh=n`` every n-th step of
     the block) runs the whole canvas as the uncached call does, uses its logits and
@@ -133,9 +137,10 @@ def approx_call(params, tokens_BL, valid_BL, prompt_BL, budget_BL, rows_B, cache
 
     def full(cache):
         tok, val, bud = _guided_batch(tokens_BL, call_valid_BL, prompt_BL, budget_BL, opts)
-        logits, pairs, cache = call_model(params, tok, val, bud, config=config, opts=opts,
-                                          cache=cache, offset=0)
-        return block_of(logits, p0), pairs, cache
+        logits, pairs, cache, used = call_model(params, tok, val, bud, config=config,
+                                                opts=opts, cache=cache, offset=0,
+                                                expert_set=sets[0], refresh_set=sets[1])
+        return block_of(logits, p0), pairs, cache, used
 
     def window(cache):
         w = window_length(opts, l)
@@ -146,12 +151,13 @@ def approx_call(params, tokens_BL, valid_BL, prompt_BL, budget_BL, rows_B, cache
         cut = lambda a: jax.lax.dynamic_slice_in_dim(a, start, w, axis=1)
         tok, val, bud = _guided_batch(cut(tokens_BL), cut(call_valid_BL) & fresh_W,
                                       cut(prompt_BL), cut(budget_BL), opts)
-        logits, pairs, _ = call_model(params, tok, val, bud, config=config, opts=opts,
-                                      cache=cache, offset=start)
-        return block_of(logits, p0 - start), pairs, cache
+        logits, pairs, _, used = call_model(params, tok, val, bud, config=config, opts=opts,
+                                            cache=cache, offset=start,
+                                            expert_set=sets[0], refresh_set=sets[1])
+        return block_of(logits, p0 - start), pairs, cache, used
 
-    logits, pairs, cache = jax.lax.cond(refresh, full, window, cache)
-    return _guide(logits, cfg_scale, opts), pairs, cache
+    logits, pairs, cache, used = jax.lax.cond(refresh, full, window, cache)
+    return _guide(logits, cfg_scale, opts), pairs, cache, used
 
 
 def prefill(params, tokens_BL, prompt_BL, budget_BL, cache, *, config, opts: SamplerOptions):
@@ -161,8 +167,8 @@ def prefill(params, tokens_BL, prompt_BL, budget_BL, cache, *, config, opts: Sam
     tok_BP, valid_BP, budget_BP = _guided_batch(
         tokens_BL[:, :p], jnp.ones((tokens_BL.shape[0], p), bool), prompt_BL[:, :p],
         budget_BL[:, :p], opts)
-    _, pairs, cache = call_model(params, tok_BP, valid_BP, budget_BP, config=config,
-                                 opts=opts, cache=cache, offset=0)
+    _, pairs, cache, _ = call_model(params, tok_BP, valid_BP, budget_BP, config=config,
+                                    opts=opts, cache=cache, offset=0)
     return cache, pairs
 
 
@@ -205,26 +211,31 @@ def _sample(logits, positions_G, nfe, key, knobs, opts: SamplerOptions, carry=No
 def _predict(s: SamplerState, params, valid_BL, prompt_BL, rows_B, key, knobs, *, cand_BG,
              config, opts: SamplerOptions):
     """Sampled tokens, confidences ``[B, G]`` (the current block's; -inf elsewhere), the
-    call's routed pairs and the carry: the decoder's, and with an approximate cache
-    ``(decoder carry, cache)`` (the cache written by a refresh step); only ``rows_B`` are
-    computed."""
+    call's work ``(work [2], carried sets)`` (routed pairs and expert reads; the block
+    expert sets to carry under first_step) and the carry: the decoder's, and with an
+    approximate cache ``(decoder carry, cache)`` (the cache written by a refresh step);
+    only ``rows_B`` are computed."""
     g, b, bl = opts.gen_length, s.tokens_BL.shape[0], opts.block_length
     at = s.block * bl
     cache = s.cache
+    # first_step block sets: picked at the block's first call, then the carried ones
+    sets = (s.expert_set, s.step == 0)
     if opts.approx_cache:
-        logits, pairs, cache = approx_call(params, s.tokens_BL, valid_BL, prompt_BL,
-                                           s.budget_BL, rows_B, s.cache, s.block, s.step,
-                                           knobs["cfg_scale"], config=config, opts=opts)
+        logits, pairs, cache, used = approx_call(
+            params, s.tokens_BL, valid_BL, prompt_BL, s.budget_BL, rows_B, s.cache, s.block,
+            s.step, knobs["cfg_scale"], config=config, opts=opts, sets=sets)
     elif opts.cached:
         # the step's K/V are dropped: a block's final K/V are stored once, when it ends
-        logits, pairs, _ = block_call(params, s.tokens_BL, valid_BL, prompt_BL, s.budget_BL,
-                                      rows_B, s.cache, s.block, knobs["cfg_scale"],
-                                      config=config, opts=opts)
+        logits, pairs, _, used = block_call(params, s.tokens_BL, valid_BL, prompt_BL,
+                                            s.budget_BL, rows_B, s.cache, s.block,
+                                            knobs["cfg_scale"], config=config, opts=opts,
+                                            sets=sets)
     else:
         call_valid_BL = valid_BL & rows_B[:, None]  # stopped rows cost no expert work
         call_valid_BL = opts.convention.reach(call_valid_BL, s.block, opts)
-        logits, pairs = model_logits(params, s.tokens_BL, call_valid_BL, prompt_BL,
-                                     s.budget_BL, knobs["cfg_scale"], config=config, opts=opts)
+        logits, pairs, used = model_logits(params, s.tokens_BL, call_valid_BL, prompt_BL,
+                                           s.budget_BL, knobs["cfg_scale"], config=config,
+                                           opts=opts, sets=sets)
         # only the block is sampled: per-position keys draw what the whole region would
         logits = jax.lax.dynamic_slice_in_dim(logits, at, bl, axis=1)
     cand_BK = jax.lax.dynamic_slice_in_dim(cand_BG, at, bl, axis=1)
@@ -233,39 +244,50 @@ def _predict(s: SamplerState, params, valid_BL, prompt_BL, rows_B, key, knobs, *
     x0_BG = jax.lax.dynamic_update_slice_in_dim(jnp.zeros((b, g), jnp.int32), x0_BK, at, 1)
     conf_BG = jax.lax.dynamic_update_slice_in_dim(
         jnp.full((b, g), -jnp.inf, jnp.float32), conf_BK, at, 1)
-    return x0_BG, conf_BG, pairs, ((carry, cache) if opts.approx_cache else carry)
+    return (x0_BG, conf_BG, (pairs, _carried(used, s)),
+            (carry, cache) if opts.approx_cache else carry)
+
+
+def _carried(used, s: SamplerState):
+    """The sets to carry (first_step), else a placeholder of no size."""
+    return used if s.expert_set is not None else jnp.zeros((0,), bool)
 
 
 def _call(s: SamplerState, params, valid_BL, prompt_BL, cand_BG, calls_BG, key, knobs, *,
           config, opts: SamplerOptions):
-    """The step's model call: ``(x0_BG, conf_BG, pairs, decoder carry, called, cache)``;
+    """The step's model call: ``(x0_BG, conf_BG, (work, sets), decoder carry, called,
+    cache)`` (``work``: routed pairs and expert reads; ``sets``: the block expert sets the
+    call used, under first_step);
     the convention picks the rows it computes (``gate_call``: rows with a position in
     ``calls_BG``) and whether it is made at all. The cache is the approximate caches'
     after a refresh, else ``s.cache``."""
     predict = partial(_predict, s, params, valid_BL, prompt_BL, key=key, knobs=knobs,
                       cand_BG=cand_BG, config=config, opts=opts)
     carry = (s.decoder, s.cache) if opts.approx_cache else s.decoder
-    x0_BG, conf_BG, pairs, carry, called = opts.convention.gate_call(predict, calls_BG,
-                                                                     s.active_B, carry)
+    x0_BG, conf_BG, work, carry, called = opts.convention.gate_call(predict, calls_BG,
+                                                                    s.active_B, carry)
     if opts.approx_cache:
-        return x0_BG, conf_BG, pairs, carry[0], called, carry[1]
-    return x0_BG, conf_BG, pairs, carry, called, s.cache
+        return x0_BG, conf_BG, work, carry[0], called, carry[1]
+    return x0_BG, conf_BG, work, carry, called, s.cache
 
 
 def _finish_block(s: SamplerState, params, over, rows_B, tokens_BL, valid_BL, prompt_BL,
-                  budget_BL, cfg_scale, *, config, opts: SamplerOptions):
+                  budget_BL, cfg_scale, *, config, opts: SamplerOptions,
+                  refresh_set=jnp.bool_(False)):
     """Cached: at a block's end, K/V of its final tokens go into the cache once,
     for the rows that go on (``rows_B``) and have real tokens there (prompt-only
-    blocks included); the others' are never read."""
+    blocks included); the others' are never read. First_step sets: ``s.expert_set``
+    (the block's), or picked anew where ``refresh_set`` (a block that made no call)."""
     if not opts.cached:
-        return s.cache, jnp.zeros((), jnp.int32)
+        return s.cache, jnp.zeros((2,), jnp.int32)
 
     def fill(cache):
-        _, pairs, cache = block_call(params, tokens_BL, valid_BL, prompt_BL, budget_BL, rows_B,
-                                     cache, s.block, cfg_scale, config=config, opts=opts)
+        _, pairs, cache, _ = block_call(params, tokens_BL, valid_BL, prompt_BL, budget_BL,
+                                        rows_B, cache, s.block, cfg_scale, config=config,
+                                        opts=opts, sets=(s.expert_set, refresh_set))
         return cache, pairs
 
-    return jax.lax.cond(over & rows_B.any(), fill, lambda c: (c, jnp.zeros((), jnp.int32)),
+    return jax.lax.cond(over & rows_B.any(), fill, lambda c: (c, jnp.zeros((2,), jnp.int32)),
                         s.cache)
 
 
@@ -282,10 +304,13 @@ def step(s: SamplerState, params, valid_BL, prompt_BL, key, knobs, *, config,
     seen = decoders.Step(x0=None, conf=None, cand=cand_BG, gen=gen_BG, window=window_G,
                          fixed=fixed_BG, sched=jnp.full(cand_BG.shape[:1], sched, jnp.int32),
                          active=s.active_B)
-    x0_BG, conf_BG, pairs, carry, called, cache = _call(
+    x0_BG, conf_BG, (pairs, used), carry, called, cache = _call(
         s, params, valid_BL, prompt_BL, cand_BG, decoder.call_rows(seen, s.decoder), key, knobs,
         config=config, opts=opts)
     s = s.replace(cache=cache)
+    expert_set = s.expert_set
+    if expert_set is not None:
+        expert_set = jnp.where(called, used, expert_set)
 
     commit_BG, edit_BG, carry = decoder.select(
         dataclasses.replace(seen, x0=x0_BG, conf=conf_BG), knobs, opts, carry)
@@ -308,9 +333,13 @@ def step(s: SamplerState, params, valid_BL, prompt_BL, key, knobs, *, config,
     budget_BL = s.budget_BL.at[:, -g:].set(budget_BG)
     stopped_gen_BG, stopped_active_B = _early_stop(opts, gen_BG, s.active_B, s.block, fixed_BG)
     stopped_active_B = opts.convention.rows_done(stopped_gen_BG, stopped_active_B, opts)
-    cache, fill_pairs = _finish_block(s, params, over, stopped_active_B, tokens_BL, valid_BL,
-                                      prompt_BL, budget_BL, knobs["cfg_scale"], config=config,
-                                      opts=opts)
+    # the fill uses the sets of the block's first call (this step's when the block ends at
+    # its first step); a block without any call (llada2: no row has a mask there) picks its
+    # own from the fill's tokens
+    cache, fill_pairs = _finish_block(s.replace(expert_set=expert_set), params, over,
+                                      stopped_active_B, tokens_BL, valid_BL, prompt_BL,
+                                      budget_BL, knobs["cfg_scale"], config=config, opts=opts,
+                                      refresh_set=~called & (s.step == 0))
     gen_BG = jnp.where(over, stopped_gen_BG, gen_BG)
     active_B = jnp.where(over, stopped_active_B, s.active_B)
     # a call-less step (an empty block) books its block fill on the previous call
@@ -321,7 +350,7 @@ def step(s: SamplerState, params, valid_BL, prompt_BL, key, knobs, *, config,
         block=s.block + over.astype(jnp.int32),
         step=jnp.where(over, 0, s.step + 1),
         nfe=nfe, work_S=s.work_S.at[slot].add(pairs + fill_pairs), trace=trace,
-        decoder=decoder.reset(carry, over), cache=cache)
+        decoder=decoder.reset(carry, over), cache=cache, expert_set=expert_set)
 
 
 def initial_state(tokens_BL, prompt_region_BL, *, config, opts: SamplerOptions,
@@ -339,7 +368,7 @@ def initial_state(tokens_BL, prompt_region_BL, *, config, opts: SamplerOptions,
                  "remask_SBG": jnp.zeros((n, b, g), jnp.int32),
                  "block_S": jnp.zeros((n,), jnp.int32)}
     zero = jnp.zeros((), jnp.int32)
-    work_S = jnp.zeros((n,), jnp.int32)
+    work_S = jnp.zeros((n, 2), jnp.int32)
     cache = None
     if opts.approx_cache:  # filled by each block's first step (a refresh)
         cache = new_bidirectional_cache(
@@ -352,10 +381,15 @@ def initial_state(tokens_BL, prompt_region_BL, *, config, opts: SamplerOptions,
                                    config=config, opts=opts)
             work_S = work_S.at[0].add(pairs)
     carry = decoders.of(opts).init_carry(b, opts.block_length, config.vocab_size)
+    expert_set = None
+    ad = opts.adaptive
+    if ad and ad.experts_per_block and ad.expert_set == "first_step":
+        rows = 2 * b if opts.guided else b
+        expert_set = jnp.zeros((num_moe_layers(config), rows, config.num_experts), bool)
     return SamplerState(tokens_BL=tokens_BL, budget_BL=budget_BL,
                         remask_BG=jnp.zeros((b, g), jnp.int32), active_B=jnp.ones((b,), bool),
                         block=zero, step=zero, nfe=zero, work_S=work_S, trace=trace,
-                        decoder=carry, cache=cache)
+                        decoder=carry, cache=cache, expert_set=expert_set)
 
 
 @xla_options.jit(static_argnames=("config", "opts"))

@@ -29,9 +29,15 @@ def budget_bound(config, opts) -> int:
     return opts.adaptive.maximum if opts.adaptive else config.num_experts_per_tok
 
 
+def num_moe_layers(config) -> int:
+    return config.num_layers - config.first_k_dense_replace
+
+
 def call_model(params, tokens_BL, valid_BL, budget_BL, *, config, opts, cache=None,
-               offset=None):
-    """One model call: ``(logits_BLV float32, routed_pairs int32 scalar, cache)``.
+               offset=None, expert_set=None, refresh_set=None):
+    """One model call: ``(logits_BLV float32, work int32 [2], cache, expert_set)``; ``work``
+    holds the call's routed pairs and its expert reads (distinct experts with rows,
+    summed over the MoE layers and the call's rows).
 
     ``valid_BL`` marks real tokens (invalid ones cost no expert work; their logits are
     garbage). ``budget_BL`` holds per-position expert budgets, used only with
@@ -40,14 +46,26 @@ def call_model(params, tokens_BL, valid_BL, budget_BL, *, config, opts, cache=No
     ``cache=None``; with ``cache`` (from ``new_cache``) it is a cached block call at
     absolute position ``offset`` (an int32 scalar, may be traced) and returns the cache
     with this call's K/V written in: keep it to store them, drop it to re-run the block.
+
+    Block expert sets (``opts.adaptive.experts_per_block``): ``expert_set`` bool
+    ``[n_moe, B, E]`` the sets to use where ``refresh_set`` (a bool scalar) is False
+    (None: every call picks its own); the returned ``expert_set`` holds the sets this
+    call used (None without block sets).
     """
-    budgets = Budget(budget_BL if opts.adaptive else None, budget_bound(config, opts))
+    ad = opts.adaptive
+    m = ad.experts_per_block if ad else None
+    budgets = Budget(budget_BL if ad else None, budget_bound(config, opts),
+                     experts_per_block=m, expert_set_rule=ad.expert_set if ad else "mass",
+                     expert_set=expert_set if m else None,
+                     refresh_set=refresh_set if m and expert_set is not None else None)
     if cache is not None:
         # the loop says where each call sits; the cache's own length then needs no tracking
         cache = cache.replace(length=jnp.asarray(offset, jnp.int32))
     logits, aux, cache = model_lib.apply(config, params, tokens_BL, valid_BL=valid_BL,
                                          budgets=budgets, cache=cache)
-    return logits, jnp.asarray(aux["routed_pairs"]).sum().astype(jnp.int32), cache
+    work = jnp.stack([jnp.asarray(aux["routed_pairs"]).sum(),
+                      jnp.asarray(aux["distinct_experts"]).sum()]).astype(jnp.int32)
+    return logits, work, cache, aux.get("expert_set")
 
 
 def new_cache(config, batch: int, length: int) -> KVCache:

@@ -21,6 +21,7 @@ experts; *threshold* the confidence above which a step commits a masked position
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax.numpy as jnp
@@ -295,7 +296,7 @@ def resolve_options(config, *, gen_length=None, block_length=None, steps=None,
     if adaptive is not None:
         if not isinstance(adaptive, AdaptiveExperts):
             raise ValueError(f"adaptive={adaptive!r}: expected jmoe.AdaptiveExperts or None")
-        adaptive.check_model(config.num_experts)
+        adaptive.check_model(config)
     mask_id = mask_id if mask_id is not None else config.mask_token_id
     if mask_id is None:
         raise ValueError("this model has no mask token (config mask_token_id=None): pass "
@@ -312,6 +313,10 @@ def resolve_options(config, *, gen_length=None, block_length=None, steps=None,
         early_stop=bool(early_stop), return_trace=bool(return_trace), convention=conv,
         cached=cache, approx_cache=approx, cache_refresh=cache_refresh,
         cache_window=cache_window, decoder=decoder, top_k=top_k, top_p=top_p is not None)
+    if adaptive is not None:  # the defaults left None come from the model and the steps
+        adaptive = adaptive.resolved(config.num_experts_per_tok, opts.steps_per_block)
+        adaptive.check_model(config)
+        opts = dataclasses.replace(opts, adaptive=adaptive)
     knobs = {"temperature": jnp.float32(temperature), "cfg_scale": jnp.float32(cfg_scale),
              "threshold": jnp.float32(1.0 if threshold is None else float(threshold)),
              "top_p": jnp.float32(1.0 if top_p is None else top_p),

@@ -79,8 +79,12 @@ class SamplerState:
     block: jax.Array         # int32 current block
     step: jax.Array          # int32 step within the block
     nfe: jax.Array           # int32 model calls so far
-    work_S: jax.Array        # int32 routed token-expert pairs of each model call
+    work_S: jax.Array        # int32 [S, 2]: each model call's routed token-expert pairs and
+    #                          expert reads (distinct experts with rows, per layer and row)
     trace: dict | None = None  # with return_trace: committed_SBG, budget_SBG, remask_SBG, block_S
     decoder: Any = None  # the decoder's own carry (decoders.Decoder.init_carry)
+    # block expert sets under expert_set="first_step": bool [n_moe, rows, E], the sets
+    # picked at the current block's first call (rows: 2B with guidance)
+    expert_set: Any = None
     cache: Any = None  # cached runs: ``model_call.new_cache``'s K/V buffers over the canvas
     #                    (2B rows with guidance: the prompt-masked copies second)
