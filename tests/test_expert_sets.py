@@ -375,15 +375,21 @@ def test_adaptive_defaults_from_the_model():
     assert AdaptiveExperts(initial=6).resolved(4, 6).maximum == 6
 
 
-def test_llada2_cached_generation_with_sets():
-    """The K/V cache (LLaDA2, block-causal): M = E is exact, first_step sets bound the
-    experts every call reads (prefill, steps and block fills)."""
+def peaked_block_causal_llada2():
+    """A tiny block-causal LLaDA2 (8 experts, top-2 in 2 of 4 groups) with weights x7.5,
+    so router scores and logits are well separated."""
     cfg = llada2_cfg(num_experts=8, num_experts_per_tok=2, n_group=4, topk_group=2,
                      hidden_size=32, num_layers=3, attention_block_length=4,
                      moe_backend="auto")
     model = jmoe.random_model(cfg, seed=1)
-    model = model.replace(params=jax.tree.map(lambda p: p * 7.5 if p.ndim >= 2 else p,
-                                              model.params))
+    return model.replace(params=jax.tree.map(lambda p: p * 7.5 if p.ndim >= 2 else p,
+                                             model.params))
+
+
+def test_llada2_cached_generation_with_sets():
+    """The K/V cache (LLaDA2, block-causal): M = E is exact, first_step sets bound the
+    experts every call reads (prefill, steps and block fills)."""
+    model = peaked_block_causal_llada2()
     rows = [[5, 17, 42, 8, 9, 60], [23, 7, 4, 50, 2, 31, 11, 12]]
     kw = dict(gen_length=8, block_length=4, steps=4, cache=True)
     ad = dict(initial=2, maximum=2, update_interval=1)
@@ -422,12 +428,7 @@ def test_llada2_idle_blocks_decoder_and_sets():
     """LLaDA2 rows of mixed lengths (a block with no row's masks makes no call: its work and
     sets are zeros, the decoder's carry passes through) under the credit decoder, cached
     and not: M = E is the run without sets, first_step sets bound every call's reads."""
-    cfg = llada2_cfg(num_experts=8, num_experts_per_tok=2, n_group=4, topk_group=2,
-                     hidden_size=32, num_layers=3, attention_block_length=4,
-                     moe_backend="auto")
-    model = jmoe.random_model(cfg, seed=1)
-    model = model.replace(params=jax.tree.map(lambda p: p * 7.5 if p.ndim >= 2 else p,
-                                              model.params))
+    model = peaked_block_causal_llada2()
     rows = [[5, 17, 42], list(range(30, 51))]  # regions in blocks 0-2 and 5-6
     ad = dict(initial=2, maximum=2, update_interval=1)
     for cache in (False, True):
