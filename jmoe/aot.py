@@ -36,6 +36,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jmoe.routing import check_expert_set
+
 HEADROOM = 0.9  # a program fits when it needs at most this share of a device's HBM
 GiB = 1 << 30
 
@@ -102,6 +104,8 @@ class Plan:
     moe_backend: str
     device_hbm_bytes: float
     programs: dict[str, ProgramPlan]
+    experts_per_block: int | None = None  # block expert sets (None: off) and their rule
+    expert_set: str | None = None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -110,7 +114,9 @@ class Plan:
         """A plain-text table, one row per program (GiB per device, milliseconds)."""
         head = (f"{self.model} on {self.target} (data={self.data}, expert={self.expert}), "
                 f"batch {self.batch}, prompt {self.prompt_length}, gen {self.gen_length}, "
-                f"block {self.block_length}, moe_backend {self.moe_backend}; per device, "
+                f"block {self.block_length}, moe_backend {self.moe_backend}"
+                + (f", block expert sets M={self.experts_per_block} ({self.expert_set})"
+                   if self.experts_per_block is not None else "") + "; per device, "
                 f"HBM {self.device_hbm_bytes / GiB:.1f} GiB; XLA cost-model figures")
         cols = ("program", "params GiB", "temp GiB", "out GiB", "HBM GiB", "fits", "GFLOP",
                 "GB accessed", "a2a MB", "roofline ms")
@@ -262,41 +268,58 @@ def per_device_bytes(structs) -> int:
 
 # -- the programs -----------------------------------------------------------------------------
 
-def _lower_forward(config, params, mesh, device, batch: int, length: int):
-    from jmoe.model import _forward
+def _call_budget(config, sets):
+    """The model call's ``Budget``: the model's top-k, within block expert sets when
+    ``sets = (M, rule)`` is given."""
     from jmoe.routing import Budget
+
+    m, rule = sets or (None, "mass")
+    return Budget(None, config.num_experts_per_tok, experts_per_block=m, expert_set_rule=rule)
+
+
+def _lower_forward(config, params, mesh, device, batch: int, length: int, sets=None):
+    from jmoe.model import _forward
 
     tok = _placed((batch, length), jnp.int32, _batch_sharding(mesh, device, batch, 2))
     valid = _placed((batch, length), jnp.bool_, _batch_sharding(mesh, device, batch, 2))
-    return _forward.lower(params, tok, valid, Budget(None, config.num_experts_per_tok),
-                          config=config, capture=False)
+    return _forward.lower(params, tok, valid, _call_budget(config, sets), config=config,
+                          capture=False)
 
 
-def _sampler_setup(config, batch, prompt_length, gen_length, block_length):
+def _sampler_setup(config, batch, prompt_length, gen_length, block_length, sets=None):
     """The options, the canvas and whether a cached block step applies."""
+    from jmoe.sampling.budgets import AdaptiveExperts
     from jmoe.sampling.options import resolve_options
 
     # only shapes matter here: a model without a mask token (causal OLMoE) is planned
     # with a stand-in id
     mask_id = 0 if config.mask_token_id is None else None
+    adaptive = None
+    if sets:
+        # block expert sets alone: every position keeps the model's top-k
+        k = config.num_experts_per_tok
+        adaptive = AdaptiveExperts(initial=k, maximum=k, experts_per_block=sets[0],
+                                   expert_set=sets[1])
     opts, knobs = resolve_options(config, gen_length=gen_length, block_length=block_length,
-                                  threshold=0.9, mask_id=mask_id)
+                                  threshold=0.9, mask_id=mask_id, adaptive=adaptive)
     rows = [[0] * prompt_length for _ in range(batch)]
     canvas = opts.convention.layout(rows, opts, config)
     return opts, knobs, canvas
 
 
-def _lower_step(config, params, mesh, device, batch, prompt_length, gen_length, block_length):
+def _lower_step(config, params, mesh, device, batch, prompt_length, gen_length, block_length,
+                sets=None):
     """One denoising step's model call: a cached block call where the convention caches
     (block-causal models), else the whole canvas."""
     from jmoe.kv_cache import KVCache
     from jmoe.model import apply
     from jmoe import xla_options
 
-    opts, _, canvas = _sampler_setup(config, batch, prompt_length, gen_length, block_length)
+    opts, _, canvas = _sampler_setup(config, batch, prompt_length, gen_length, block_length,
+                                     sets)
     if not opts.cached:
         return _lower_forward(canvas.config, params, mesh, device, batch,
-                              canvas.tokens_BL.shape[1]), canvas.tokens_BL.shape[1]
+                              canvas.tokens_BL.shape[1], sets), canvas.tokens_BL.shape[1]
     cfg, length = canvas.config, canvas.tokens_BL.shape[1]
     cache = jax.eval_shape(lambda: KVCache.empty(cfg, batch, length))
     shard4 = _batch_sharding(mesh, device, batch, 4)
@@ -304,7 +327,9 @@ def _lower_step(config, params, mesh, device, batch, prompt_length, gen_length, 
         k=tuple(_placed(a.shape, a.dtype, shard4) for a in cache.k),
         v=tuple(_placed(a.shape, a.dtype, shard4) for a in cache.v),
         length=_placed((), jnp.int32, _replicated(mesh, device)))
-    step = xla_options.jit(lambda p, t, v, c, *, config: apply(config, p, t, valid_BL=v, cache=c),
+    budget = _call_budget(cfg, sets)
+    step = xla_options.jit(lambda p, t, v, c, *, config: apply(config, p, t, valid_BL=v,
+                                                               budgets=budget, cache=c),
                            static_argnames=("config",))
     tok = _placed((batch, block_length), jnp.int32, _batch_sharding(mesh, device, batch, 2))
     valid = _placed((batch, block_length), jnp.bool_, _batch_sharding(mesh, device, batch, 2))
@@ -312,10 +337,11 @@ def _lower_step(config, params, mesh, device, batch, prompt_length, gen_length, 
 
 
 def _lower_generate(config, params, mesh, device, batch, prompt_length, gen_length,
-                    block_length):
+                    block_length, sets=None):
     from jmoe.sampling import loop
 
-    opts, knobs, canvas = _sampler_setup(config, batch, prompt_length, gen_length, block_length)
+    opts, knobs, canvas = _sampler_setup(config, batch, prompt_length, gen_length, block_length,
+                                         sets)
     shape = canvas.tokens_BL.shape
     sh = _batch_sharding(mesh, device, batch, 2)
     rep = _replicated(mesh, device)
@@ -383,7 +409,8 @@ class Targeted:
 def targeted(config_or_path, *, target: str, data: int = 1, expert: int | None = None,
              batch: int = 1, prompt_length: int = 256, gen_length: int = 256,
              block_length: int = 32, moe_backend: str = "auto",
-             programs=("forward", "step", "generate")) -> Targeted:
+             programs=("forward", "step", "generate"), experts_per_block: int | None = None,
+             expert_set: str = "mass") -> Targeted:
     """Lower ``programs`` for ``target`` (arguments and errors as ``plan``); call
     ``.compile()`` on each to inspect the program itself, e.g. its HLO
     (``jmoe.hlo_bytes``)."""
@@ -397,17 +424,19 @@ def targeted(config_or_path, *, target: str, data: int = 1, expert: int | None =
             raise ValueError(f"{label}={v!r}: expected a positive int")
     hw = HARDWARE.get(target)
     devices = target_devices(target)
+    m = check_expert_set(config, experts_per_block, expert_set)
+    sets = None if m is None else (m, expert_set)
     mesh, expert = target_mesh(devices, data, expert, config.num_experts)
     config = config.replace(mesh=mesh, platform=hw.platform, moe_backend=moe_backend)
     params = abstract_params(config, mesh, devices[0])
     lowerers = {
         "forward": lambda: (_lower_forward(config, params, mesh, devices[0], batch,
-                                           prompt_length + gen_length),
+                                           prompt_length + gen_length, sets),
                             prompt_length + gen_length),
         "step": lambda: _lower_step(config, params, mesh, devices[0], batch, prompt_length,
-                                    gen_length, block_length),
+                                    gen_length, block_length, sets),
         "generate": lambda: _lower_generate(config, params, mesh, devices[0], batch,
-                                            prompt_length, gen_length, block_length),
+                                            prompt_length, gen_length, block_length, sets),
     }
     return Targeted(name=name, config=config, hardware=hw, devices=devices, mesh=mesh,
                     expert=expert, param_bytes=per_device_bytes(params),
@@ -417,7 +446,8 @@ def targeted(config_or_path, *, target: str, data: int = 1, expert: int | None =
 def plan(config_or_path, *, target: str, data: int = 1, expert: int | None = None,
          batch: int = 1, prompt_length: int = 256, gen_length: int = 256,
          block_length: int = 32, moe_backend: str = "auto",
-         programs=("forward", "step", "generate")) -> Plan:
+         programs=("forward", "step", "generate"), experts_per_block: int | None = None,
+         expert_set: str = "mass") -> Plan:
     """Compile ``programs`` of a model for ``target`` without the hardware, and size them.
 
     Args:
@@ -436,6 +466,11 @@ def plan(config_or_path, *, target: str, data: int = 1, expert: int | None = Non
             (one denoising step: a cached block call for block-causal models, else the
             whole canvas) and ``"generate"`` (the whole compiled sampler loop; XLA's cost
             model counts its loop body once).
+        experts_per_block, expert_set: block expert sets (``jmoe.AdaptiveExperts``): None
+            (default, off) or M in ``top-k..E``, each model call routes to at most M
+            distinct experts per MoE layer and sequence; ``expert_set`` the set rule
+            (``"mass"``, ``"first_step"``, ``"topk_mass"``; it changes only the
+            ``generate`` program). Every position keeps the model's top-k.
 
     Returns:
         ``Plan``: per program and device ``param_bytes``, ``temp_bytes``, ``output_bytes``,
@@ -444,7 +479,9 @@ def plan(config_or_path, *, target: str, data: int = 1, expert: int | None = Non
 
     Raises:
         ValueError: an unknown target, model or program; a mesh that does not match the
-            target's devices; experts not divisible by ``expert``; libtpu or the CUDA
+            target's devices; experts not divisible by ``expert``; ``experts_per_block``
+            outside ``top-k..E``, an unknown ``expert_set``, or block sets with expert-choice
+            routing; libtpu or the CUDA
             plugin missing (one line naming what to install).
         FileNotFoundError: a folder without config.json.
 
@@ -456,7 +493,8 @@ def plan(config_or_path, *, target: str, data: int = 1, expert: int | None = Non
 
     t = targeted(config_or_path, target=target, data=data, expert=expert, batch=batch,
                  prompt_length=prompt_length, gen_length=gen_length,
-                 block_length=block_length, moe_backend=moe_backend, programs=programs)
+                 block_length=block_length, moe_backend=moe_backend, programs=programs,
+                 experts_per_block=experts_per_block, expert_set=expert_set)
     config, mesh, expert = t.config, t.mesh, t.expert
     out = {}
     for program, (lowered, call_length) in t.lowered.items():
@@ -469,7 +507,8 @@ def plan(config_or_path, *, target: str, data: int = 1, expert: int | None = Non
     return Plan(model=name, target=target, data=data, expert=expert, batch=batch,
                 prompt_length=prompt_length, gen_length=gen_length, block_length=block_length,
                 moe_backend=moe_backend, device_hbm_bytes=hw.hbm_per_chip * hw.chips / len(devices),
-                programs=out)
+                programs=out, experts_per_block=experts_per_block,
+                expert_set=expert_set if experts_per_block is not None else None)
 
 
 # -- the command line: ``jmoe plan`` ----------------------------------------------------------
@@ -491,6 +530,11 @@ def add_arguments(p):
                    help="auto, pallas, ragged, bucketed, dense (default: auto, the target's)")
     p.add_argument("--programs", default=",".join(PROGRAMS),
                    help=f"comma-separated, some of {','.join(PROGRAMS)} (default: all)")
+    p.add_argument("--experts-per-block", type=int, default=None, metavar="M",
+                   help="block expert sets: at most M distinct experts per MoE layer and "
+                        "sequence in each model call, top-k <= M <= E (default: off)")
+    p.add_argument("--expert-set", default="mass", choices=("mass", "first_step", "topk_mass"),
+                   help="the block expert-set rule (default: mass)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     return p
 
@@ -504,6 +548,7 @@ def run(args) -> int:
     p = plan(args.model, target=args.target, data=args.data, expert=args.expert,
              batch=args.batch, prompt_length=args.prompt_length, gen_length=args.gen_length,
              block_length=args.block_length, moe_backend=args.moe_backend,
-             programs=tuple(s for s in args.programs.split(",") if s))
+             programs=tuple(s for s in args.programs.split(",") if s),
+             experts_per_block=args.experts_per_block, expert_set=args.expert_set)
     print(json.dumps(p.to_dict(), indent=1) if args.json else p.table())
     return 0

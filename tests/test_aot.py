@@ -172,3 +172,33 @@ def test_a_causal_model_without_mask_token_is_plannable():
                  moe_backend="ragged")
     assert set(p.programs) == {"forward", "step", "generate"}
     no_cpu_kernels(p)
+
+
+@pytest.mark.parametrize("backend", ["ragged", "pallas"])
+def test_block_expert_sets_compile_for_a_tpu_mesh(backend):
+    # AdaptiveExperts(experts_per_block=M) planned: the set choice and the restricted
+    # routing lower for Mosaic / XLA:TPU on an expert-parallel mesh, with no CPU kernel
+    c = tiny_olmoe()
+    p = aot.plan(c, target="v5e-8", expert=8, batch=2, prompt_length=16, gen_length=16,
+                 block_length=8, moe_backend=backend, experts_per_block=4,
+                 expert_set="first_step", programs=("step", "generate"))
+    no_cpu_kernels(p)
+    assert (p.experts_per_block, p.expert_set) == (4, "first_step")
+    assert "block expert sets M=4 (first_step)" in p.table()
+    for name, prog in p.programs.items():
+        assert prog.param_bytes == olmoe_param_bytes(c, expert=8), name
+        assert prog.fits and prog.flops > 0
+
+
+def test_bad_block_expert_sets_are_one_line_errors():
+    c = tiny_olmoe()
+    for kw, words in [(dict(experts_per_block=1), "experts_per_block=1"),
+                      (dict(experts_per_block=9), "experts_per_block=9"),
+                      (dict(experts_per_block=4, expert_set="nope"), "expert_set='nope'")]:
+        with pytest.raises(ValueError, match=re.escape(words)) as err:
+            aot.plan(c, target="v5e-8", programs=("forward",), **kw)
+        assert "\n" not in str(err.value)
+    with pytest.raises(ValueError, match="token_choice") as err:
+        aot.plan(tiny_olmoe(routing="expert_choice"), target="v5e-8", programs=("forward",),
+                 experts_per_block=4)
+    assert "\n" not in str(err.value)
