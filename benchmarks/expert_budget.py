@@ -11,7 +11,9 @@ Run: python benchmarks/expert_budget.py [--n 400] [--part shipped|shapes|all] [-
    from the steps), the derived defaults (``AdaptiveExperts()``), linear budgets capped
    one below top-k, and block sets
    ``M`` in {E/8, E/4, 3E/8, E/2} under the ``mass``, ``first_step`` and ``topk_mass``
-   rules (budgets: the defaults, or fixed top-k; capped at M).
+   rules (budgets: the defaults, or fixed top-k; capped at M); then the prefix cache
+   (fixed top-k, the defaults) and M in {3E/8, E/2} with ``set_coverage=0.9`` and/or
+   the prefix cache.
 2. ``shapes``: random models shaped like LLaDA-MoE-7B (E=64, top-8, softmax) and
    LLaDA2-mini (E=256, top-8, 8 groups / top-4 groups, sigmoid, one shared expert),
    one MoE layer, on one 32-token block (a cached LLaDA2 block call, or one LLaDA-MoE
@@ -63,9 +65,24 @@ def shipped(n: int, seed: int):
                              A(experts_per_block=m, expert_set=rule)))
                 runs.append((f"sets {rule} M={m}, k={k}",
                              A(initial=k, maximum=k, experts_per_block=m, expert_set=rule)))
+    runs = [(name, ad, {}) for name, ad in runs]
+    # the prefix cache (Fast-dLLM) computes only the block after the first call, so a
+    # step's tokens touch fewer experts; set_coverage keeps only the experts that cover
+    # that share of the set's router mass (0.9 chosen among 0.8-0.95 on seeds 1234 and 99)
+    prefix = {"cache": "prefix"}
+    runs += [(f"fixed k={k}, prefix cache", A(initial=k, maximum=k), prefix),
+             ("adaptive defaults, prefix cache", A(), prefix)]
+    for m in sorted({3 * e // 8, e // 2}):
+        if m >= k:
+            runs += [(f"sets mass M={m}, defaults, coverage 0.9",
+                      A(experts_per_block=m, set_coverage=0.9), {}),
+                     (f"sets mass M={m}, defaults, prefix cache",
+                      A(experts_per_block=m), prefix),
+                     (f"sets mass M={m}, defaults, coverage 0.9, prefix cache",
+                      A(experts_per_block=m, set_coverage=0.9), prefix)]
     rows = []
-    for name, adaptive in runs:
-        out = jmoe.generate(model, prompts, adaptive=adaptive)
+    for name, adaptive, kw in runs:
+        out = jmoe.generate(model, prompts, adaptive=adaptive, **kw)
         acc = float(np.mean([t == w for t, w in zip(out.texts, answers)]))
         distinct = out.expert_reads / (out.nfe * n * n_moe)
         rows.append((name, acc, out.expert_work, distinct))

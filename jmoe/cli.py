@@ -43,7 +43,7 @@ def _adaptive(args):
                                 maximum=args.adaptive_maximum,
                                 update_interval=args.update_interval,
                                 experts_per_block=args.experts_per_block,
-                                expert_set=args.expert_set)
+                                expert_set=args.expert_set, set_coverage=args.set_coverage)
 
 
 def _show_steps(out, model, animate: bool, delay: float = 0.08) -> None:
@@ -340,6 +340,10 @@ def _add_sampler_options(g) -> None:
                    "experts per layer and sequence in each model call (default: off)")
     g.add_argument("--expert-set", choices=("mass", "first_step", "topk_mass"), default="mass",
                    help="the block set rule with --experts-per-block (default: %(default)s)")
+    g.add_argument("--set-coverage", type=float, default=1.0,
+                   help="with --experts-per-block: keep only as many of the set's experts as "
+                   "cover this share of the summed router score, at least the top-k; in (0, 1] "
+                   "(default: %(default)s, exactly M)")
     g.add_argument("--mask-id", type=int, help="mask token id (default: the model's "
                    "mask_token_id)")
     g.add_argument("--eos-id", type=int, help="EOS token id (default: the model's "

@@ -124,6 +124,8 @@ class Budget:
     # experts per layer and sequence; None: unrestricted
     experts_per_block: int | None = struct.field(pytree_node=False, default=None)
     expert_set_rule: str = struct.field(pytree_node=False, default="mass")
+    # the share of the sequence's summed score the set must cover (1.0: exactly M)
+    set_coverage: float = struct.field(pytree_node=False, default=1.0)
     # given sets: bool [n_moe, B, E] (one per MoE layer), used where ``refresh_set`` is
     # False (a traced bool scalar; None: always used); None: every call picks its own
     expert_set: jax.Array | None = None
@@ -217,26 +219,41 @@ def set_scores(config, logits_BLE, params):
     return jax.nn.softmax(logits_BLE, axis=-1)
 
 
-def mass_set(scores_BLE, valid_BL, m: int):
+def _largest(mass_BE, m: int, coverage: float = 1.0, least: int = 1):
+    """Bool ``[B, E]``: per row the ``m`` largest entries of ``mass_BE`` (ties: the lower
+    id), or with ``coverage < 1`` the fewest of them, in order, whose sum reaches
+    ``coverage`` of the row's total -- at least ``least`` and at most ``m`` (top-p over
+    experts, applied to the set)."""
+    b, e = mass_BE.shape
+    top_BM, ids_BM = jax.lax.top_k(mass_BE, m)
+    keep_BM = jnp.ones(top_BM.shape, bool)
+    if coverage < 1.0:
+        before_BM = jnp.cumsum(top_BM, axis=-1) - top_BM  # the mass of the larger ones
+        keep_BM = ((before_BM < coverage * mass_BE.sum(-1, keepdims=True))
+                   | (jnp.arange(m) < least))
+    return jnp.zeros((b, e), bool).at[jnp.arange(b)[:, None], ids_BM].set(keep_BM)
+
+
+def mass_set(scores_BLE, valid_BL, m: int, coverage: float = 1.0, least: int = 1):
     """The ``mass`` rule: per sequence, the ``m`` experts with the largest score summed
-    over its valid tokens (ties: the lower id). Returns bool ``[B, E]``."""
-    b, _, e = scores_BLE.shape
+    over its valid tokens (ties: the lower id); with ``coverage < 1`` only as many of
+    them as cover that share of the summed score, at least ``least``. Returns bool
+    ``[B, E]``."""
     mass_BE = jnp.where(valid_BL[..., None], scores_BLE, 0.0).sum(1)
-    _, ids_BM = jax.lax.top_k(mass_BE, m)
-    return jnp.zeros((b, e), bool).at[jnp.arange(b)[:, None], ids_BM].set(True)
+    return _largest(mass_BE, m, coverage, least)
 
 
-def topk_mass_set(scores_BLE, valid_BL, m: int, k: int):
+def topk_mass_set(scores_BLE, valid_BL, m: int, k: int, coverage: float = 1.0):
     """The ``topk_mass`` rule: per sequence, the ``m`` experts with the largest sum of the
     scores that put them in a valid token's own top-``k`` (each token votes for its
-    unrestricted top-k with its scores; ties: the lower id). Returns bool ``[B, E]``."""
+    unrestricted top-k with its scores; ties: the lower id); ``coverage`` as
+    ``mass_set`` (at least ``k``). Returns bool ``[B, E]``."""
     b, l, e = scores_BLE.shape
     top_v, top_i = jax.lax.top_k(scores_BLE, k)
     top_v = jnp.where(valid_BL[..., None], top_v, 0.0)
     mass_BE = jnp.zeros((b, e), jnp.float32).at[
         jnp.arange(b)[:, None, None], top_i].add(top_v)
-    _, ids_BM = jax.lax.top_k(mass_BE, m)
-    return jnp.zeros((b, e), bool).at[jnp.arange(b)[:, None], ids_BM].set(True)
+    return _largest(mass_BE, m, coverage, k)
 
 
 def block_expert_set(config, logits_BLE, params, valid_BL, budget: Budget):
@@ -252,6 +269,9 @@ def block_expert_set(config, logits_BLE, params, valid_BL, budget: Budget):
                       over the tokens that rank them in their own top-k (the call's
                       ``bound``; ``topk_mass_set``): a vote of the tokens' preferred
                       experts rather than of their whole score distributions.
+    With ``budget.set_coverage < 1`` a rule keeps only as many of its ``M`` experts, in
+    order, as cover that share of the sequence's summed score (at least the call's
+    top-k): a call whose tokens agree reads fewer than ``M`` experts' weights.
     Given sets are used where ``budget.refresh_set`` is False, else the rule picks.
     """
     m = budget.experts_per_block
@@ -259,9 +279,9 @@ def block_expert_set(config, logits_BLE, params, valid_BL, budget: Budget):
         return None
     scores_BLE = set_scores(config, logits_BLE, params)
     if budget.expert_set_rule == "topk_mass":
-        fresh_BE = topk_mass_set(scores_BLE, valid_BL, m, budget.bound)
+        fresh_BE = topk_mass_set(scores_BLE, valid_BL, m, budget.bound, budget.set_coverage)
     else:
-        fresh_BE = mass_set(scores_BLE, valid_BL, m)
+        fresh_BE = mass_set(scores_BLE, valid_BL, m, budget.set_coverage, budget.bound)
     if budget.expert_set is None:
         return fresh_BE
     given_BE = jnp.asarray(budget.expert_set, bool)

@@ -446,3 +446,57 @@ def test_llada2_idle_blocks_decoder_and_sets():
         calls = few.nfe + (1 + 7 if cache else 0)  # steps, the prefill, block fills
         assert few.expert_reads <= 2 * 2 * len(rows) * calls
         assert few.expert_reads < plain.expert_reads
+
+
+def ref_coverage_set(mass_BE, m, coverage, least):
+    """The ``set_coverage`` refinement as a loop: the M largest experts in order, each
+    kept while the mass before it is below ``coverage`` of the total, or while fewer
+    than ``least`` are kept."""
+    allowed = np.zeros(mass_BE.shape, bool)
+    for b in range(mass_BE.shape[0]):
+        total, before = mass_BE[b].sum(), 0.0
+        for i, e in enumerate(np.argsort(-mass_BE[b], kind="stable")[:m]):
+            if before < coverage * total or i < least:
+                allowed[b, e] = True
+            before += mass_BE[b, e]
+    return allowed
+
+
+@pytest.mark.parametrize("rule", ["mass", "topk_mass"])
+@pytest.mark.parametrize("coverage", [0.3, 0.6, 0.9])
+def test_set_coverage_matches_reference(rule, coverage):
+    logits, valid, _, _ = case(seed=7)
+    logits = logits * 1.5  # peaked: some sequences need fewer than M experts
+    p = softmax64(logits)
+    if rule == "mass":
+        mass = np.where(valid[..., None], p, 0.0).sum(1)
+    else:
+        mass = np.zeros((2, 16))
+        for i, j in zip(*np.nonzero(valid)):
+            top = np.argsort(-p[i, j], kind="stable")[:3]
+            mass[i, top] += p[i, j, top]
+    want = ref_coverage_set(mass, 8, coverage, least=3)
+    bud = Budget(None, 3, experts_per_block=8, expert_set_rule=rule, set_coverage=coverage)
+    got = routing.block_expert_set(olmoe_cfg(), jnp.asarray(logits, jnp.float32), {},
+                                   jnp.asarray(valid), bud)
+    np.testing.assert_array_equal(np.asarray(got), want)
+    assert want.sum(1).min() >= 3 and want.sum(1).max() <= 8
+    if coverage < 0.9:
+        assert want.sum(1).min() < 8  # the refinement dropped experts here
+
+
+def test_sampler_set_coverage_reads_fewer_experts(sampler_model):
+    kw = dict(gen_length=16, block_length=8, steps=8)
+    ad = dict(initial=2, maximum=2, update_interval=1, experts_per_block=6)
+    whole = generate(sampler_model, SAMPLER_ROWS, adaptive=AdaptiveExperts(**ad), **kw)
+    same = generate(sampler_model, SAMPLER_ROWS,
+                    adaptive=AdaptiveExperts(**ad, set_coverage=1.0), **kw)
+    np.testing.assert_array_equal(same.tokens, whole.tokens)
+    part = generate(sampler_model, SAMPLER_ROWS,
+                    adaptive=AdaptiveExperts(**ad, set_coverage=0.5), **kw)
+    assert part.expert_reads < whole.expert_reads
+    assert part.expert_reads >= 2 * part.nfe * len(SAMPLER_ROWS) * 2  # at least top-k=2
+    for bad in (0.0, 1.5, "0.9", True):
+        with pytest.raises(ValueError, match=r"set_coverage=.*expected a float in \(0, 1\]") as e:
+            AdaptiveExperts(experts_per_block=6, set_coverage=bad)
+        assert "\n" not in str(e.value)

@@ -56,6 +56,7 @@ def call_model(params, tokens_BL, valid_BL, budget_BL, *, config, opts, cache=No
     m = ad.experts_per_block if ad else None
     budgets = Budget(budget_BL if ad else None, budget_bound(config, opts),
                      experts_per_block=m, expert_set_rule=ad.expert_set if ad else "mass",
+                     set_coverage=ad.set_coverage if ad else 1.0,
                      expert_set=expert_set if m else None,
                      refresh_set=refresh_set if m and expert_set is not None else None)
     if cache is not None:
