@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jmoe.config import CONFIG_CLASSES, TOKEN_ID_FIELDS, read_json
-from jmoe.hf import config_from_hf_dir, read_params, require_folder
+from jmoe.hf import config_from_hf_dir, get_path, read_params, require_folder
 from jmoe import platform as platform_lib
 from jmoe import sharding
 from jmoe.model import Model, abstract_params, param_logical_axes
@@ -382,6 +382,51 @@ def _restore_params(folder: str, config, mesh=None, target=None):
     return params
 
 
+class StoredParams:
+    """A jmoe checkpoint's params read one leaf at a time: ``tree[a][b]...`` down to a
+    leaf restores that leaf (as a host jax array in its stored dtype) and keeps only
+    the last one read, so walking every leaf holds at most one besides what the caller
+    keeps (``jmoe.convert.jmoe_to_hf``'s bounded export). Open with ``open_stored``."""
+
+    def __init__(self, folder: str, structs, path=(), last=None):
+        self._folder, self._structs, self._path = folder, structs, path
+        self._last = [None, None] if last is None else last  # (path, array) shared
+
+    def __getitem__(self, key):
+        node, path = self._structs[key], self._path + (key,)
+        if isinstance(node, Mapping):
+            return StoredParams(self._folder, node, path, self._last)
+        if self._last[0] != path:
+            self._last[:] = [None, None]  # drop the previous leaf before reading
+            target: dict = {}
+            sub = target
+            for k in path[:-1]:
+                sub = sub.setdefault(k, {})
+            sub[path[-1]] = node
+            got = _restore_params(self._folder, None, target=target)
+            for k in path:
+                got = got[k]
+            self._last[:] = [path, got]
+        return self._last[1]
+
+
+def open_stored(folder: str):
+    """``(config, StoredParams)`` of a jmoe checkpoint, its config checked against its
+    params' metadata (no weight is read); errors as ``load``."""
+    folder = require_folder(folder, "jmoe checkpoint")
+    cfg_path = os.path.join(folder, "config.json")
+    if not os.path.isfile(cfg_path):
+        raise FileNotFoundError(f"no config.json in {folder!r}: expected a jmoe checkpoint")
+    config = config_from_dict(read_json(cfg_path), cfg_path)
+    stored, structs = stored_params(folder), abstract_params(config, as_struct=True)
+    found = _first_difference(_plain(structs), stored)
+    if found:
+        leaf, want, got = found
+        raise ValueError(f"{cfg_path} does not match its params/: {leaf} is {got} in "
+                         f"params/, config.json implies {want}")
+    return config, StoredParams(folder, structs)
+
+
 def _restore_in_parts(params_dir: str, target, part_bytes: int | None = None):
     """Restore ``target`` (a tree of ShapeDtypeStructs, with or without shardings) as jax
     arrays, ``PART_BYTES`` of leaves per orbax restore (``partial_restore``).
@@ -597,13 +642,20 @@ def load(path: str | os.PathLike | None = None, *, tokenizer: bool = True,
         config = config_from_hf_dir(path, **ids)
         # read_params checks every tensor against this config's shapes
         check_matches_weights(config, config_overrides, expected_params(config), path)
-        # each leaf becomes a jax array as soon as it is read: one copy of the weights
+        # each leaf becomes a jax array (on a mesh: its shards) as soon as it is read: one
+        # copy of the weights
+        shardings = None
+        if mesh is not None:
+            shardings = sharding.param_shardings(param_logical_axes(config), mesh,
+                                                 num_experts=config.num_experts)
+
+        def place(leaf_path, leaf):
+            return jax.device_put(leaf, None if shardings is None
+                                  else get_path(shardings, leaf_path))
+
         params, dtype = read_params(path, config, config_overrides.get("dtype"), progress=False,
-                                    place=None if mesh is not None else jax.device_put)
+                                    place=place)
         config = config.replace(dtype=dtype)
-        if mesh is not None:  # host arrays straight into their shards
-            params = sharding.shard_params(params, param_logical_axes(config), mesh,
-                                           num_experts=config.num_experts)
     if config_overrides:
         new = config.replace(**config_overrides)
         if new.dtype != config.dtype:

@@ -16,8 +16,8 @@ import sys
 import numpy as np
 from tqdm.auto import tqdm
 
-from jmoe.checkpoint import (atomic_dir, check_matches_weights, expected_params, load,
-                             save_checkpoint_streaming)
+from jmoe.checkpoint import (atomic_dir, check_matches_weights, expected_params,
+                             open_stored, save_checkpoint_streaming)
 from jmoe.config import TOKEN_ID_FIELDS, read_json
 from jmoe.hf import config_from_hf_dir, get_path, iter_params, open_params, require_folder
 from jmoe.hf_keys import hf_config_from, rules_for
@@ -27,6 +27,7 @@ SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.jso
               "tokenizer.model", "vocab.json", "merges.txt", "vocab.txt",
               "added_tokens.json", "generation_config.json", "chat_template.jinja")
 MAX_SHARD_BYTES = 4 << 30
+EXPORT_SHARD_BYTES = 1 << 30  # jmoe_to_hf holds one shard: its memory bound
 
 
 def iter_hf_tensors(params, config):
@@ -101,19 +102,29 @@ def hf_to_jmoe(hf_dir: str, out: str, *, dtype: str | None = None, overwrite: bo
     return out
 
 
-def jmoe_to_hf(ckpt: str, out: str, *, overwrite: bool = False, progress: bool = True) -> str:
+def jmoe_to_hf(ckpt: str, out: str, *, overwrite: bool = False, progress: bool = True,
+               shard_bytes: int = EXPORT_SHARD_BYTES) -> str:
     """Export a jmoe checkpoint back to an HF folder (safetensors shards + config); ``out``
-    is checked and written as by ``hf_to_jmoe``."""
+    is checked and written as by ``hf_to_jmoe``.
+
+    Memory: streamed. One params leaf is restored at a time
+    (``jmoe.checkpoint.StoredParams``) and one shard of at most ``shard_bytes``
+    (default ``EXPORT_SHARD_BYTES``, 1 GiB; the HF index lists the shards) is held
+    before it is written, so the peak is about ``shard_bytes`` plus the largest leaf
+    whatever the model size (``tests/test_scale_memory.py``).
+    """
+    if isinstance(shard_bytes, bool) or not isinstance(shard_bytes, int) or shard_bytes <= 0:
+        raise ValueError(f"shard_bytes={shard_bytes!r}: expected a positive int (bytes)")
     ckpt = require_folder(ckpt, "jmoe checkpoint")
     with atomic_dir(out, overwrite, sources=[ckpt]) as tmp:
-        model = load(ckpt, tokenizer=False)
+        config, params = open_stored(ckpt)
         hf_cfg_path = os.path.join(ckpt, "hf_config.json")
         base = read_json(hf_cfg_path) if os.path.isfile(hf_cfg_path) else None
         if base is not None and not isinstance(base, dict):
             raise ValueError(f"{hf_cfg_path}: expected a JSON object, got {type(base).__name__}")
-        _write_shards(tmp, iter_hf_tensors(model.params, model.config), progress)
+        _write_shards(tmp, iter_hf_tensors(params, config), progress, shard_bytes)
         with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump(hf_config_from(model.config, base), f, indent=2)
+            json.dump(hf_config_from(config, base), f, indent=2)
         copy_side_files(ckpt, tmp)
     return out
 

@@ -374,8 +374,9 @@ def read_params(hf_dir: str, config, dtype: str | None = None, progress: bool = 
 
     ``dtype`` None keeps the weights' own (``source_dtype``: float32 or bfloat16,
     else refused); ``"float32"`` or ``"bfloat16"`` converts them. ``place``, if given,
-    maps each NumPy leaf as soon as it is read (``jax.device_put``: the NumPy copy is
-    dropped at once, so the tree is never held twice). Raises ValueError naming the
+    maps each NumPy leaf as soon as it is read, called as ``place(path, leaf)`` with the
+    leaf's params path (e.g. ``jax.device_put`` onto the leaf's sharding: the NumPy copy
+    is dropped at once, so the tree is never held twice). Raises ValueError naming the
     tensor for a missing, unexpected or mis-shaped tensor. Expected shapes come from
     ``init_params`` of the config (abstractly).
     """
@@ -383,7 +384,7 @@ def read_params(hf_dir: str, config, dtype: str | None = None, progress: bool = 
     try:
         params: dict = {}
         for path, leaf in iter_params(reader, config, dtype, progress):
-            _set_path(params, path, leaf if place is None else place(leaf))
+            _set_path(params, path, leaf if place is None else place(path, leaf))
             del leaf
         return params, dtype
     finally:

@@ -49,6 +49,13 @@ CONVERT = ("import sys; from jmoe.convert import hf_to_jmoe; "
            "hf_to_jmoe(sys.argv[1], sys.argv[2], progress=False); print('PEAK', " + PEAK + ")")
 LOAD = ("import sys, jax, jmoe; m = jmoe.load(sys.argv[1], tokenizer=False); "
         "jax.block_until_ready(m.params); print('PEAK', " + PEAK + ")")
+# an HF folder onto a (1-device) mesh: each leaf straight into its shards
+LOAD_MESH = ("import sys, jax, jmoe; m = jmoe.load(sys.argv[1], tokenizer=False, "
+             "mesh=jmoe.make_mesh()); jax.block_until_ready(m.params); print('PEAK', "
+             + PEAK + ")")
+# 128 MiB shards, so both sizes export several (the default is 1 GiB)
+EXPORT = ("import sys; from jmoe.convert import jmoe_to_hf; jmoe_to_hf(sys.argv[1], "
+          "sys.argv[2], progress=False, shard_bytes=128 << 20); print('PEAK', " + PEAK + ")")
 
 
 def peak_rss(code: str, *args) -> int:
@@ -71,7 +78,9 @@ def measured(tmp_path_factory):
         largest = max(mfs._nbytes(t) for t in mfs.hf_tensors(config))
         out[layers] = dict(size=made["bytes"], largest=largest,
                            convert=peak_rss(CONVERT, hf, ck),
-                           load_hf=peak_rss(LOAD, hf), load=peak_rss(LOAD, ck))
+                           load_hf=peak_rss(LOAD, hf), load=peak_rss(LOAD, ck),
+                           load_hf_mesh=peak_rss(LOAD_MESH, hf),
+                           export=peak_rss(EXPORT, ck, tmp / f"back{layers}"))
     print({k: {n: f"{v / GIB:.3f} GiB" for n, v in m.items()} for k, m in out.items()})
     return out
 
@@ -87,9 +96,20 @@ def test_conversion_peak_does_not_grow_with_the_model(measured):
     assert big["convert"] - small["convert"] < 0.25 * grown, measured
 
 
-@pytest.mark.parametrize("kind", ["load", "load_hf"])
+def test_export_peak_does_not_grow_with_the_model(measured):
+    # jmoe_to_hf restores one leaf at a time and holds one shard (here 128 MiB); it held
+    # the whole tree before (1x the weights more)
+    small, big = measured[3], measured[10]
+    assert big["export"] - small["export"] < 0.25 * (big["size"] - small["size"]), measured
+    for layers, m in measured.items():
+        assert m["export"] <= 2 * GIB + m["largest"], (layers, m)
+
+
+@pytest.mark.parametrize("kind", ["load", "load_hf", "load_hf_mesh"])
 def test_load_grows_by_at_most_1_2x_the_weights_it_adds(measured, kind):
     # jmoe.load of the converted checkpoint (restored in parts) and of the HF folder
-    # (each leaf placed as read): one copy of the weights plus a bounded overhead
+    # (each leaf placed as read, onto the mesh's shards with mesh=; this held a host
+    # copy and then the placed one before): one copy of the weights plus a bounded
+    # overhead
     small, big = measured[3], measured[10]
     assert big[kind] - small[kind] <= 1.2 * (big["size"] - small["size"]), measured
