@@ -404,8 +404,9 @@ class MoE(nn.Module):
     ``__call__(x_BLD, valid_BL, budget) -> (y_BLD, aux)``. With
     ``budget.experts_per_block`` each sequence's tokens route within its block expert
     set (``routing.block_expert_set``, reported as ``aux["expert_set"]``); the dense,
-    bucketed, ragged and pallas backends then run on the set's weights only
-    (``gather_set``; when ``B * M < E``), cpu_gmm reads only experts with rows anyway.
+    bucketed and ragged backends then run on the set's weights only (``gather_set``;
+    when ``B * M < E``), cpu_gmm and pallas read only experts with rows anyway (so a
+    ``set_coverage`` below 1 reads fewer than M there).
     The router is the family's
     (``config.router``, ``jmoe.routing.ROUTERS``) under ``config.routing``, in float32,
     run once; with ``config.mesh`` holding an ``expert`` axis > 1 the experts run
@@ -450,10 +451,12 @@ class MoE(nn.Module):
         else:
             backend = kernels(c.platform).moe_backend(
                 c.moe_backend, weights[0].dtype if c.moe_backend == "auto" else None)
-            if allowed_BE is not None and backend != "cpu_gmm" and \
+            if allowed_BE is not None and backend not in ("cpu_gmm", "pallas") and \
                     b * budget.experts_per_block < e:
-                # cpu_gmm never reads an expert without rows; the others get only the
-                # union of the sequences' sets
+                # cpu_gmm and the Pallas kernel never read an expert without rows (the
+                # kernel's grid fetches only the touched experts' weight blocks:
+                # pallas_kernels/moe_gmm/traffic.py), so a gather would only add a copy
+                # of M experts; ragged_dot, bucketed and dense get the union of the sets
                 r, weights = gather_set(r, allowed_BE, budget.experts_per_block, weights)
             y_BLD = expert_compute(backend, x_BLD.reshape(b * l, d), r, *weights,
                                    platform=c.platform).reshape(b, l, d)
