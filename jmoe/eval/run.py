@@ -96,6 +96,7 @@ def add_arguments(p):
 
 def run_from_args(args) -> int:
     """``jmoe eval``: evaluate, print lm_eval's table and the work spent."""
+    _lm_module()
     from lm_eval.utils import make_table, simple_parse_args_string
 
     model_args = simple_parse_args_string(args.model_args) if args.model_args else {}
