@@ -1,0 +1,259 @@
+"""jmoe as an lm-evaluation-harness model (``jmoe.eval``), offline.
+
+References: ``jmoe.tasks.addition_accuracy`` on the same items (generation through
+lm_eval's own entry point); the exact expectation of LLaDA's estimator, enumerated over
+every mask of a short target (the Monte Carlo likelihood); transformers'
+``OlmoeForCausalLM`` log-probabilities (the causal likelihood); ``jmoe.generate`` texts
+cut by hand (stop strings, ``max_gen_toks``, batching); hand-written chat renderings.
+The local tasks are ``tests/eval_tasks`` (YAML + JSONL, loaded from disk).
+"""
+
+from __future__ import annotations
+
+import glob
+import itertools
+import json
+import math
+import os
+
+os.environ["HF_DATASETS_OFFLINE"] = "1"  # nothing may come from the hub
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import numpy as np
+import pytest
+
+import jmoe
+from jmoe import tasks
+from jmoe.eval import likelihood
+from jmoe.eval.lm import JmoeLM
+from jmoe.eval.run import evaluate, lm_eval_cli
+from lm_eval.api.instance import Instance
+
+TASKS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "eval_tasks")
+N_ITEMS = 50
+
+
+@pytest.fixture(scope="module")
+def model():
+    return jmoe.load()
+
+
+def _items():
+    with open(os.path.join(TASKS, "addition.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_local_task_items_are_the_held_out_sums():
+    a, b = tasks.addition_pairs(np.random.default_rng(1234), N_ITEMS, held_out=True)
+    items = _items()
+    assert [(d["a"], d["b"]) for d in items] == list(zip(a.tolist(), b.tolist()))
+    for d in items:
+        assert d["answer"] == str(d["a"] + d["b"]) == d["choices"][d["label"]]
+        assert len(set(d["choices"])) == 4
+
+
+def test_generate_task_through_lm_eval_cli_matches_addition_accuracy(model, tmp_path):
+    # fixed top-1 experts: a setting the model gets only partly right (0.75 on 400 sums)
+    lm_eval_cli(["run", "--model", "jmoe", "--tasks", "jmoe_addition", "--include_path",
+                 TASKS, "--model_args", "experts_per_token=1", "--batch_size", "16",
+                 "--output_path", str(tmp_path)])
+    (path,) = glob.glob(str(tmp_path / "**" / "results_*.json"), recursive=True)
+    with open(path) as f:
+        res = json.load(f)
+    got = res["results"]["jmoe_addition"]["exact_match,none"]
+    want = tasks.addition_accuracy(model, n=N_ITEMS, seed=1234,
+                                   adaptive=jmoe.AdaptiveExperts(initial=1, maximum=1))
+    assert 0.3 < want < 1.0
+    assert got == pytest.approx(want, abs=1e-12)
+    info = res["config"]["jmoe"]
+    assert info["generate_rows"] == N_ITEMS and info["generate_calls"] == 4  # 16 a call
+    assert info["generate_nfe"] == 4 * 6  # the model's 6 steps per call
+    assert info["generate_expert_work"] > 0 and info["loglikelihood_rows"] == 0
+
+
+def test_multiple_choice_ranks_the_sum_first(model):
+    mc = 32
+    res = evaluate(["jmoe_addition_mc"], include_path=TASKS,
+                   model_args={"mc_num": mc, "mc_batch_size": 16})
+    assert res["results"]["jmoe_addition_mc"]["acc,none"] >= 0.9
+    info = res["config"]["jmoe"]
+    items = _items()
+    assert info["loglikelihood_rows"] == 4 * N_ITEMS * mc
+    assert info["loglikelihood_calls"] == 4 * N_ITEMS * (mc // 16)
+    # every real token of every row routed to top-4 experts in 4 MoE layers
+    tokens = sum(len(f"{d['a']}+{d['b']}=") + len(c) for d in items for c in d["choices"])
+    assert info["loglikelihood_expert_work"] == tokens * mc * 4 * 4
+
+
+def _exact_elbo(model, context, target):
+    """E[LLaDA's estimator] by enumeration: x ~ U{1..n} masked positions, the mask
+    uniform among the C(n, x) subsets, score (n / x) * sum of masked log-probs. Also
+    the variance of one draw's score."""
+    n = len(target)
+    mask_id = model.config.mask_token_id
+    vals, probs = [], []
+    for x in range(1, n + 1):
+        subsets = list(itertools.combinations(range(n), x))
+        for m in subsets:
+            row = list(target)
+            for j in m:
+                row[j] = mask_id
+            logits, _ = jmoe.forward(model, [context + row])
+            lg = np.asarray(logits[0, len(context):], np.float64)
+            logp = lg - np.log(np.exp(lg - lg.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+                - lg.max(-1, keepdims=True)
+            vals.append(n / x * sum(logp[j, target[j]] for j in m))
+            probs.append(1.0 / n / len(subsets))
+    vals, probs = np.array(vals), np.array(probs)
+    mean = float(probs @ vals)
+    return mean, float(probs @ (vals - mean) ** 2)
+
+
+def test_diffusion_loglikelihood_estimates_the_elbo(model):
+    tok = model.tokenizer
+    context, target = tok.encode("57+68="), tok.encode("135")
+    mean, var = _exact_elbo(model, context, target)
+    mc = 2048
+    (est,) = likelihood.diffusion_loglikelihood(model, [(context, target)], mc_num=mc,
+                                                mc_batch_size=256, seed=3)
+    # stratified draws: the error is at most the plain Monte Carlo one, 4 sigma here
+    assert abs(est - mean) <= 4 * math.sqrt(var / mc) + 1e-9
+    # a wrong answer scores lower under the same bound
+    (wrong,) = likelihood.diffusion_loglikelihood(model, [(context, tok.encode("136"))],
+                                                  mc_num=64, mc_batch_size=32)
+    assert wrong < est
+
+
+def test_mask_draws_are_llada_stratified():
+    rng = np.random.default_rng(0)
+    for n, b in [(1, 4), (3, 8), (7, 4), (10, 32)]:
+        m = likelihood.mask_draws(rng, n, b)
+        x = m.sum(1)
+        assert m.shape == (b, n) and x.min() >= 1 and x.max() <= n
+        # LLaDA's counts: x_i = ((round(k + i * n / b) - 1) mod n) + 1 for one k in 1..n
+        ok = [k for k in range(1, n + 1)
+              if list(x) == [int((round(k + i * n / b) - 1) % n + 1) for i in range(b)]]
+        assert ok, (n, b, x)
+    with pytest.raises(ValueError, match="mc_num=30"):
+        likelihood.diffusion_loglikelihood(jmoe.load(), [([5], [6])], mc_num=30,
+                                           mc_batch_size=8)
+
+
+def test_causal_loglikelihood_matches_transformers(hf_olmoe):
+    import torch
+
+    folder, hf = hf_olmoe()
+    m = jmoe.load(str(folder))
+    assert m.config.causal
+    pairs = [([5, 17, 42], [8, 9]), ([11], [12, 13, 14, 3])]
+    got = likelihood.causal_loglikelihood(m, pairs)
+    for (c, t), (ll, greedy) in zip(pairs, got):
+        with torch.no_grad():
+            logits = hf(torch.tensor([c + t])).logits[0].double()
+        logp = torch.log_softmax(logits, -1)
+        want = sum(float(logp[len(c) - 1 + j, t[j]]) for j in range(len(t)))
+        assert ll == pytest.approx(want, abs=1e-4)
+        pred = logits[len(c) - 1:len(c) - 1 + len(t)].argmax(-1).tolist()
+        assert greedy == (pred == t)
+
+
+def _req(context, gen_kwargs):
+    return Instance("generate_until", {}, (context, gen_kwargs), 0)
+
+
+def test_generate_until_stop_strings_max_gen_toks_and_batching(model):
+    prompts = ["123+456=", "7+8=", "99+1=", "5+5=", "250+250="]
+    ref = jmoe.generate(model, prompts).texts  # the default model's answers
+    kws = [{"until": ["7"]}, {"max_gen_toks": 1}, {"until": "0"}, {}, {"until": ["5", "0"]}]
+    want = [ref[0].split("7")[0], ref[1][:1], ref[2].split("0")[0], ref[3],
+            ref[4].split("5")[0].split("0")[0]]
+    assert want[0] != ref[0] and want[2] != ref[2]  # the stops cut something
+    reqs = [_req(p, k) for p, k in zip(prompts, kws)]
+    for bs in (1, 2, 64):
+        lm = JmoeLM(batch_size=bs)
+        assert lm.generate_until(reqs, disable_tqdm=True) == want
+    lm = JmoeLM(batch_size=3)
+    same = [_req(p, {"until": ["\n"], "do_sample": False}) for p in prompts]
+    assert lm.generate_until(same, disable_tqdm=True) == ref
+    assert lm.get_model_info()["jmoe"]["generate_calls"] == 2  # 3 + 2 prompts
+    with pytest.raises(ValueError, match="num_beams=2"):
+        lm.generate_until([_req("1+1=", {"num_beams": 2})], disable_tqdm=True)
+    with pytest.raises(NotImplementedError, match="loglikelihood"):
+        lm.loglikelihood_rolling([])
+
+
+CHAT_TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'system' %}{{ m['content'] }}|"
+                 "{% else %}{{ m['content'] }}{% endif %}{% endfor %}"
+                 "{% if add_generation_prompt %}={% endif %}")
+
+
+def _chat_model(model):
+    """The default model with a transformers tokenizer over the same characters that
+    carries a chat template (user text, then '=' as the generation prompt)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from jmoe.tokenizer import DEFAULT_CHARS, SPECIALS
+
+    vocab = {s: i for i, s in enumerate(SPECIALS)}
+    vocab.update({c: i + len(SPECIALS) for i, c in enumerate(DEFAULT_CHARS)})
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tk.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tk.decoder = decoders.Fuse()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>",
+                                   eos_token="<eos>", mask_token="<mask>")
+    fast.chat_template = CHAT_TEMPLATE
+    assert fast.encode("12+3=") == model.tokenizer.encode("12+3=")
+    return model.replace(tokenizer=fast)
+
+
+def test_chat_conversations_use_the_template(model):
+    chat = _chat_model(model)
+    plain = jmoe.generate(model, ["123+456=", "7+8="])
+    conv = [[{"role": "user", "content": "123+456"}], [{"role": "user", "content": "7+8"}]]
+    out = jmoe.generate(chat, conv)
+    np.testing.assert_array_equal(out.tokens, plain.tokens)
+    assert out.texts == plain.texts
+    one = jmoe.generate(chat, conv[1])  # one conversation, not a batch
+    assert one.texts == plain.texts[1:]
+    from jmoe.tokenizer import chat_prompts
+
+    sys_conv = [{"role": "system", "content": "add"}, {"role": "user", "content": "1+2"}]
+    assert chat_prompts(chat.tokenizer, sys_conv) == ["add|1+2="]
+    lm = JmoeLM()
+    lm.model = chat
+    assert lm.apply_chat_template(sys_conv) == "add|1+2="
+    assert lm.chat_template() == CHAT_TEMPLATE and lm.tokenizer_name
+
+
+def test_models_without_a_chat_template_refuse_chat(model):
+    conv = [{"role": "user", "content": "1+2"}]
+    with pytest.raises(ValueError, match="no chat template"):
+        jmoe.generate(model, conv)
+    with pytest.raises(ValueError, match="no chat template"):
+        JmoeLM().apply_chat_template(conv)
+
+
+def test_cli_generate_chat_is_refused_in_one_line(capsys):
+    from jmoe.cli import main
+
+    assert main(["generate", "--chat", "1+2", "--system", "s"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "no chat template" in err and "\n" not in err
+
+
+def test_apply_chat_template_through_lm_eval(model):
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    lm = JmoeLM(experts_per_token=1, batch_size=64)
+    chat = _chat_model(lm.model)
+    chat.tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    lm.model = chat
+    res = lm_eval.simple_evaluate(model=lm, tasks=["jmoe_addition"],
+                                  task_manager=TaskManager(include_path=TASKS),
+                                  apply_chat_template=True)
+    assert lm._chat  # lm_eval rendered every context through the template
+    want = tasks.addition_accuracy(model, n=N_ITEMS, seed=1234,
+                                   adaptive=jmoe.AdaptiveExperts(initial=1, maximum=1))
+    assert res["results"]["jmoe_addition"]["exact_match,none"] == pytest.approx(want)
