@@ -38,6 +38,25 @@ def model():
     return jmoe.load()
 
 
+@pytest.fixture(scope="module")
+def top1_accuracy(model):
+    """``addition_accuracy`` on the local task's items with fixed top-1 experts, a
+    setting the model gets only partly right (0.75 on 400 sums); one batch of 50, the
+    shape lm_eval's runs below use too (one compiled loop)."""
+    acc = tasks.addition_accuracy(model, n=N_ITEMS, seed=1234,
+                                  adaptive=jmoe.AdaptiveExperts(initial=1, maximum=1))
+    assert 0.3 < acc < 1.0
+    return acc
+
+
+@pytest.fixture(scope="module")
+def local_tasks():
+    """The local tasks only (indexing lm_eval's own tasks takes about 10 s)."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=TASKS, include_defaults=False)
+
+
 def _items():
     with open(os.path.join(TASKS, "addition.jsonl")) as f:
         return [json.loads(line) for line in f]
@@ -52,28 +71,25 @@ def test_local_task_items_are_the_held_out_sums():
         assert len(set(d["choices"])) == 4
 
 
-def test_generate_task_through_lm_eval_cli_matches_addition_accuracy(model, tmp_path):
-    # fixed top-1 experts: a setting the model gets only partly right (0.75 on 400 sums)
+def test_generate_task_through_lm_eval_cli_matches_addition_accuracy(top1_accuracy,
+                                                                     tmp_path):
     lm_eval_cli(["run", "--model", "jmoe", "--tasks", "jmoe_addition", "--include_path",
-                 TASKS, "--model_args", "experts_per_token=1", "--batch_size", "16",
+                 TASKS, "--model_args", "experts_per_token=1", "--batch_size", "50",
                  "--output_path", str(tmp_path)])
     (path,) = glob.glob(str(tmp_path / "**" / "results_*.json"), recursive=True)
     with open(path) as f:
         res = json.load(f)
     got = res["results"]["jmoe_addition"]["exact_match,none"]
-    want = tasks.addition_accuracy(model, n=N_ITEMS, seed=1234,
-                                   adaptive=jmoe.AdaptiveExperts(initial=1, maximum=1))
-    assert 0.3 < want < 1.0
-    assert got == pytest.approx(want, abs=1e-12)
+    assert got == pytest.approx(top1_accuracy, abs=1e-12)
     info = res["config"]["jmoe"]
-    assert info["generate_rows"] == N_ITEMS and info["generate_calls"] == 4  # 16 a call
-    assert info["generate_nfe"] == 4 * 6  # the model's 6 steps per call
+    assert info["generate_rows"] == N_ITEMS and info["generate_calls"] == 1
+    assert info["generate_nfe"] == 6  # the model's 6 steps
     assert info["generate_expert_work"] > 0 and info["loglikelihood_rows"] == 0
 
 
-def test_multiple_choice_ranks_the_sum_first(model):
-    mc = 32
-    res = evaluate(["jmoe_addition_mc"], include_path=TASKS,
+def test_multiple_choice_ranks_the_sum_first(local_tasks):
+    mc = 16
+    res = evaluate(["jmoe_addition_mc"], task_manager=local_tasks,
                    model_args={"mc_num": mc, "mc_batch_size": 16})
     assert res["results"]["jmoe_addition_mc"]["acc,none"] >= 0.9
     info = res["config"]["jmoe"]
@@ -113,14 +129,14 @@ def test_diffusion_loglikelihood_estimates_the_elbo(model):
     tok = model.tokenizer
     context, target = tok.encode("57+68="), tok.encode("135")
     mean, var = _exact_elbo(model, context, target)
-    mc = 2048
+    mc = 1024
     (est,) = likelihood.diffusion_loglikelihood(model, [(context, target)], mc_num=mc,
-                                                mc_batch_size=256, seed=3)
+                                                mc_batch_size=128, seed=3)
     # stratified draws: the error is at most the plain Monte Carlo one, 4 sigma here
     assert abs(est - mean) <= 4 * math.sqrt(var / mc) + 1e-9
     # a wrong answer scores lower under the same bound
     (wrong,) = likelihood.diffusion_loglikelihood(model, [(context, tok.encode("136"))],
-                                                  mc_num=64, mc_batch_size=32)
+                                                  mc_num=128, mc_batch_size=128)
     assert wrong < est
 
 
@@ -162,20 +178,21 @@ def _req(context, gen_kwargs):
 
 
 def test_generate_until_stop_strings_max_gen_toks_and_batching(model):
-    prompts = ["123+456=", "7+8=", "99+1=", "5+5=", "250+250="]
-    ref = jmoe.generate(model, prompts).texts  # the default model's answers
-    kws = [{"until": ["7"]}, {"max_gen_toks": 1}, {"until": "0"}, {}, {"until": ["5", "0"]}]
-    want = [ref[0].split("7")[0], ref[1][:1], ref[2].split("0")[0], ref[3],
-            ref[4].split("5")[0].split("0")[0]]
-    assert want[0] != ref[0] and want[2] != ref[2]  # the stops cut something
+    prompts = ["123+456=", "7+8=", "99+1=", "2+3=", "250+250=", "17+38="]
+    # the default model's answers (rows generate as they would alone; batches of 3 share
+    # the compiled loop of the batch-64 run below)
+    ref = [None] * 6
+    ref[0::2], ref[1::2] = (jmoe.generate(model, prompts[i::2]).texts for i in (0, 1))
+    a, b = {"until": ["7", "0"]}, {"until": "5", "max_gen_toks": 1}
+    kws = [a, b, a, b, a, b]  # two groups of three, interleaved
+    want = [r.split("7")[0].split("0")[0] if k is a else r[:1].split("5")[0]
+            for r, k in zip(ref, kws)]
+    assert want[0] != ref[0] and want[2] != ref[2] and want[3] == ""  # the stops cut
     reqs = [_req(p, k) for p, k in zip(prompts, kws)]
-    for bs in (1, 2, 64):
+    for bs, calls in ((2, 4), (64, 2)):  # groups split 2 + 1, or one call each
         lm = JmoeLM(batch_size=bs)
         assert lm.generate_until(reqs, disable_tqdm=True) == want
-    lm = JmoeLM(batch_size=3)
-    same = [_req(p, {"until": ["\n"], "do_sample": False}) for p in prompts]
-    assert lm.generate_until(same, disable_tqdm=True) == ref
-    assert lm.get_model_info()["jmoe"]["generate_calls"] == 2  # 3 + 2 prompts
+        assert lm.get_model_info()["jmoe"]["generate_calls"] == calls
     with pytest.raises(ValueError, match="num_beams=2"):
         lm.generate_until([_req("1+1=", {"num_beams": 2})], disable_tqdm=True)
     with pytest.raises(NotImplementedError, match="loglikelihood"):
@@ -242,18 +259,15 @@ def test_cli_generate_chat_is_refused_in_one_line(capsys):
     assert err.startswith("error: ") and "no chat template" in err and "\n" not in err
 
 
-def test_apply_chat_template_through_lm_eval(model):
+def test_apply_chat_template_through_lm_eval(top1_accuracy, local_tasks):
     import lm_eval
-    from lm_eval.tasks import TaskManager
 
     lm = JmoeLM(experts_per_token=1, batch_size=64)
     chat = _chat_model(lm.model)
     chat.tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
     lm.model = chat
     res = lm_eval.simple_evaluate(model=lm, tasks=["jmoe_addition"],
-                                  task_manager=TaskManager(include_path=TASKS),
+                                  task_manager=local_tasks,
                                   apply_chat_template=True)
     assert lm._chat  # lm_eval rendered every context through the template
-    want = tasks.addition_accuracy(model, n=N_ITEMS, seed=1234,
-                                   adaptive=jmoe.AdaptiveExperts(initial=1, maximum=1))
-    assert res["results"]["jmoe_addition"]["exact_match,none"] == pytest.approx(want)
+    assert res["results"]["jmoe_addition"]["exact_match,none"] == pytest.approx(top1_accuracy)

@@ -19,7 +19,7 @@ SAMPLER_FLAGS = {
 
 def _lm_module():
     try:
-        from jmoe.eval import lm
+        import jmoe.eval.lm as lm
     except ImportError as e:
         raise ImportError(f"jmoe.eval needs lm-evaluation-harness ({e}): pip install "
                           f"'jmoe[eval]' (lm_eval>=0.4.9,<0.5)") from None
@@ -29,7 +29,7 @@ def _lm_module():
 def evaluate(tasks, *, model_args: dict | str | None = None, limit=None,
              include_path=None, num_fewshot=None, batch_size=None,
              apply_chat_template: bool = False, gen_kwargs=None, log_samples: bool = False,
-             **simple_evaluate_kw) -> dict:
+             task_manager=None, **simple_evaluate_kw) -> dict:
     """``lm_eval.simple_evaluate`` with ``model="jmoe"``.
 
     Args:
@@ -38,6 +38,9 @@ def evaluate(tasks, *, model_args: dict | str | None = None, limit=None,
             the shipped default model).
         limit: int or fraction of each task's documents, or None (all).
         include_path: a folder (or list) of extra task YAMLs, or None.
+        task_manager: an ``lm_eval.tasks.TaskManager`` or None (default: lm_eval's, with
+            ``include_path``); e.g. ``TaskManager(include_path=..., include_defaults=False)``
+            skips indexing lm_eval's own tasks (about 10 s).
         num_fewshot, batch_size, apply_chat_template, gen_kwargs, log_samples: as
             ``lm_eval.simple_evaluate``; ``**simple_evaluate_kw`` passed on too.
 
@@ -49,7 +52,10 @@ def evaluate(tasks, *, model_args: dict | str | None = None, limit=None,
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    tm = TaskManager(include_path=include_path) if include_path else None
+    if task_manager is not None and include_path:
+        raise ValueError(f"include_path={include_path!r} with a task_manager: expected one "
+                         f"(give the TaskManager the include_path)")
+    tm = task_manager or (TaskManager(include_path=include_path) if include_path else None)
     return lm_eval.simple_evaluate(
         model="jmoe", model_args=model_args or {}, tasks=list(tasks), limit=limit,
         num_fewshot=num_fewshot, batch_size=batch_size, task_manager=tm,
