@@ -101,7 +101,7 @@ def test_multiple_choice_ranks_the_sum_first(local_tasks):
     assert info["loglikelihood_expert_work"] == tokens * mc * 4 * 4
 
 
-def _exact_elbo(model, context, target):
+def _exact_elbo(model, context, target, cfg_scale=0.0):
     """E[LLaDA's estimator] by enumeration: x ~ U{1..n} masked positions, the mask
     uniform among the C(n, x) subsets, score (n / x) * sum of masked log-probs. Also
     the variance of one draw's score."""
@@ -116,6 +116,10 @@ def _exact_elbo(model, context, target):
                 row[j] = mask_id
             logits, _ = jmoe.forward(model, [context + row])
             lg = np.asarray(logits[0, len(context):], np.float64)
+            if cfg_scale:  # LLaDA's guidance: the context masked in the unconditional copy
+                un, _ = jmoe.forward(model, [[mask_id] * len(context) + row])
+                un = np.asarray(un[0, len(context):], np.float64)
+                lg = un + (cfg_scale + 1) * (lg - un)
             logp = lg - np.log(np.exp(lg - lg.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
                 - lg.max(-1, keepdims=True)
             vals.append(n / x * sum(logp[j, target[j]] for j in m))
@@ -125,13 +129,15 @@ def _exact_elbo(model, context, target):
     return mean, float(probs @ (vals - mean) ** 2)
 
 
-def test_diffusion_loglikelihood_estimates_the_elbo(model):
+@pytest.mark.parametrize("cfg_scale", [0.0, 1.0])
+def test_diffusion_loglikelihood_estimates_the_elbo(model, cfg_scale):
     tok = model.tokenizer
     context, target = tok.encode("57+68="), tok.encode("135")
-    mean, var = _exact_elbo(model, context, target)
+    mean, var = _exact_elbo(model, context, target, cfg_scale)
     mc = 1024
     (est,) = likelihood.diffusion_loglikelihood(model, [(context, target)], mc_num=mc,
-                                                mc_batch_size=128, seed=3)
+                                                mc_batch_size=128, seed=3,
+                                                cfg_scale=cfg_scale)
     # stratified draws: the error is at most the plain Monte Carlo one, 4 sigma here
     assert abs(est - mean) <= 4 * math.sqrt(var / mc) + 1e-9
     # a wrong answer scores lower under the same bound

@@ -80,8 +80,8 @@ def _log_softmax_at(logits_RLV, tokens_RL) -> np.ndarray:
 
 
 def diffusion_loglikelihood(model, pairs, *, mc_num: int = 128, mc_batch_size: int = 32,
-                            seed: int = 0, forward_kw=None, usage: Usage | None = None,
-                            progress=None) -> list[float]:
+                            seed: int = 0, cfg_scale: float = 0.0, forward_kw=None,
+                            usage: Usage | None = None, progress=None) -> list[float]:
     """LLaDA's Monte Carlo estimate of ``log p(target | context)`` for a masked-diffusion
     model; an estimate of a lower bound (the ELBO), not the likelihood itself.
 
@@ -102,6 +102,9 @@ def diffusion_loglikelihood(model, pairs, *, mc_num: int = 128, mc_batch_size: i
             Default 32 (LLaDA's ``batch_size``).
         seed: int, the draws' seed (combined with each request's context and target
             length: equal-length continuations of one context share their masks).
+        cfg_scale: float >= 0, classifier-free guidance as LLaDA's ``get_logits``:
+            ``un + (cfg_scale + 1) * (cond - un)``, ``un`` the logits with the context
+            masked too (twice the rows). Default 0 (off).
         forward_kw: dict of ``jmoe.forward`` options (``experts_per_token``,
             ``max_experts``, ``experts_per_block``) or None.
         usage: a ``Usage`` to add the calls' work to, or None.
@@ -124,6 +127,8 @@ def diffusion_loglikelihood(model, pairs, *, mc_num: int = 128, mc_batch_size: i
     if config.mask_token_id is None:
         raise ValueError("the model has no mask_token_id: the masked-diffusion likelihood "
                          "needs one (jmoe.load(path, mask_token_id=...))")
+    if not (isinstance(cfg_scale, (int, float)) and np.isfinite(cfg_scale) and cfg_scale >= 0):
+        raise ValueError(f"cfg_scale={cfg_scale!r}: expected a finite number >= 0")
     mask_id, pad = int(config.mask_token_id), pad_id(config)
     out = []
     for context, target in pairs:
@@ -142,11 +147,17 @@ def diffusion_loglikelihood(model, pairs, *, mc_num: int = 128, mc_batch_size: i
             mask_RN = mask_draws(rng, n, mc_batch_size)
             noisy = np.where(mask_RN, mask_id, np.asarray(target)[None, :])
             rows = [context + r for r in noisy.tolist()]
+            if cfg_scale > 0:  # the unconditional copies: the context masked as well
+                rows += [[mask_id] * len(context) + r for r in noisy.tolist()]
             tokens, valid = _left_pad(rows, pad, length)
             logits, aux = forward(model, tokens, attention_mask=valid, **(forward_kw or {}))
             if usage is not None:
                 usage.add(aux, len(rows))
-            logp_RN = _log_softmax_at(np.asarray(logits)[:, length - n:],
+            logits = np.asarray(logits)[:, length - n:]
+            if cfg_scale > 0:
+                cond, un = logits[:mc_batch_size], logits[mc_batch_size:]
+                logits = un + (cfg_scale + 1) * (cond - un)
+            logp_RN = _log_softmax_at(logits,
                                       np.broadcast_to(np.asarray(target), mask_RN.shape))
             x_R = mask_RN.sum(1)
             score += float(np.sum(np.where(mask_RN, logp_RN, 0.0).sum(1) * n / x_R))

@@ -251,13 +251,17 @@ class JmoeLM(LM):
         """``(log p(continuation | context), is_greedy)`` per request. Masked-diffusion
         models: LLaDA's Monte Carlo estimate of a lower bound (the ELBO;
         ``jmoe.eval.likelihood.diffusion_loglikelihood``, ``mc_num`` draws per request,
-        ``mc_batch_size`` rows per model call), is_greedy False unless
-        ``is_check_greedy``. Causal models: the exact autoregressive log-likelihood."""
+        ``mc_batch_size`` rows per model call, guided by ``cfg_scale`` if set),
+        is_greedy False unless ``is_check_greedy``. Causal models: the exact
+        autoregressive log-likelihood."""
         pairs = [self._encode_pair(*r.args) for r in requests]
         bar = tqdm(total=len(pairs), disable=disable_tqdm or self.rank != 0,
                    desc="jmoe loglikelihood")
         usage = self.usage["loglikelihood"]
         if self.model.config.causal:
+            if self._generate_kw.get("cfg_scale"):
+                raise ValueError(f"cfg_scale={self._generate_kw['cfg_scale']!r} with a causal "
+                                 f"model: its likelihood is exact, without guidance")
             bos = self.model.config.eos_token_id  # lm_eval's prefix token for empty contexts
             pairs = [(c if c or bos is None else [bos], t) for c, t in pairs]
             res = causal_loglikelihood(self.model, pairs, forward_kw=self._forward_kw,
@@ -265,7 +269,9 @@ class JmoeLM(LM):
         else:
             lls = diffusion_loglikelihood(
                 self.model, pairs, mc_num=self.mc_num, mc_batch_size=self.mc_batch_size,
-                seed=int(self._generate_kw.get("seed", 0)), forward_kw=self._forward_kw,
+                seed=int(self._generate_kw.get("seed", 0)),
+                cfg_scale=float(self._generate_kw.get("cfg_scale") or 0.0),
+                forward_kw=self._forward_kw,
                 usage=usage, progress=bar.update)
             greedy = [self._is_greedy(c, t) if self.is_check_greedy else False
                       for c, t in pairs]
