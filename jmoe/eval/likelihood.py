@@ -24,11 +24,13 @@ class Usage:
     model_calls: int = 0
     rows: int = 0
     expert_work: int = 0  # routed token-expert pairs over calls and MoE layers
+    expert_reads: int = 0  # distinct experts routed to, over calls, MoE layers and rows
 
     def add(self, aux, rows: int) -> None:
         self.model_calls += 1
         self.rows += rows
         self.expert_work += int(aux["routed_pairs"])
+        self.expert_reads += int(np.sum(aux["distinct_experts"]))
 
 
 def mask_draws(rng: np.random.Generator, target_len: int, batch: int) -> np.ndarray:

@@ -230,6 +230,7 @@ class JmoeLM(LM):
                 self.usage["generate"].model_calls += 1
                 self.usage["generate"].rows += len(chunk)
                 self.usage["generate"].expert_work += int(out.expert_work)
+                self.usage["generate"].expert_reads += int(out.expert_reads)
                 self.usage["generate_nfe"] += int(out.nfe)
                 g = out.tokens.shape[1] - max(len(r) for r in rows)
                 eos = opts.get("eos_id", self.model.config.eos_token_id)
@@ -303,8 +304,11 @@ class JmoeLM(LM):
 
     def get_model_info(self) -> dict:
         """The results' ``config`` section: the model, its options and the work done
-        (``jmoe.generate_*``: calls, rows, model calls (NFE) and routed token-expert
-        pairs; ``jmoe.loglikelihood_*``: forward calls, rows and routed pairs)."""
+        (``jmoe.generate_*``: ``jmoe.generate`` calls, rows, model calls (NFE, summed
+        over the calls), routed token-expert pairs (``expert_work``) and distinct
+        experts routed to, summed over model calls, MoE layers and rows
+        (``expert_reads``: the expert weights batch-1 steps read);
+        ``jmoe.loglikelihood_*``: forward calls, rows, routed pairs, distinct experts)."""
         gen, ll = self.usage["generate"], self.usage["loglikelihood"]
         return {"jmoe": {
             "pretrained": self.pretrained,
@@ -314,7 +318,8 @@ class JmoeLM(LM):
             "mc_num": self.mc_num, "mc_batch_size": self.mc_batch_size,
             "generate_calls": gen.model_calls, "generate_rows": gen.rows,
             "generate_nfe": self.usage["generate_nfe"],
-            "generate_expert_work": gen.expert_work,
+            "generate_expert_work": gen.expert_work, "generate_expert_reads": gen.expert_reads,
             "loglikelihood_calls": ll.model_calls, "loglikelihood_rows": ll.rows,
             "loglikelihood_expert_work": ll.expert_work,
+            "loglikelihood_expert_reads": ll.expert_reads,
         }}

@@ -123,8 +123,8 @@ def run_from_args(args) -> int:
     print(make_table(results))
     info = results["config"]["jmoe"]
     print("jmoe: " + ", ".join(f"{k}={info[k]}" for k in (
-        "generate_rows", "generate_nfe", "generate_expert_work", "loglikelihood_rows",
-        "loglikelihood_expert_work")))
+        "generate_rows", "generate_nfe", "generate_expert_work", "generate_expert_reads",
+        "loglikelihood_rows", "loglikelihood_expert_work", "loglikelihood_expert_reads")))
     if args.output_path:
         with open(args.output_path, "w") as f:
             json.dump(results, f, indent=1, default=str)
