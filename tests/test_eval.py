@@ -277,3 +277,42 @@ def test_apply_chat_template_through_lm_eval(top1_accuracy, local_tasks):
                                   apply_chat_template=True)
     assert lm._chat  # lm_eval rendered every context through the template
     assert res["results"]["jmoe_addition"]["exact_match,none"] == pytest.approx(top1_accuracy)
+
+
+def test_cli_generate_chat_with_a_templated_checkpoint(model, tmp_path, capsys):
+    """A checkpoint folder whose tokenizer files carry a chat template (the shipped
+    model's weights, a transformers tokenizer over its characters)."""
+    import shutil
+
+    from jmoe.cli import main
+
+    folder = tmp_path / "chat_model"
+    shutil.copytree(os.path.dirname(jmoe.checkpoint.__file__) + "/default_model", folder,
+                    ignore=shutil.ignore_patterns("char_tokenizer.json", "README*"))
+    _chat_model(model).tokenizer.save_pretrained(folder)
+    assert main(["generate", "--model", str(folder), "--chat", "123+456", "--chat",
+                 "7+8"]) == 0
+    assert capsys.readouterr().out.split() == jmoe.generate(model, ["123+456=", "7+8="]).texts
+
+
+def test_cli_eval_prints_the_table_and_the_work(monkeypatch, local_tasks, capsys):
+    from jmoe.cli import main
+    from jmoe.eval import run
+
+    seen = {}
+
+    def local(tasks, **kw):  # the real evaluation, on the local tasks only
+        seen.update(kw)
+        kw.pop("include_path")
+        return evaluate(tasks, task_manager=local_tasks, **kw)
+
+    monkeypatch.setattr(run, "evaluate", local)
+    assert main(["eval", "--tasks", "jmoe_addition", "--include-path", TASKS, "--limit", "5",
+                 "--experts-per-token", "2", "--threshold", "0.9",
+                 "--model-args", "mc_num=16,seed=3"]) == 0
+    out = capsys.readouterr().out
+    assert seen["model_args"] == {"experts_per_token": 2, "threshold": 0.9, "mc_num": 16,
+                                  "seed": 3} and seen["limit"] == 5
+    assert "|jmoe_addition|" in out.replace(" ", "") and "exact_match" in out
+    assert "jmoe: generate_rows=5, generate_nfe=" in out
+    assert main(["eval", "--tasks", "jmoe_addition", "--limit", "2.5"]) == 2
