@@ -7,13 +7,38 @@ from __future__ import annotations
 
 import json
 
-# jmoe eval option -> model arg (and argparse type)
+# jmoe eval option -> model arg: (argparse type, help)
 SAMPLER_FLAGS = {
-    "gen_length": int, "block_length": int, "steps": int, "temperature": float,
-    "threshold": float, "decoder": str, "remasking": str, "cache": str, "cfg_scale": float,
-    "experts_per_token": int, "adaptive": str, "adaptive_initial": int,
-    "adaptive_maximum": int, "update_interval": int, "experts_per_block": int,
-    "expert_set": str, "mc_num": int, "mc_batch_size": int, "seed": int,
+    "gen_length": (int, "tokens generated per prompt (default: the model's generation "
+                        "config, else 128)"),
+    "block_length": (int, "block size (default: the model's, else 32 fitted to gen_length)"),
+    "steps": (int, "denoising steps (default: the model's, else the convention's)"),
+    "temperature": (float, "sampling temperature, 0 is greedy (default: the task's "
+                           "do_sample/temperature, else the model's, else 0)"),
+    "threshold": (float, "confidence-threshold parallel decoding in (0, 1] (default: off)"),
+    "decoder": (str, "fixed, threshold, credit, hierarchy or joint (default: fixed, or "
+                     "threshold with --threshold)"),
+    "remasking": (str, "low_confidence or random (default: low_confidence)"),
+    "cache": (str, "exact, prefix, dual, true or false (default: exact for llada2, else "
+                   "none)"),
+    "cfg_scale": (float, "classifier-free guidance scale >= 0, generation and likelihood "
+                         "(default: 0, off)"),
+    "experts_per_token": (int, "fixed top-k for every token, generation and likelihood "
+                               "(default: the model's top-k)"),
+    "adaptive": (str, "adaptive expert budgets: linear or exponential (default: off)"),
+    "adaptive_initial": (int, "adaptive: budget of a position to generate (default: "
+                              "maximum // 2)"),
+    "adaptive_maximum": (int, "adaptive: prompt budget and cap (default: the model's top-k)"),
+    "update_interval": (int, "adaptive: model calls between budget growths (default: "
+                             "derived from the steps)"),
+    "experts_per_block": (int, "block expert sets: at most M distinct experts per layer and "
+                               "sequence per call (default: off)"),
+    "expert_set": (str, "block expert set rule: mass, first_step or topk_mass (default: "
+                        "mass)"),
+    "mc_num": (int, "likelihood: Monte Carlo draws per request (default: 128)"),
+    "mc_batch_size": (int, "likelihood: draws per stratified batch and model call "
+                           "(default: 32)"),
+    "seed": (int, "sampler and likelihood seed (default: 0)"),
 }
 
 
@@ -94,9 +119,8 @@ def add_arguments(p):
                    help="more JmoeLM args as k=v,... (any jmoe.generate option, "
                         "jmoe.load overrides)")
     p.add_argument("--output-path", default=None, help="write lm_eval's results JSON here")
-    for name, typ in SAMPLER_FLAGS.items():
-        p.add_argument("--" + name.replace("_", "-"), type=typ, default=None,
-                       help=f"model arg {name} (see JmoeLM)")
+    for name, (typ, text) in SAMPLER_FLAGS.items():
+        p.add_argument("--" + name.replace("_", "-"), type=typ, default=None, help=text)
     return p
 
 
