@@ -316,3 +316,16 @@ def test_cli_eval_prints_the_table_and_the_work(monkeypatch, local_tasks, capsys
     assert "|jmoe_addition|" in out.replace(" ", "") and "exact_match" in out
     assert "jmoe: generate_rows=5, generate_nfe=" in out
     assert main(["eval", "--tasks", "jmoe_addition", "--limit", "2.5"]) == 2
+
+
+@pytest.mark.parametrize("args, match", [
+    ({"cache_window": "16"}, "cache_window='16'"),
+    ({"batch_size": "0"}, "batch_size='0'"),
+    ({"experts_per_token": 2, "adaptive": "linear"}, "experts_per_token=2"),
+    ({"not_a_field": 1}, "not_a_field"),
+    ({"adaptive": "cubic"}, "cubic"),
+])
+def test_bad_model_args_are_refused_in_one_line(args, match):
+    with pytest.raises(ValueError, match=match) as e:
+        JmoeLM(**args)
+    assert "\n" not in str(e.value)
