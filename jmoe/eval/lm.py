@@ -121,6 +121,9 @@ class JmoeLM(LM):
         if not str(batch_size).isdigit() or int(batch_size) < 1:
             raise ValueError(f"batch_size={batch_size!r}: expected an int >= 1 or 'auto'")
         self.batch_size = int(batch_size)
+        if device not in (None, "cpu", "cuda", "tpu"):
+            log.warning("jmoe: device=%r is not used: JAX runs the model on its default "
+                        "device", device)
         self._chat = False  # set once lm_eval applies the chat template to contexts
         self.usage = {"generate": Usage(), "generate_nfe": 0, "loglikelihood": Usage()}
 
@@ -244,6 +247,9 @@ class JmoeLM(LM):
                     self.cache_hook.add_partial("generate_until", requests[i].args, text)
                 bar.update(len(chunk))
         bar.close()
+        g = self.usage["generate"]
+        log.info("jmoe generate_until: %d prompts, %d generate calls, NFE %d, expert work %d",
+                 g.rows, g.model_calls, self.usage["generate_nfe"], g.expert_work)
         return results
 
     # ---- loglikelihood ----------------------------------------------------------------
@@ -278,6 +284,8 @@ class JmoeLM(LM):
                       for c, t in pairs]
             res = list(zip(lls, greedy))
         bar.close()
+        log.info("jmoe loglikelihood: %d requests, %d model calls of %d rows, expert work %d",
+                 len(requests), usage.model_calls, usage.rows, usage.expert_work)
         for r, v in zip(requests, res):
             self.cache_hook.add_partial("loglikelihood", r.args, v)
         return res
