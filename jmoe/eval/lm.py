@@ -115,7 +115,24 @@ class JmoeLM(LM):
         if adaptive.get("experts_per_block") is not None:
             self._forward_kw["experts_per_block"] = adaptive["experts_per_block"]
         self.mc_num, self.mc_batch_size = mc_num, mc_batch_size
+        if not (isinstance(mc_batch_size, int) and mc_batch_size >= 1 and
+                isinstance(mc_num, int) and mc_num >= 1 and mc_num % mc_batch_size == 0):
+            raise ValueError(f"mc_num={mc_num!r}, mc_batch_size={mc_batch_size!r}: expected "
+                             f"ints >= 1 with mc_num a multiple of mc_batch_size")
         self.is_check_greedy = bool(is_check_greedy)
+        if not self.model.config.causal or self.model.config.mask_token_id is not None:
+            # bad sampler options fail here, in one line, before any request runs
+            from jmoe.sampling.generate import random_key
+            from jmoe.sampling.options import resolve_options
+
+            random_key(self._generate_kw.get("seed", 0))
+            opts, _ = resolve_options(
+                self.model.config, adaptive=self.adaptive,
+                **{k: v for k, v in self._generate_kw.items() if k != "seed"})
+            max_pos = self.model.config.max_position_embeddings
+            if opts.gen_length >= max_pos:
+                raise ValueError(f"gen_length={opts.gen_length} leaves no room for a context "
+                                 f"in the model's max_position_embeddings={max_pos}")
         if batch_size in (None, "auto") or str(batch_size).startswith("auto"):
             batch_size = 64
         if not str(batch_size).isdigit() or int(batch_size) < 1:
