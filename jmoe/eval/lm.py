@@ -71,8 +71,9 @@ class JmoeLM(LM):
         update_interval, experts_per_block, expert_set: ``jmoe.AdaptiveExperts``
             (adaptive budgets; block expert sets). Scoring uses ``experts_per_block``
             (rule ``mass``) and the model's top-k (or ``experts_per_token``).
-        mc_num (128), mc_batch_size (32): the likelihood's Monte Carlo draws per
-            request and rows per model call (``jmoe.eval.likelihood``).
+        mc_num (128), mc_batch_size (``min(32, mc_num)``): the likelihood's Monte Carlo
+            draws per request and rows per model call (``jmoe.eval.likelihood``);
+            ``mc_num`` must be a multiple of ``mc_batch_size``.
         is_check_greedy (False): also decide, by greedy decoding, whether each scored
             continuation is the model's greedy one (one ``jmoe.generate`` per request).
         Any other key is a ``jmoe.load`` config override (``dtype``, ``moe_backend``,
@@ -89,7 +90,7 @@ class JmoeLM(LM):
     """
 
     def __init__(self, pretrained: str | None = None, batch_size=None, max_batch_size=None,
-                 device=None, mc_num: int = 128, mc_batch_size: int = 32,
+                 device=None, mc_num: int = 128, mc_batch_size: int | None = None,
                  is_check_greedy: bool = False, experts_per_token: int | None = None,
                  **kwargs):
         super().__init__()
@@ -114,6 +115,8 @@ class JmoeLM(LM):
             self._forward_kw["experts_per_token"] = experts_per_token
         if adaptive.get("experts_per_block") is not None:
             self._forward_kw["experts_per_block"] = adaptive["experts_per_block"]
+        if mc_batch_size is None:
+            mc_batch_size = min(32, mc_num) if isinstance(mc_num, int) else 32
         self.mc_num, self.mc_batch_size = mc_num, mc_batch_size
         if not (isinstance(mc_batch_size, int) and mc_batch_size >= 1 and
                 isinstance(mc_num, int) and mc_num >= 1 and mc_num % mc_batch_size == 0):

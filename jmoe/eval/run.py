@@ -37,7 +37,7 @@ SAMPLER_FLAGS = {
                         "mass)"),
     "mc_num": (int, "likelihood: Monte Carlo draws per request (default: 128)"),
     "mc_batch_size": (int, "likelihood: draws per stratified batch and model call "
-                           "(default: 32)"),
+                           "(default: min(32, mc_num))"),
     "seed": (int, "sampler and likelihood seed (default: 0)"),
 }
 
