@@ -332,3 +332,30 @@ def test_bad_model_args_are_refused_in_one_line(args, match):
     with pytest.raises(ValueError, match=match) as e:
         JmoeLM(**args)
     assert "\n" not in str(e.value)
+
+
+def _llada_greedy(model, context, target):
+    """LLaDA's ``suffix_greedy_prediction`` as a plain loop: the target masked, each step
+    commits the argmax at the most confident masked position."""
+    mask_id = model.config.mask_token_id
+    seq = list(context) + [mask_id] * len(target)
+    for _ in target:
+        logits, _ = jmoe.forward(model, [seq])
+        lg = np.asarray(logits[0], np.float64)
+        p = np.exp(lg - lg.max(-1, keepdims=True))
+        p /= p.sum(-1, keepdims=True)
+        masked = [i for i, t in enumerate(seq) if t == mask_id]
+        best = max(masked, key=lambda i: p[i].max())
+        seq[best] = int(lg[best].argmax())
+    return seq[len(context):] == list(target)
+
+
+def test_is_check_greedy_follows_llada(model):
+    lm = JmoeLM(is_check_greedy=True, mc_num=16)
+    pairs = [("123+456=", "579"), ("123+456=", "578"), ("7+8=", "15"), ("7+8=", "51"),
+             ("250+250=", "500")]
+    got = lm.loglikelihood([Instance("loglikelihood", {}, p, 0) for p in pairs],
+                           disable_tqdm=True)
+    tok = model.tokenizer
+    want = [_llada_greedy(model, tok.encode(c), tok.encode(t)) for c, t in pairs]
+    assert [g for _, g in got] == want and want[0] and not want[1]
