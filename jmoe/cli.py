@@ -34,6 +34,14 @@ def _prompts(args) -> list[str]:
     return prompts
 
 
+def _chats(args) -> list[list[dict]]:
+    """``--chat`` messages as one-turn conversations (after ``--system``, if given)."""
+    if args.prompt or args.prompts_file:
+        raise ValueError("give prompts or --chat messages, not both")
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    return [system + [{"role": "user", "content": c}] for c in args.chat]
+
+
 def _adaptive(args):
     if args.adaptive is None:
         return None
@@ -92,7 +100,9 @@ def _generate(args) -> int:
     import jmoe
 
     model = _load(args.model)
-    prompts = _prompts(args)
+    if args.system and not args.chat:
+        raise ValueError("--system needs --chat (a system message opens a conversation)")
+    prompts = _chats(args) if args.chat else _prompts(args)
     kw = dict(gen_length=args.gen_length, block_length=args.block_length, steps=args.steps,
               temperature=args.temperature, cfg_scale=args.cfg_scale, remasking=args.remasking,
               threshold=args.threshold, threshold_floor=args.threshold_floor,
@@ -108,7 +118,7 @@ def _generate(args) -> int:
               max_post_steps=args.max_post_steps, credit_alpha=args.credit_alpha,
               credit_boost=args.credit_boost, credit_decay=args.credit_decay,
               top_k=args.top_k, top_p=args.top_p)
-    if model.tokenizer is None:
+    if model.tokenizer is None and not args.chat:
         prompts = _id_prompts(prompts)
     out = jmoe.generate(model, prompts, **kw)
     if args.show_steps and not args.json:
@@ -125,6 +135,9 @@ def _generate(args) -> int:
                           "texts": texts, "nfe": int(out.nfe),
                           "expert_work": int(out.expert_work),
                           "tokens": np.asarray(out.tokens).tolist()}))
+    elif args.chat:  # the replies
+        for t in texts:
+            print(t)
     elif model.tokenizer is not None:
         for p, t in zip(prompts, texts):
             print(f"{p}{t}")
@@ -222,6 +235,15 @@ def _forward(args) -> int:
     for layer, c in enumerate(np.asarray(aux["expert_counts"])):
         print(f"layer {layer}: expert token counts {c.tolist()}")
     return 0
+
+
+def _eval(args) -> int:
+    from jmoe.eval.run import run_from_args
+
+    try:
+        return run_from_args(args)
+    except ImportError as e:  # lm_eval missing: one line, as any other bad setup
+        raise ValueError(str(e)) from None
 
 
 def _int_at_least(least: int, what: str):
@@ -373,6 +395,11 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="masked-diffusion generation",
                        epilog=shipped and f"The shipped model's generation config: {shipped}.")
     _add_sampler_options(g)
+    g.add_argument("--chat", action="append", default=None, metavar="MESSAGE",
+                   help="a user message, rendered with the tokenizer's chat template "
+                        "(repeat for a batch of one-turn chats; the model needs a template)")
+    g.add_argument("--system", default=None,
+                   help="a system message opening each --chat conversation")
     g.set_defaults(func=_generate)
     r = sub.add_parser("routing", help="router statistics per layer for a text")
     r.add_argument("text")
@@ -407,6 +434,12 @@ def build_parser() -> argparse.ArgumentParser:
         "plan", help="compile for a TPU/GPU slice without one and size each program",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter))
     pl.set_defaults(func=_plan)
+    from jmoe.eval.run import add_arguments as eval_arguments
+
+    ev = eval_arguments(sub.add_parser(
+        "eval", help="evaluate with lm-evaluation-harness (the 'eval' extra) and print "
+                     "its table"))
+    ev.set_defaults(func=_eval)
     return p
 
 

@@ -55,3 +55,63 @@ class CharTokenizer:
         if data.get("type") != "char" or tuple(data.get("specials", ())) != SPECIALS:
             raise ValueError(f"{FILENAME} in {folder!r} is not a jmoe char tokenizer")
         return cls(data["chars"])
+
+
+# ---- chat conversations (instruct checkpoints) -------------------------------------
+
+def _is_message(m) -> bool:
+    return isinstance(m, dict) and "role" in m and "content" in m
+
+
+def is_chat(prompts) -> bool:
+    """True for one conversation (a non-empty list of ``{"role", "content"}`` dicts) or a
+    batch of them (a non-empty list of such lists)."""
+    if not isinstance(prompts, (list, tuple)) or not prompts:
+        return False
+    if all(_is_message(m) for m in prompts):
+        return True
+    return all(isinstance(c, (list, tuple)) and c and all(_is_message(m) for m in c)
+               for c in prompts)
+
+
+def chat_template(tokenizer) -> str | None:
+    """The tokenizer's chat template (a Jinja string), or None if it has none."""
+    t = getattr(tokenizer, "chat_template", None)
+    return t if isinstance(t, str) and t else None
+
+
+def chat_prompts(tokenizer, conversations) -> list[str]:
+    """Each conversation rendered by the tokenizer's chat template with the generation
+    prompt added (``apply_chat_template(conv, tokenize=False,
+    add_generation_prompt=True)``, as transformers' chat pipelines do).
+
+    Args:
+        tokenizer: a transformers tokenizer carrying ``chat_template``.
+        conversations: one conversation (a list of ``{"role", "content"}`` dicts) or a
+            list of them.
+
+    Returns:
+        One prompt string per conversation.
+
+    Raises:
+        ValueError: not a conversation or a batch of them; a tokenizer without a chat
+            template (jmoe's character tokenizer has none: pass plain prompts).
+    """
+    if not is_chat(conversations):
+        raise ValueError(f"{type(conversations).__name__} is not a chat: expected a list of "
+                         f"{{'role', 'content'}} dicts or a list of such lists")
+    if chat_template(tokenizer) is None:
+        raise ValueError(f"the model's tokenizer ({type(tokenizer).__name__}) has no chat "
+                         f"template: pass plain prompts, or load a checkpoint whose tokenizer "
+                         f"has one (an instruct model)")
+    if all(_is_message(m) for m in conversations):
+        conversations = [conversations]
+    return [tokenizer.apply_chat_template([dict(m) for m in c], tokenize=False,
+                                          add_generation_prompt=True) for c in conversations]
+
+
+def chat_ids(tokenizer, conversations) -> list[list[int]]:
+    """``chat_prompts`` as token ids; the template writes any BOS itself, so no special
+    tokens are added on top."""
+    return [list(tokenizer.encode(p, add_special_tokens=False))
+            for p in chat_prompts(tokenizer, conversations)]

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jmoe import platform as platform_lib
+from jmoe import tokenizer as tokenizer_lib
 from jmoe.sampling import loop
 from jmoe.sampling.canvas import GenerateOutput, bucket_length
 from jmoe.sampling.options import resolve_convention, resolve_options
@@ -72,6 +73,10 @@ def _encode(model, prompts) -> list[list[int]]:
     if not prompts:
         raise ValueError("prompts is an empty list: expected at least one prompt (a string "
                          "or a row of token ids; [[]] is one empty prompt)")
+    if tokenizer_lib.is_chat(prompts):  # conversations: the tokenizer's chat template
+        if model.tokenizer is None:
+            raise ValueError("chat prompts need a model with a tokenizer; pass token ids")
+        return tokenizer_lib.chat_ids(model.tokenizer, prompts)
     if all(isinstance(p, str) for p in prompts):
         if model.tokenizer is None:
             raise ValueError("string prompts need a model with a tokenizer; pass token ids")
@@ -124,7 +129,11 @@ def generate(model, prompts, *, gen_length=None, block_length=None, steps=None,
         model: a ``jmoe.Model`` (``jmoe.load``, ``jmoe.random_model``).
         prompts: a string, a list of strings (needs ``model.tokenizer``), or token ids:
             one list / 1-D array, a list of them, or a ``[B, P]`` array. Rows may differ
-            in length; each generates as it would alone.
+            in length; each generates as it would alone. Or chat: one conversation (a
+            list of ``{"role", "content"}`` dicts) or a list of them, rendered by the
+            tokenizer's chat template with the generation prompt added
+            (``jmoe.tokenizer.chat_prompts``); a tokenizer without a template (the
+            shipped model's) is a ValueError.
         gen_length: int, tokens to generate per row. Model, else 128. Lengths are
             positive Python or NumPy ints, never floats.
         block_length: int, generated positions decoded before the next block starts.
