@@ -237,7 +237,7 @@ def run_generate(name, scratch, args, rows, row, ck):
 
 
 def table(rows):
-    g = lambda b: f"{b / 1e9:.1f} GB"  # noqa: E731
+    g = lambda b: "-" if b is None else f"{b / 1e9:.1f} GB"  # noqa: E731
     out = ["| model | size | largest tensor | convert | convert peak RSS (bound) | load | "
            "load peak RSS (x weights) | 1st call: compile+run, fresh / cached | compile "
            "fresh / cached | step | tokens/s | peak RSS |",
@@ -247,7 +247,7 @@ def table(rows):
                 if "convert_s" in r else f"stopped: {r.get('convert_killed')}")
         rss = (f"{r['convert_rss'] / GIB:.2f} GiB (<= {(2 * GIB + r['largest']) / GIB:.2f})"
                if "convert_rss" in r else "-")
-        cells = [r["model"], g(r["size"]), f"{r['largest'] / 1e6:.0f} MB", conv, rss]
+        cells = [r["model"], g(r.get("size")), f"{r.get('largest', 0) / 1e6:.0f} MB", conv, rss]
         if "run1" in r:
             a, b = r["run1"], r["run2"]
             step = a["second_s"] / a["nfe"]

@@ -51,3 +51,38 @@ def test_env_var_keeps_xla_defaults():
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          check=True).stdout
     assert out.strip() == "None"
+
+
+def test_low_precision_weights_are_not_hoisted_to_float32_copies():
+    # XLA:CPU dots convert bfloat16 weights to float32; with loop-invariant code motion
+    # the convert of a loop-invariant weight moves out of the while loop, so a float32
+    # copy of the weight lives through the loop. jmoe's bfloat16 compilations keep the
+    # convert inside the loop body.
+    if jax.devices()[0].platform != "cpu":
+        return
+    import dataclasses
+    import re
+
+    @dataclasses.dataclass(frozen=True)
+    class Cfg:
+        dtype: str
+        platform: str = "cpu"
+
+    def loop(w, x, *, config):
+        return jax.lax.fori_loop(0, 4, lambda i, h: jnp.tanh(h @ w).astype(h.dtype), x)
+
+    w, x = jnp.ones((64, 64), jnp.bfloat16), jnp.ones((8, 64), jnp.bfloat16)
+    f = xla_options.jit(loop, static_argnames=("config",))
+
+    def entry_converts_weight(config):
+        text = f.lower(w, x, config=config).compile().as_text()
+        entry = text[text.index("ENTRY"):]
+        entry = entry[:entry.index("\n}")]
+        # a [64, 64] float32 value made in the entry computation (outside the loop)
+        return bool(re.search(r"= f32\[64,64\]", entry))
+
+    assert xla_options.compiler_options("cpu", True)["xla_disable_hlo_passes"]
+    assert not entry_converts_weight(Cfg("bfloat16"))
+    # the control: under the options of a float32 model (the pass on) the same program
+    # hoists the convert -- what the check above would catch
+    assert entry_converts_weight(Cfg("float32"))
