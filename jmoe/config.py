@@ -71,6 +71,8 @@ class MoEConfig:
     ep_capacity_factor: float | None = None
 
     family = "base"
+    # the routed experts' activation (``jmoe.moe.ACTIVATIONS``): a family's choice
+    expert_activation = "silu"
     # the router kind (``jmoe.routing.ROUTERS``): a family's choice, not a field
     router = "softmax_topk"
     # the sampler convention a model of this family generates with by default
@@ -545,8 +547,14 @@ LLADA2_MINI = LLaDA2Config(
     generation=LLADA2_GENERATION)
 
 
+# DiffusionGemma lives in its own module (it imports the helpers above)
+from jmoe.config_diffusion_gemma import (DIFFUSIONGEMMA_26B_A4B,  # noqa: E402
+                                         DiffusionGemmaConfig)
+
 # model family -> its config class (the ``family`` key of a jmoe checkpoint's config.json)
-CONFIG_CLASSES = {"olmoe": OlmoeConfig, "llada2": LLaDA2Config}
+CONFIG_CLASSES = {"olmoe": OlmoeConfig, "llada2": LLaDA2Config,
+                  "diffusion_gemma": DiffusionGemmaConfig}
 
 # named presets, as ``jmoe.aot.plan`` and ``jmoe plan --model`` take them
-PRESETS = {"olmoe-1b-7b": OLMOE_1B_7B, "llada-moe-7b": LLADA_MOE_7B, "llada2-mini": LLADA2_MINI}
+PRESETS = {"olmoe-1b-7b": OLMOE_1B_7B, "llada-moe-7b": LLADA_MOE_7B, "llada2-mini": LLADA2_MINI,
+           "diffusiongemma-26b-a4b": DIFFUSIONGEMMA_26B_A4B}
