@@ -231,7 +231,7 @@ def ragged_experts(x_TD, r, w_gate_EDF, w_up_EDF, w_down_EFD, act=jax.nn.silu):
     return combine(y_AD, r)
 
 
-def cpu_gmm_experts(x_TD, r, w_gate_EDF, w_up_EDF, w_down_EFD):
+def cpu_gmm_experts(x_TD, r, w_gate_EDF, w_up_EDF, w_down_EFD, activation: str = "silu"):
     """The assignments through ``jmoe.cpu_kernels``' compiled kernel: it groups them by
     expert, each expert computes exactly its live rows, and (token choice) sums each
     token's weighted rows; expert choice combines with a segment sum.
@@ -245,13 +245,13 @@ def cpu_gmm_experts(x_TD, r, w_gate_EDF, w_up_EDF, w_down_EFD):
     # the kernel reads float32 or bfloat16 (all alike); anything else computes in float32
     same = jnp.bfloat16 if all(a.dtype == jnp.bfloat16 for a in arrays) else jnp.float32
     x, wg, wu, wd = (a.astype(same) for a in arrays)
-    meta = (r.num_experts, r.num_tokens, r.token_major, r.max_load)
+    meta = (r.num_experts, r.num_tokens, r.token_major, r.max_load, activation)
     y = _cpu_gmm(meta, x, r.weight_A.astype(jnp.float32), wg, wu, wd, r.token_A, r.expert_A)
     return y.astype(dtype)
 
 
 def _meta_routing(meta, token_A, expert_A, weight_A):
-    e, t, token_major, max_load = meta
+    e, t, token_major, max_load, _ = meta
     return routing_lib.Routing(token_A=token_A, expert_A=expert_A, weight_A=weight_A,
                                num_experts=e, num_tokens=t, token_major=token_major,
                                max_load=max_load)
@@ -263,8 +263,9 @@ def _cpu_gmm(meta, x_TD, weight_A, w_gate_EDF, w_up_EDF, w_down_EFD, token_A, ex
     t, a = x_TD.shape[0], r.token_A.shape[0]
     args = (x_TD, r.token_A, r.expert_A, r.weight_A, w_gate_EDF, w_up_EDF, w_down_EFD)
     if t and r.token_major and a % t == 0:  # the kernel sums each token's K rows itself
-        return cpu_kernels.grouped_swiglu(*args, combine_k=a // t)
-    return jax.ops.segment_sum(cpu_kernels.grouped_swiglu(*args), r.token_A, num_segments=t)
+        return cpu_kernels.grouped_swiglu(*args, combine_k=a // t, activation=meta[-1])
+    return jax.ops.segment_sum(cpu_kernels.grouped_swiglu(*args, activation=meta[-1]),
+                               r.token_A, num_segments=t)
 
 
 def _cpu_gmm_fwd(meta, *args):
@@ -276,7 +277,7 @@ def _cpu_gmm_bwd(meta, args, g_TD):
 
     def same_function(x, w_A, wg, wu, wd):
         r = _meta_routing(meta, token_A, expert_A, w_A)
-        return bucketed_experts(x, r, wg, wu, wd)
+        return bucketed_experts(x, r, wg, wu, wd, ACTIVATIONS[meta[-1]])
 
     _, vjp = jax.vjp(same_function, x_TD, weight_A, w_gate_EDF, w_up_EDF, w_down_EFD)
     return vjp(g_TD) + (None, None)
@@ -294,16 +295,12 @@ EXPERT_BACKENDS = {
 
 
 def backend_for(backend: str, dtype, platform: str | None, activation: str = "silu") -> str:
-    """``backend`` resolved for the platform (``resolve_backend``), given the experts'
-    activation: jmoe's compiled CPU kernel (``cpu_gmm``) computes SwiGLU only, so ``auto``
-    picks ``bucketed`` for other activations and an explicit ``cpu_gmm`` is refused."""
-    choice = kernels(platform).moe_backend(backend, dtype if backend == "auto" else None)
-    if choice == "cpu_gmm" and activation != "silu":
-        if backend == "auto":
-            return "bucketed"
-        raise ValueError(f"moe_backend='cpu_gmm' computes SwiGLU experts only, not "
-                         f"expert_activation={activation!r}; use 'auto' or 'bucketed'")
-    return choice
+    """``backend`` resolved for the platform (``resolve_backend``) and the experts' gate
+    ``activation`` (``ACTIVATIONS``; every backend computes both)."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"expert activation {activation!r}: expected one of "
+                         f"{tuple(ACTIVATIONS)}")
+    return kernels(platform).moe_backend(backend, dtype if backend == "auto" else None)
 
 
 def expert_compute(backend: str, x_TD, r, w_gate_EDF, w_up_EDF, w_down_EFD, *,
@@ -326,7 +323,7 @@ def expert_compute(backend: str, x_TD, r, w_gate_EDF, w_up_EDF, w_down_EFD, *,
         raise ValueError(f"moe_backend='cpu_gmm' runs on CPU only, not on platform "
                          f"{platform!r}; use 'auto'")
     if backend == "cpu_gmm":
-        return cpu_gmm_experts(x_TD, r, w_gate_EDF, w_up_EDF, w_down_EFD)
+        return cpu_gmm_experts(x_TD, r, w_gate_EDF, w_up_EDF, w_down_EFD, activation)
     return EXPERT_BACKENDS[backend](x_TD, r, w_gate_EDF, w_up_EDF, w_down_EFD,
                                     ACTIVATIONS[activation])
 
