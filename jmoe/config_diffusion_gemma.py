@@ -11,8 +11,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
-from jmoe.config import (MoEConfig, _bool, _check, _int, _number, _token_id, _with_given_ids,
-                         read_hf_config, replace_fields)
+from jmoe.config_base import (MoEConfig, _bool, _check, _int, _number, _token_id,
+                              _with_given_ids, read_hf_config, replace_fields)
 
 SLIDING, FULL = "sliding_attention", "full_attention"
 _LAYER_OVERRIDES = ("head_dim", "num_key_value_heads")

@@ -309,7 +309,8 @@ def expert_compute(backend: str, x_TD, r, w_gate_EDF, w_up_EDF, w_down_EFD, *,
     (``auto`` resolved by ``backend_for``; ``pallas`` lowered for the platform), with the
     gate ``activation`` (``ACTIVATIONS``)."""
     table = kernels(platform)
-    backend = backend_for(backend, w_gate_EDF.dtype, platform, activation)
+    backend = backend_for(backend, w_gate_EDF.dtype if backend == "auto" else None, platform,
+                          activation)
     if backend == "pallas":
         from pallas_kernels.moe_gmm import api as gmm_api
 
