@@ -460,7 +460,8 @@ def plan(config_or_path, *, target: str, data: int = 1, expert: int | None = Non
 
     Args:
         config_or_path: a preset name (``jmoe.config.PRESETS``: ``"olmoe-1b-7b"``,
-            ``"llada-moe-7b"``, ``"llada2-mini"``), a config, or a checkpoint folder (jmoe
+            ``"llada-moe-7b"``, ``"llada2-mini"``, ``"diffusiongemma-26b-a4b"``), a config, or a
+            checkpoint folder (jmoe
             or HF) whose config.json is read; no weights are loaded.
         target: one of ``HARDWARE`` (``"v4-8"``, ``"v5e-4"``, ``"v5e-8"``, ``"v5p-8"``,
             ``"v6e-8"``, ``"h100-1"``, ``"h100-8"``, ``"h200-1"``, ``"h200-8"``).
@@ -515,8 +516,9 @@ def plan(config_or_path, *, target: str, data: int = 1, expert: int | None = Non
 def add_arguments(p):
     """``jmoe plan``'s options (every default printed in ``--help``)."""
     p.add_argument("--model", required=True,
-                   help="a preset (olmoe-1b-7b, llada-moe-7b, llada2-mini) or a checkpoint "
-                        "folder, jmoe or HF (only config.json is read)")
+                   help="a preset (olmoe-1b-7b, llada-moe-7b, llada2-mini, "
+                        "diffusiongemma-26b-a4b) or a checkpoint folder, jmoe or HF (only "
+                        "config.json is read)")
     p.add_argument("--target", required=True, help=f"one of: {', '.join(HARDWARE)}")
     p.add_argument("--data", type=int, default=1, help="data-parallel size (default: 1)")
     p.add_argument("--expert", type=int, default=None,
