@@ -460,9 +460,9 @@ def plan(config_or_path, *, target: str, data: int = 1, expert: int | None = Non
 
     Args:
         config_or_path: a preset name (``jmoe.config.PRESETS``: ``"olmoe-1b-7b"``,
-            ``"llada-moe-7b"``, ``"llada2-mini"``, ``"diffusiongemma-26b-a4b"``), a config, or a
-            checkpoint folder (jmoe
-            or HF) whose config.json is read; no weights are loaded.
+            ``"llada-moe-7b"``, ``"llada2-mini"``, ``"diffusiongemma-26b-a4b"``), a config,
+            or a checkpoint folder (jmoe or HF) whose config.json is read; no weights are
+            loaded.
         target: one of ``HARDWARE`` (``"v4-8"``, ``"v5e-4"``, ``"v5e-8"``, ``"v5p-8"``,
             ``"v6e-8"``, ``"h100-1"``, ``"h100-8"``, ``"h200-1"``, ``"h200-8"``).
         data, expert: the mesh; ``data * expert`` must be the target's device count
