@@ -267,7 +267,7 @@ def test_geglu_expert_backends_match_oracle():
     for tok, ex, w in zip(np.asarray(r.token_A), np.asarray(r.expert_A), np.asarray(r.weight_A)):
         h = _gelu_tanh(x[tok] @ wg[ex].astype(np.float64)) * (x[tok] @ wu[ex])
         want[tok] += float(w) * (h @ wd[ex])
-    backends = ("dense", "bucketed", "ragged", "pallas", "auto") + (
+    backends = ("dense", "bucketed", "ragged", "pallas") + (
         ("cpu_gmm",) if cpu_kernels.available() else ())
     args = tuple(jnp.asarray(a) for a in (x, wg, wu, wd))
     for backend in backends:
@@ -277,7 +277,7 @@ def test_geglu_expert_backends_match_oracle():
                                    err_msg=backend)
     grads = {b: jax.grad(lambda *w, b=b: moe.expert_compute(
         b, w[0], r, *w[1:], platform="cpu", activation="gelu_tanh").sum(), argnums=(0, 1, 2, 3))(
-        *args) for b in ("bucketed", "pallas") + backends[5:]}
+        *args) for b in ("bucketed", "pallas")}  # pallas: its own backward (act' by jvp)
     for b, g in grads.items():
         for got, ref in zip(g, grads["bucketed"]):
             np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-4, atol=1e-5,
@@ -286,7 +286,7 @@ def test_geglu_expert_backends_match_oracle():
         moe.backend_for("auto", jnp.float32, "cpu", "relu")
 
 
-@pytest.mark.parametrize("backend", ["dense", "bucketed", "ragged", "pallas"])
+@pytest.mark.parametrize("backend", ["bucketed", "ragged", "pallas"])
 def test_model_backends_agree(jm, backend):
     ids = _prompt()
     want, _ = jmoe.forward(jm, ids)
@@ -296,22 +296,33 @@ def test_model_backends_agree(jm, backend):
 
 EP_SCRIPT = r"""
 import os, sys
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+# 8 virtual devices; cheap LLVM passes (tiny programs: compile-bound)
+os.environ["XLA_FLAGS"] = ("--xla_force_host_platform_device_count=8 "
+                           "--xla_backend_optimization_level=0 "
+                           "--xla_llvm_disable_expensive_passes=true")
 os.environ["JAX_PLATFORMS"] = "cpu"
-import numpy as np, jax.numpy as jnp, jmoe
+import jax, numpy as np, jax.numpy as jnp, jmoe
 from jmoe.sampling import model_call
 m = jmoe.load(sys.argv[1], tokenizer=False)
 ep = jmoe.shard_model(m, jmoe.make_mesh(expert=8))
 ids = np.random.default_rng(1).integers(3, 96, (2, 9))
-a, b = jmoe.forward(m, ids)[0], jmoe.forward(ep, ids)[0]
+(a, _), (b, aux) = jmoe.forward(m, ids), jmoe.forward(ep, ids)
+assert "ep_dropped" in aux  # the MoE layers ran expert-parallel
 out = [float(np.abs(np.asarray(a) - np.asarray(b)).max())]
+canvas = jnp.asarray(np.random.default_rng(2).integers(0, 96, (2, 6)), jnp.int32)
+
+
+def two_passes(params, tokens, canvas, config):
+    c = model_call.new_encoder_cache(config, 2, 16)
+    _, _, c = model_call.encode_call(params, tokens, jnp.ones((2, 9), bool), None,
+                                     config=config, opts=None, cache=c, offset=0)
+    return model_call.denoise_call(params, canvas, None, config=config, opts=None, cache=c,
+                                   offset=9)[0]
+
+
+run = jax.jit(two_passes, static_argnames="config")
 for mod in (m, ep):
-    c = model_call.new_encoder_cache(mod.config, 2, 16)
-    _, _, c = model_call.encode_call(mod.params, jnp.asarray(ids, jnp.int32), jnp.ones((2, 9), bool),
-                                     None, config=mod.config, opts=None, cache=c, offset=0)
-    canvas = jnp.asarray(np.random.default_rng(2).integers(0, 96, (2, 6)), jnp.int32)
-    out.append(np.asarray(model_call.denoise_call(mod.params, canvas, None, config=mod.config,
-                                                  opts=None, cache=c, offset=9)[0]))
+    out.append(np.asarray(run(mod.params, jnp.asarray(ids, jnp.int32), canvas, config=mod.config)))
 print("EPDIFF", out[0], float(np.abs(out[1] - out[2]).max()))
 """
 
