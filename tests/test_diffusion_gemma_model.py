@@ -184,6 +184,8 @@ def test_per_token_budgets(jm):
     _, cap = jmoe.forward(jm, ids, capture_router_logits=True, experts_per_block=4)
     assert cap["router_logits"].shape == (3, 2, ids.shape[1], 8)
     assert int(cap["distinct_experts"].max()) <= 4
+    usage = jmoe.analysis.analyze_expert_usage(jmoe.get_routing(jm, ids), router=jm.config.router)
+    assert len(usage) == 3
 
 
 def test_round_trip_bit_exact(hf_model, jm, tmp_path):
