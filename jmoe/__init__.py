@@ -4,7 +4,8 @@ The curated public API; everything else is importable from its module.
 """
 
 from jmoe import compile_cache
-from jmoe.config import LLADA2_MINI, LLADA_MOE_7B, OLMOE_1B_7B, LLaDA2Config, OlmoeConfig
+from jmoe.config import (DIFFUSIONGEMMA_26B_A4B, LLADA2_MINI, LLADA_MOE_7B, OLMOE_1B_7B,
+                         DiffusionGemmaConfig, LLaDA2Config, OlmoeConfig)
 from jmoe.checkpoint import load
 from jmoe.model import Model, forward, init_params, random_model, shard_model
 from jmoe.capture import get_router_logits, get_routing
@@ -15,6 +16,7 @@ from jmoe.sharding import make_mesh
 
 __all__ = [
     "OlmoeConfig", "OLMOE_1B_7B", "LLADA_MOE_7B", "LLaDA2Config", "LLADA2_MINI",
+    "DiffusionGemmaConfig", "DIFFUSIONGEMMA_26B_A4B",
     "Model", "forward", "init_params", "random_model", "shard_model", "load",
     "get_router_logits", "get_routing", "analysis",
     "generate", "GenerateOutput", "AdaptiveExperts",

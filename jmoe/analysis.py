@@ -29,7 +29,8 @@ def _host(a) -> np.ndarray:
     return np.asarray(a)
 
 
-ROUTER_SCORES = ("softmax_topk", "sigmoid_group_topk")
+# DiffusionGemma's router scores by softmax too (its per_expert_scale only weights outputs)
+ROUTER_SCORES = ("softmax_topk", "sigmoid_group_topk", "gemma_softmax_topk")
 
 
 def _layer_logits(layer, logits) -> np.ndarray:
@@ -103,7 +104,7 @@ def analyze_expert_usage(routing: Mapping, top_k: int | None = None, *,
     """
     if router not in ROUTER_SCORES:
         raise ValueError(f"router={router!r}: expected one of {ROUTER_SCORES}")
-    scores = _softmax if router == "softmax_topk" else _normalised_sigmoid
+    scores = _normalised_sigmoid if router == "sigmoid_group_topk" else _softmax
     out = {}
     for layer, value in routing.items():
         if isinstance(value, tuple):

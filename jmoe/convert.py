@@ -40,20 +40,26 @@ def iter_hf_tensors(params, config):
         leaf = np.asarray(get_path(params, rule.path))
         for e, key in enumerate(rule.hf_keys(config.num_experts)):
             t = leaf[e] if rule.per_expert else leaf
-            t = t.T if rule.transpose else t
+            if rule.stacked:  # [E, ...]: transpose swaps the last two axes
+                t = np.swapaxes(t, 1, 2) if rule.transpose else t
+            else:
+                t = t.T if rule.transpose else t
             if rule.rows is None:
                 yield key, np.ascontiguousarray(t)
                 continue
             pending.setdefault(key, []).append((rule.rows, t))
             parts = sorted(pending[key], key=lambda p: p[0])
             if sum(b - a for (a, b), _ in parts) == _fused_rows(config, key):
-                yield key, np.ascontiguousarray(np.concatenate([p for _, p in parts]))
+                axis = 1 if rule.stacked else 0
+                yield key, np.ascontiguousarray(np.concatenate([p for _, p in parts], axis))
                 del pending[key]
 
 
 def _fused_rows(config, key: str) -> int:
     if key.endswith("query_key_value.weight"):
         return (config.num_heads + 2 * config.num_kv_heads) * config.head_dim
+    if key.endswith("experts.gate_up_proj"):
+        return 2 * config.moe_intermediate_size
     raise ValueError(f"no fused layout known for {key!r}")
 
 

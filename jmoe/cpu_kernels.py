@@ -162,18 +162,26 @@ def available() -> bool:
         return False
 
 
+# the kernel's gate activations and their attribute values
+GATE_ACTIVATIONS = {"silu": 0, "gelu_tanh": 1}
+
+
 def grouped_swiglu(x_TD, token_A, expert_A, weight_A, w_gate_EDF, w_up_EDF, w_down_EFD,
-                   *, combine_k: int = 0, variant: tuple[str, ...] = ()):
+                   *, combine_k: int = 0, variant: tuple[str, ...] = (),
+                   activation: str = "silu"):
     """The raw expert kernel. Row a's output is
     ``weight[a] * SwiGLU_{expert[a]}(x[token[a]])``, zero where ``expert[a] >= E``
     (dropped); the kernel groups the rows by expert itself (a counting sort).
     ``combine_k=0``: ``y[A, D]``, one row per assignment. ``combine_k=K`` (token-major
     routings, ``A == T*K``): ``y[T, D]``, the sum of each token's K rows, computed
-    in the kernel so the traffic follows the live assignments.
+    in the kernel so the traffic follows the live assignments. ``activation``: the
+    gate's, ``"silu"`` (SwiGLU) or ``"gelu_tanh"`` (GeGLU, DiffusionGemma).
 
     x and the expert weights are all float32 or all bfloat16 (y has their dtype; the
     arithmetic is float32 either way); ids int32, ``weight_A`` float32."""
     a, t = token_A.shape[0], x_TD.shape[0]
+    if activation not in GATE_ACTIVATIONS:
+        raise ValueError(f"activation={activation!r}: expected one of {tuple(GATE_ACTIVATIONS)}")
     if combine_k and a != t * combine_k:
         raise ValueError(f"combine_k={combine_k}: needs A == T*K, got A={a}, T={t}")
     dtypes = {jnp.dtype(w.dtype) for w in (x_TD, w_gate_EDF, w_up_EDF, w_down_EFD)}
@@ -186,7 +194,7 @@ def grouped_swiglu(x_TD, token_A, expert_A, weight_A, w_gate_EDF, w_up_EDF, w_do
                             vmap_method="sequential")
     return call(x_TD, token_A.astype(jnp.int32), expert_A.astype(jnp.int32),
                 weight_A.astype(jnp.float32), w_gate_EDF, w_up_EDF, w_down_EFD,
-                combine_k=int(combine_k))
+                combine_k=int(combine_k), activation=GATE_ACTIVATIONS[activation])
 
 
 def top_k_ids(x_TE, k: int, *, variant: tuple[str, ...] = ()):

@@ -17,11 +17,11 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from jmoe.config import CONFIG_CLASSES, TOKEN_ID_FIELDS, read_hf_config, read_json
-from jmoe.hf_keys import rules_for
+from jmoe.hf_keys import ignored_keys, rules_for
 from jmoe.model import abstract_params
 
 HF_MODEL_TYPES = {"olmoe": "olmoe", "llada": "olmoe", "lladamoe": "olmoe", "llada_moe": "olmoe",
-                  "llada2_moe": "llada2"}
+                  "llada2_moe": "llada2", "diffusion_gemma": "diffusion_gemma"}
 # generation_config.json keys the sampler understands, and HF names mapped onto them
 GENERATION_KEYS = ("gen_length", "block_length", "steps", "temperature", "cfg_scale",
                    "remasking", "threshold", "decoder", "low_threshold", "edit_threshold",
@@ -268,10 +268,15 @@ def open_params(hf_dir: str, config, dtype: str | None = None) -> tuple[Safetens
     try:
         rules = rules_for(config)
         wanted = {k for r in rules for k in r.hf_keys(config.num_experts)}
-        unexpected = sorted(set(reader.keys()) - wanted - _ignored_keys(config))
+        skipped = ignored_keys(config, reader.keys())
+        unexpected = sorted(set(reader.keys()) - wanted - skipped)
         if unexpected:
             raise ValueError(f"unexpected tensor(s) in {hf_dir!r} for {config.family}: "
                              f"{unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
+        vision = sorted(k for k in skipped if ".vision_tower." in k or ".embed_vision." in k)
+        if vision:
+            _log.warning("%s: %d vision-tower tensors skipped: jmoe loads DiffusionGemma's text "
+                         "model only (image inputs are refused)", hf_dir, len(vision))
         missing = sorted(wanted - set(reader.keys()))
         if missing:
             raise ValueError(f"missing tensor(s) in {hf_dir!r}: {missing[:5]}"
@@ -345,6 +350,15 @@ def _copy_rows(reader, key, rule, want, dest):
     """Copy HF tensor ``key`` (its ``rule.rows`` if fused, transposed if ``rule.transpose``)
     into ``dest``, ``READ_BYTES`` of rows at a time; ValueError if its shape is not ``want``."""
     shape = reader.shape(key)
+    if rule.stacked and len(shape) == 3:  # [E, R, C]: rows of axis 1, swap the last two
+        lo, hi = rule.rows if rule.rows is not None else (0, shape[1])
+        got = (shape[0], max(0, min(hi, shape[1]) - lo), shape[2])
+        got = (got[0], got[2], got[1]) if rule.transpose else got
+        if got != tuple(want):
+            raise ValueError(f"tensor {key!r} has shape {tuple(shape)}, expected rows "
+                             f"{lo}:{hi} of axis 1 to give {tuple(want)}")
+        _copy_stacked(reader, key, rule, shape, dest)
+        return
     lo, hi = rule.rows if rule.rows is not None else (0, shape[0] if shape else 0)
     got = (max(0, min(hi, shape[0]) - lo),) + tuple(shape[1:]) if shape else ()
     got = tuple(reversed(got)) if rule.transpose else got
@@ -365,6 +379,20 @@ def _copy_rows(reader, key, rule, want, dest):
             dest[:, a - lo:b - lo] = block.T
         else:
             dest[a - lo:b - lo] = block
+        del block
+
+
+def _copy_stacked(reader, key, rule, shape, dest):
+    """An expert-stacked HF tensor ``[E, R, C]`` (its rows ``rule.rows`` of axis 1), one
+    expert at a time, transposed to ``[E, C, R]`` when ``rule.transpose``."""
+    if len(shape) != 3:
+        raise ValueError(f"tensor {key!r} has shape {tuple(shape)}: expected [experts, rows, "
+                         "cols]")
+    lo, hi = rule.rows if rule.rows is not None else (0, shape[1])
+    sl = reader.slice(key)
+    for e in range(shape[0]):
+        block = sl[e:e + 1, lo:hi][0]
+        dest[e] = block.T if rule.transpose else block
         del block
 
 
@@ -389,11 +417,6 @@ def read_params(hf_dir: str, config, dtype: str | None = None, progress: bool = 
         return params, dtype
     finally:
         reader.close()
-
-
-def _ignored_keys(config):
-    # tied checkpoints may still carry lm_head.weight; rotary caches are not params
-    return {"lm_head.weight"} if config.tie_word_embeddings else set()
 
 
 def get_path(tree, path):

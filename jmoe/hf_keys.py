@@ -20,6 +20,10 @@ class Rule:
     rows: tuple[int, int] | None = None
     # kept float32 whatever the checkpoint dtype (LLaDA2's expert_bias)
     float32: bool = False
+    # the HF tensor already stacks the experts ``[E, ...]`` (DiffusionGemma's fused
+    # ``gate_up_proj [E, 2F, D]``): ``rows`` then slice axis 1, ``transpose`` swaps the
+    # last two axes
+    stacked: bool = False
 
     @property
     def per_expert(self) -> bool:
@@ -95,7 +99,63 @@ def llada2_rules(config) -> list[Rule]:
     return rules
 
 
-RULES = {"olmoe": olmoe_rules, "llada2": llada2_rules}
+def diffusion_gemma_rules(config) -> list[Rule]:
+    """DiffusionGemma (``DiffusionGemmaForBlockDiffusion``): the decoder's text weights
+    (``model.decoder.*``, which the encoder's are tied to), the encoder's own untied
+    ``layer_scalar`` buffers, ``self_conditioning.*``; experts fused ``gate_up_proj
+    [E, 2F, D]`` (gate rows first) and ``down_proj [E, D, F]``, stored split in jmoe. The
+    LM head is tied to the embedding; the vision tower is not read (``ignored_keys``)."""
+    f = config.moe_intermediate_size
+    dec = "model.decoder"
+    rules = [Rule(("embed", "embedding"), f"{dec}.embed_tokens.weight")]
+    norms = (("input_norm", "input_layernorm"), ("post_attn_norm", "post_attention_layernorm"),
+             ("pre_mlp_norm", "pre_feedforward_layernorm"),
+             ("post_mlp_norm", "post_feedforward_layernorm_1"),
+             ("pre_moe_norm", "pre_feedforward_layernorm_2"),
+             ("post_moe_norm", "post_feedforward_layernorm_2"),
+             ("post_ffw_norm", "post_feedforward_layernorm"))
+    for i, kind in enumerate(config.layer_types):
+        hf, jm = f"{dec}.layers.{i}", f"layer_{i}"
+        rules += [Rule((jm, n, "scale"), f"{hf}.{h}.weight") for n, h in norms]
+        rules += [Rule((jm, "attn", f"w{p}"), f"{hf}.self_attn.{p}_proj.weight", True)
+                  for p in ("q", "k", "o") + (("v",) if kind == "sliding_attention" else ())]
+        rules += [Rule((jm, "attn", f"{p}_norm", "scale"), f"{hf}.self_attn.{p}_norm.weight")
+                  for p in ("q", "k")]
+        rules += [Rule((jm, "mlp", f"w_{p}"), f"{hf}.mlp.{p}_proj.weight", True)
+                  for p in ("gate", "up", "down")]
+        rules += [
+            Rule((jm, "moe", "router"), f"{hf}.router.proj.weight", True),
+            Rule((jm, "moe", "router_scale"), f"{hf}.router.scale"),
+            Rule((jm, "moe", "per_expert_scale"), f"{hf}.router.per_expert_scale", float32=True),
+            Rule((jm, "moe", "w_gate"), f"{hf}.experts.gate_up_proj", True, (0, f), stacked=True),
+            Rule((jm, "moe", "w_up"), f"{hf}.experts.gate_up_proj", True, (f, 2 * f),
+                 stacked=True),
+            Rule((jm, "moe", "w_down"), f"{hf}.experts.down_proj", True, stacked=True),
+            Rule((jm, "layer_scalar"), f"{hf}.layer_scalar"),
+            Rule((jm, "encoder_layer_scalar"),
+                 f"model.encoder.language_model.layers.{i}.layer_scalar"),
+        ]
+    sc = f"{dec}.self_conditioning"
+    rules += [Rule(("self_cond", "pre_norm", "scale"), f"{sc}.pre_norm.weight")]
+    rules += [Rule(("self_cond", f"w_{p}"), f"{sc}.{p}_proj.weight", True)
+              for p in ("gate", "up", "down")]
+    rules.append(Rule(("final_norm", "scale"), f"{dec}.norm.weight"))
+    return rules
+
+
+RULES = {"olmoe": olmoe_rules, "llada2": llada2_rules, "diffusion_gemma": diffusion_gemma_rules}
+
+# HF tensors jmoe does not read: DiffusionGemma's vision tower and its projection
+# (text only), and a tied LM head's copy
+SKIPPED_PREFIXES = {"diffusion_gemma": ("model.encoder.vision_tower.",
+                                        "model.encoder.embed_vision.")}
+
+
+def ignored_keys(config, keys) -> set:
+    """The HF tensors of ``keys`` that ``config``'s family does not read."""
+    out = {"lm_head.weight"} if config.tie_word_embeddings else set()
+    prefixes = SKIPPED_PREFIXES.get(config.family, ())
+    return out | {k for k in keys if k.startswith(prefixes)} if prefixes else out
 
 
 def rules_for(config) -> list[Rule]:
@@ -120,6 +180,8 @@ def hf_config_from(config, base: dict | None = None) -> dict:
     })
     if "torch_dtype" in out:
         out["torch_dtype"] = config.dtype
+    if config.family == "diffusion_gemma":
+        return _diffusion_gemma_hf_config(config, base)
     if config.family == "llada2":
         out.update(
             model_type="llada2_moe", head_dim=config.head_dim,
@@ -153,4 +215,41 @@ def hf_config_from(config, base: dict | None = None) -> dict:
                    qk_layernorm=config.qk_norm == "per_head", rope_theta=config.rope_theta,
                    partial_rotary_factor=config.rotary_fraction,
                    mask_token_id=config.mask_token_id)
+    return out
+
+
+def _diffusion_gemma_hf_config(config, base: dict | None) -> dict:
+    """A ``diffusion_gemma`` config.json: ``base``'s (the converted folder's, vision config
+    included) with the text config's fields set from ``config``."""
+    out = dict(base or {})
+    text = dict(out.get("text_config") or {})
+    full = [i for i, k in enumerate(config.layer_types) if k == "full_attention"]
+    text.update({
+        "model_type": "diffusion_gemma_text", "vocab_size": config.vocab_size,
+        "hidden_size": config.hidden_size, "intermediate_size": config.intermediate_size,
+        "moe_intermediate_size": config.moe_intermediate_size,
+        "num_hidden_layers": config.num_layers, "num_attention_heads": config.num_heads,
+        "num_key_value_heads": config.num_kv_heads, "head_dim": config.head_dim,
+        "num_experts": config.num_experts, "top_k_experts": config.num_experts_per_tok,
+        "layer_types": list(config.layer_types), "sliding_window": config.sliding_window,
+        "per_layer_config": {str(i): {"head_dim": config.full_head_dim,
+                                      "num_key_value_heads": config.full_num_kv_heads}
+                             for i in full},
+        "rope_parameters": {
+            "sliding_attention": {"rope_type": "default", "rope_theta": config.rope_theta},
+            "full_attention": {"rope_type": "proportional", "rope_theta": config.full_rope_theta,
+                               "partial_rotary_factor": config.full_rotary_fraction}},
+        "final_logit_softcapping": config.final_logit_softcapping,
+        "rms_norm_eps": config.rms_norm_eps, "hidden_activation": "gelu_pytorch_tanh",
+        "max_position_embeddings": config.max_position_embeddings,
+        "eos_token_id": config.eos_token_id, "pad_token_id": config.pad_token_id,
+        "tie_word_embeddings": True, "dtype": config.dtype,
+    })
+    for k in ("global_head_dim", "num_global_key_value_heads"):
+        text.pop(k, None)  # per_layer_config says it
+    out.update(model_type="diffusion_gemma", text_config=text, tie_word_embeddings=True,
+               canvas_length=config.canvas_length, dtype=config.dtype)
+    if config.image_token_id is not None:
+        out["image_token_id"] = config.image_token_id
+    out.setdefault("architectures", ["DiffusionGemmaForBlockDiffusion"])
     return out

@@ -43,6 +43,9 @@ class KVCache:
     block_length: int | None = struct.field(pytree_node=False, default=None)
     valid: jax.Array | None = None  # bidirectional caches: [B, S] bool, real keys
     pos: jax.Array | None = None    # bidirectional caches: [B, S] int32 rotary positions
+    # DiffusionGemma's encoder cache: [B, S] bool, positions holding a real token's K/V
+    # (per-layer buffers then differ in N and K by layer kind; jmoe.models.diffusion_gemma)
+    key_valid: jax.Array | None = None
 
     @classmethod
     def empty(cls, config, batch: int, length: int) -> "KVCache":

@@ -20,6 +20,7 @@ from jmoe import sharding
 from jmoe import xla_options
 from jmoe.kv_cache import KVCache
 from jmoe.models.decoder import Decoder
+from jmoe.models.diffusion_gemma import DiffusionGemmaStack
 from jmoe.moe import resolve_backend
 
 
@@ -35,11 +36,20 @@ class Model:
         return dataclasses.replace(self, **kw)
 
 
+def stack(config):
+    """The decoder-stack module of a config: ``Decoder``, or DiffusionGemma's stack (its
+    heterogeneous sandwich-norm layers, encoder and canvas decoder;
+    ``jmoe.models.diffusion_gemma``)."""
+    if config.family == "diffusion_gemma":
+        return DiffusionGemmaStack(config)
+    return Decoder(config)
+
+
 def _init_boxed(config, seed: int = 0):
     """Params with their logical axes (``flax.linen.LogicallyPartitioned`` boxes)."""
     tokens = jnp.zeros((1, 4), jnp.int32)
     budget = routing_lib.Budget(None, config.num_experts_per_tok)
-    return Decoder(config).init(jax.random.key(seed), tokens, jnp.ones((1, 4), bool),
+    return stack(config).init(jax.random.key(seed), tokens, jnp.ones((1, 4), bool),
                                 budget)["params"]
 
 
@@ -151,8 +161,36 @@ def apply(config, params, tokens_BL, *, valid_BL, budgets: routing_lib.Budget | 
                          "among the whole sequence's tokens, which a call on one block does "
                          "not see; generate with cache=False (jmoe.generate(..., cache=False))")
     budgets = budgets or routing_lib.Budget(None, config.num_experts_per_tok)
-    logits, layer_aux, cache = Decoder(config).apply({"params": params}, tokens_BL, valid_BL,
-                                                     budgets, cache)
+    logits, layer_aux, cache = stack(config).apply({"params": params}, tokens_BL, valid_BL,
+                                                   budgets, cache)
+    return logits, _call_aux(layer_aux, capture), cache
+
+
+def apply_denoiser(config, params, canvas_BC, *, cache: KVCache, offset, budgets=None,
+                   self_cond_BCV=None, self_cond_mask_B=None, capture: bool = False):
+    """DiffusionGemma's decoder pass: ``(logits_BCV, aux)``.
+
+    The canvas ``canvas_BC`` (int32 token ids at absolute positions ``offset .. offset +
+    C - 1``) attends bidirectionally to itself and to the real keys of ``cache`` (the
+    encoder's, ``jmoe.models.diffusion_gemma.new_cache``) below ``offset`` (sliding
+    layers: the last ``sliding_window - 1``); nothing is written. ``self_cond_BCV``:
+    the previous step's processed logits ``[B, C, V]`` or None (a zero
+    self-conditioning signal); ``self_cond_mask_B``: bool ``[B]`` or None, rows set False
+    get the zero signal. Logits are float32 after the final soft-cap; aux as ``apply``.
+    Raises ValueError for a config of another family.
+    """
+    if config.family != "diffusion_gemma":
+        raise ValueError(f"apply_denoiser is DiffusionGemma's decoder pass; got family "
+                         f"{config.family!r}")
+    budgets = budgets or routing_lib.Budget(None, config.num_experts_per_tok)
+    valid = jnp.ones(canvas_BC.shape, bool)
+    logits, layer_aux, _ = stack(config).apply(
+        {"params": params}, canvas_BC, valid, budgets, cache, mode="decode", offset=offset,
+        self_cond_BLV=self_cond_BCV, self_cond_mask_B=self_cond_mask_B)
+    return logits, _call_aux(layer_aux, capture)
+
+
+def _call_aux(layer_aux, capture: bool) -> dict:
     aux = {
         "expert_counts": layer_aux["expert_counts"],
         "routed_pairs": layer_aux["routed_pairs"].sum(),
@@ -168,7 +206,7 @@ def apply(config, params, tokens_BL, *, valid_BL, budgets: routing_lib.Budget | 
     if capture:
         for name in ("router_logits", "expert_ids", "expert_weights"):
             aux[name] = layer_aux[name]
-    return logits, aux, cache
+    return aux
 
 
 def _check_tokens(config, tokens_BL):
@@ -199,7 +237,23 @@ def _check_tokens(config, tokens_BL):
         if lo < 0 or hi >= config.vocab_size:
             raise ValueError(f"token id {lo if lo < 0 else hi} outside the vocabulary "
                              f"[0, {config.vocab_size})")
+        check_text_only(config, tokens)
     return tokens
+
+
+def check_text_only(config, tokens_BL=None, pixel_values=None):
+    """Refuse multimodal input in one line: jmoe runs DiffusionGemma's text model only (the
+    vision tower is not loaded). ValueError for ``pixel_values`` given, or concrete tokens
+    holding the config's ``image_token_id``."""
+    image_id = getattr(config, "image_token_id", None)
+    if pixel_values is not None:
+        raise ValueError("pixel_values given: jmoe runs DiffusionGemma's text model only (the "
+                         "vision tower is not loaded); pass token ids without images")
+    if image_id is not None and tokens_BL is not None and \
+            not isinstance(tokens_BL, jax.core.Tracer) and bool(np.any(np.asarray(tokens_BL)
+                                                                        == image_id)):
+        raise ValueError(f"tokens hold the image token id {image_id}: jmoe runs "
+                         "DiffusionGemma's text model only (no vision tower); pass text tokens")
 
 
 def _check_mask(attention_mask, shape_BL):

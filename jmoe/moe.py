@@ -51,17 +51,23 @@ def resolve_backend(backend: str, dtype=None, platform: str | None = None) -> st
     return kernels(platform).moe_backend(backend, dtype)
 
 
-def swiglu_experts(x_ECD, w_gate_EDF, w_up_EDF, w_down_EFD):
-    h = jax.nn.silu(jnp.einsum("ECD,EDF->ECF", x_ECD, w_gate_EDF))
+# the routed experts' gate activation, a family's choice (``config.expert_activation``):
+# SwiGLU experts (OLMoE, LLaDA2) or GeGLU with tanh-approximated GELU (DiffusionGemma)
+ACTIVATIONS = {"silu": jax.nn.silu, "gelu_tanh": partial(jax.nn.gelu, approximate=True)}
+
+
+def swiglu_experts(x_ECD, w_gate_EDF, w_up_EDF, w_down_EFD, act=jax.nn.silu):
+    """Gated experts ``down(act(x @ gate) * (x @ up))`` on ``[E, C, D]`` buffers."""
+    h = act(jnp.einsum("ECD,EDF->ECF", x_ECD, w_gate_EDF))
     h = h * jnp.einsum("ECD,EDF->ECF", x_ECD, w_up_EDF)
     return jnp.einsum("ECF,EFD->ECD", h, w_down_EFD)
 
 
-def dense_experts(x_TD, r, w_gate_EDF, w_up_EDF, w_down_EFD):
+def dense_experts(x_TD, r, w_gate_EDF, w_up_EDF, w_down_EFD, act=jax.nn.silu):
     t = x_TD.shape[0]
     e = w_gate_EDF.shape[0]
     y_ETD = swiglu_experts(jnp.broadcast_to(x_TD, (e,) + x_TD.shape), w_gate_EDF, w_up_EDF,
-                           w_down_EFD)
+                           w_down_EFD, act)
     # combine weights [T, E]; dropped assignments land in the sentinel column E
     w_TE = jnp.zeros((t, e + 1), jnp.float32).at[r.token_A, r.expert_A].add(r.weight_A)[:, :e]
     return jnp.einsum("ETD,TE->TD", y_ETD, w_TE.astype(y_ETD.dtype))
@@ -147,7 +153,7 @@ def capacity_plan(counts_E, buckets, over_buckets, num_hot: int):
     return i_base, bucket_index(excess, over_buckets), hot_ids[:num_hot]
 
 
-def _slot_compute(x_pad, r, slot_A, groups, cap, w_gate, w_up, w_down):
+def _slot_compute(x_pad, r, slot_A, groups, cap, w_gate, w_up, w_down, act=jax.nn.silu):
     """Assignments into slots ``slot_A`` (>= groups*cap: not in this buffer), SwiGLU on
     the ``[groups, cap, D]`` buffer, and their weighted outputs summed per token ``[T, D]``.
 
@@ -157,7 +163,8 @@ def _slot_compute(x_pad, r, slot_A, groups, cap, w_gate, w_up, w_down):
     t1, d = x_pad.shape
     t = t1 - 1
     slot_token = jnp.full((groups * cap,), t, jnp.int32).at[slot_A].set(r.token_A, mode="drop")
-    y_GCD = swiglu_experts(x_pad[slot_token].reshape(groups, cap, d), w_gate, w_up, w_down)
+    y_GCD = swiglu_experts(x_pad[slot_token].reshape(groups, cap, d), w_gate, w_up, w_down,
+                           act)
     y_SD = y_GCD.reshape(groups * cap, d)
     a = slot_A.shape[0]
     if r.token_major and a % t == 0:
@@ -169,7 +176,8 @@ def _slot_compute(x_pad, r, slot_A, groups, cap, w_gate, w_up, w_down):
     return jnp.zeros((t1, d), y_SD.dtype).at[slot_token].add(y_SD)[:t]
 
 
-def bucketed_experts(x_TD, r, w_gate_EDF, w_up_EDF, w_down_EFD, buckets=None, num_hot=None):
+def bucketed_experts(x_TD, r, w_gate_EDF, w_up_EDF, w_down_EFD, act=jax.nn.silu, buckets=None,
+                     num_hot=None):
     """Per-expert buffers ``[E, C, D]`` plus an overflow ``[H, C_o, D]`` for the hottest experts.
 
     C is the smallest static bucket holding the (H+1)-th largest load and C_o the
@@ -197,7 +205,7 @@ def bucketed_experts(x_TD, r, w_gate_EDF, w_up_EDF, w_down_EFD, buckets=None, nu
 
     def run_base(cap):
         slot = jnp.where(live & (pos_A < cap), r.expert_A * cap + pos_A, e * cap)
-        return _slot_compute(x_pad, r, slot, e, cap, w_gate_EDF, w_up_EDF, w_down_EFD)
+        return _slot_compute(x_pad, r, slot, e, cap, w_gate_EDF, w_up_EDF, w_down_EFD, act)
 
     def run_over(cap):
         if cap == 0:
@@ -206,24 +214,24 @@ def bucketed_experts(x_TD, r, w_gate_EDF, w_up_EDF, w_down_EFD, buckets=None, nu
         rank, opos = hot_rank[r.expert_A], pos_A - cap_base
         slot = jnp.where(live & (opos >= 0) & (rank < h), rank * cap + opos, h * cap)
         return _slot_compute(x_pad, r, slot, h, cap,
-                             w_gate_EDF[hot_ids], w_up_EDF[hot_ids], w_down_EFD[hot_ids])
+                             w_gate_EDF[hot_ids], w_up_EDF[hot_ids], w_down_EFD[hot_ids], act)
 
     y = jax.lax.switch(i_base, [partial(run_base, c) for c in buckets])
     return y + jax.lax.switch(i_over, [partial(run_over, c) for c in over]).astype(y.dtype)
 
 
-def ragged_experts(x_TD, r, w_gate_EDF, w_up_EDF, w_down_EFD):
+def ragged_experts(x_TD, r, w_gate_EDF, w_up_EDF, w_down_EFD, act=jax.nn.silu):
     t, d = x_TD.shape
     order, _, _, counts = _sorted_slots(r)
     xs_AD = x_TD[r.token_A[order]]
-    h = jax.nn.silu(jax.lax.ragged_dot(xs_AD, w_gate_EDF, counts))
+    h = act(jax.lax.ragged_dot(xs_AD, w_gate_EDF, counts))
     h = h * jax.lax.ragged_dot(xs_AD, w_up_EDF, counts)
     ys_AD = jax.lax.ragged_dot(h, w_down_EFD, counts)  # rows past sum(counts) are zeros
     y_AD = jnp.zeros_like(ys_AD).at[order].set(ys_AD)
     return combine(y_AD, r)
 
 
-def cpu_gmm_experts(x_TD, r, w_gate_EDF, w_up_EDF, w_down_EFD):
+def cpu_gmm_experts(x_TD, r, w_gate_EDF, w_up_EDF, w_down_EFD, activation: str = "silu"):
     """The assignments through ``jmoe.cpu_kernels``' compiled kernel: it groups them by
     expert, each expert computes exactly its live rows, and (token choice) sums each
     token's weighted rows; expert choice combines with a segment sum.
@@ -237,13 +245,13 @@ def cpu_gmm_experts(x_TD, r, w_gate_EDF, w_up_EDF, w_down_EFD):
     # the kernel reads float32 or bfloat16 (all alike); anything else computes in float32
     same = jnp.bfloat16 if all(a.dtype == jnp.bfloat16 for a in arrays) else jnp.float32
     x, wg, wu, wd = (a.astype(same) for a in arrays)
-    meta = (r.num_experts, r.num_tokens, r.token_major, r.max_load)
+    meta = (r.num_experts, r.num_tokens, r.token_major, r.max_load, activation)
     y = _cpu_gmm(meta, x, r.weight_A.astype(jnp.float32), wg, wu, wd, r.token_A, r.expert_A)
     return y.astype(dtype)
 
 
 def _meta_routing(meta, token_A, expert_A, weight_A):
-    e, t, token_major, max_load = meta
+    e, t, token_major, max_load, _ = meta
     return routing_lib.Routing(token_A=token_A, expert_A=expert_A, weight_A=weight_A,
                                num_experts=e, num_tokens=t, token_major=token_major,
                                max_load=max_load)
@@ -255,8 +263,9 @@ def _cpu_gmm(meta, x_TD, weight_A, w_gate_EDF, w_up_EDF, w_down_EFD, token_A, ex
     t, a = x_TD.shape[0], r.token_A.shape[0]
     args = (x_TD, r.token_A, r.expert_A, r.weight_A, w_gate_EDF, w_up_EDF, w_down_EFD)
     if t and r.token_major and a % t == 0:  # the kernel sums each token's K rows itself
-        return cpu_kernels.grouped_swiglu(*args, combine_k=a // t)
-    return jax.ops.segment_sum(cpu_kernels.grouped_swiglu(*args), r.token_A, num_segments=t)
+        return cpu_kernels.grouped_swiglu(*args, combine_k=a // t, activation=meta[-1])
+    return jax.ops.segment_sum(cpu_kernels.grouped_swiglu(*args, activation=meta[-1]),
+                               r.token_A, num_segments=t)
 
 
 def _cpu_gmm_fwd(meta, *args):
@@ -268,7 +277,7 @@ def _cpu_gmm_bwd(meta, args, g_TD):
 
     def same_function(x, w_A, wg, wu, wd):
         r = _meta_routing(meta, token_A, expert_A, w_A)
-        return bucketed_experts(x, r, wg, wu, wd)
+        return bucketed_experts(x, r, wg, wu, wd, ACTIVATIONS[meta[-1]])
 
     _, vjp = jax.vjp(same_function, x_TD, weight_A, w_gate_EDF, w_up_EDF, w_down_EFD)
     return vjp(g_TD) + (None, None)
@@ -285,25 +294,39 @@ EXPERT_BACKENDS = {
 }
 
 
+def backend_for(backend: str, dtype, platform: str | None, activation: str = "silu") -> str:
+    """``backend`` resolved for the platform (``resolve_backend``) and the experts' gate
+    ``activation`` (``ACTIVATIONS``; every backend computes both)."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"expert activation {activation!r}: expected one of "
+                         f"{tuple(ACTIVATIONS)}")
+    return kernels(platform).moe_backend(backend, dtype if backend == "auto" else None)
+
+
 def expert_compute(backend: str, x_TD, r, w_gate_EDF, w_up_EDF, w_down_EFD, *,
-                   platform: str | None = None):
+                   platform: str | None = None, activation: str = "silu"):
     """The routed experts' output ``y_TD`` through ``backend`` for the target ``platform``
-    (``auto`` resolved by ``resolve_backend``; ``pallas`` lowered for the platform)."""
+    (``auto`` resolved by ``backend_for``; ``pallas`` lowered for the platform), with the
+    gate ``activation`` (``ACTIVATIONS``)."""
     table = kernels(platform)
-    backend = table.moe_backend(backend, w_gate_EDF.dtype if backend == "auto" else None)
+    backend = backend_for(backend, w_gate_EDF.dtype if backend == "auto" else None, platform,
+                          activation)
     if backend == "pallas":
         from pallas_kernels.moe_gmm import api as gmm_api
 
         return gmm_api.moe_experts(x_TD, r, w_gate_EDF, w_up_EDF, w_down_EFD,
                                    lowering=table.pallas_lowering,
-                                   interpret=table.pallas_interpret)
+                                   interpret=table.pallas_interpret, activation=activation)
     if backend not in EXPERT_BACKENDS:
         raise ValueError(f"moe_backend={backend!r}: expected one of "
                          f"{sorted(EXPERT_BACKENDS) + ['auto', 'pallas']}")
     if backend == "cpu_gmm" and platform not in (None, "cpu"):
         raise ValueError(f"moe_backend='cpu_gmm' runs on CPU only, not on platform "
                          f"{platform!r}; use 'auto'")
-    return EXPERT_BACKENDS[backend](x_TD, r, w_gate_EDF, w_up_EDF, w_down_EFD)
+    if backend == "cpu_gmm":
+        return cpu_gmm_experts(x_TD, r, w_gate_EDF, w_up_EDF, w_down_EFD, activation)
+    return EXPERT_BACKENDS[backend](x_TD, r, w_gate_EDF, w_up_EDF, w_down_EFD,
+                                    ACTIVATIONS[activation])
 
 
 def data_parallel_experts(config, x_BLD, r: routing_lib.Routing, weights):
@@ -322,7 +345,8 @@ def data_parallel_experts(config, x_BLD, r: routing_lib.Routing, weights):
     spec = batch_spec(mesh, b)
     axis = spec[0] if len(spec) else None
     split = axis is not None and r.token_major
-    run = partial(expert_compute, config.moe_backend, platform=config.platform)
+    run = partial(expert_compute, config.moe_backend, platform=config.platform,
+                  activation=config.expert_activation)
     if not split:
         def whole(x_BLD, token_A, expert_A, weight_A, *w):
             rr = r.replace(token_A=token_A, expert_A=expert_A, weight_A=weight_A)
@@ -421,21 +445,31 @@ class MoE(nn.Module):
     config: Any
 
     @nn.compact
-    def __call__(self, x_BLD, valid_BL, budget: routing_lib.Budget):
+    def __call__(self, x_BLD, valid_BL, budget: routing_lib.Budget, x_route_BLD=None):
         c = self.config
         dt = jnp.dtype(c.dtype)
         b, l, d = x_BLD.shape
         e, f = c.num_experts, c.moe_intermediate_size
         router_DE = self.param("router", logical_init(("embed", None)), (d, e), dt)
         # router params (the selection bias) stay float32: tuned in small steps in training
-        router_params = {n: self.param(n, logical_init((None,), nn.initializers.zeros), (e,),
-                                       jnp.float32) for n in routing_lib.ROUTER_PARAMS[c.router]}
+        router_params = {n: self.param(n, logical_init(
+            (None,), nn.initializers.ones if n in routing_lib.ROUTER_PARAMS_ONES
+            else nn.initializers.zeros), (e,), jnp.float32)
+            for n in routing_lib.ROUTER_PARAMS[c.router]}
+        x_route = (x_BLD if x_route_BLD is None else x_route_BLD).astype(jnp.float32)
+        if c.router == "gemma_softmax_topk":
+            # DiffusionGemma routes the residual stream through a scale-free RMSNorm times a
+            # learned [D] scale and D^-0.5 (transformers' DiffusionGemmaTextRouter); float32
+            scale_D = self.param("router_scale", logical_init(("norm",), nn.initializers.ones),
+                                 (d,), dt)
+            x_route = x_route * jax.lax.rsqrt(jnp.mean(x_route * x_route, -1, keepdims=True)
+                                              + c.rms_norm_eps)
+            x_route = x_route * scale_D.astype(jnp.float32) * d ** -0.5
         weights = (self.param("w_gate", logical_init(("expert", "embed", "mlp")), (e, d, f), dt),
                    self.param("w_up", logical_init(("expert", "embed", "mlp")), (e, d, f), dt),
                    self.param("w_down", logical_init(("expert", "mlp", "embed")), (e, f, d), dt))
 
-        logits_BLE = jnp.einsum("BLD,DE->BLE", x_BLD.astype(jnp.float32),
-                                router_DE.astype(jnp.float32))
+        logits_BLE = jnp.einsum("BLD,DE->BLE", x_route, router_DE.astype(jnp.float32))
         allowed_BE = routing_lib.block_expert_set(c, logits_BLE, router_params, valid_BL, budget)
         r = routing_lib.route(c, logits_BLE, router_params, valid_BL, budget, allowed_BE)
         aux = layer_aux(r, logits_BLE, valid_BL, c.num_experts_per_tok, c.platform)
@@ -444,13 +478,14 @@ class MoE(nn.Module):
         if expert_parallel_active(c.mesh):
             y_BLD, aux["ep_dropped"] = expert_parallel.expert_parallel_moe(
                 c.mesh, x_BLD, r, weights,
-                experts=partial(expert_compute, c.moe_backend, platform=c.platform),
+                experts=partial(expert_compute, c.moe_backend, platform=c.platform,
+                                activation=c.expert_activation),
                 capacity_factor=c.ep_capacity_factor)
         elif c.mesh is not None and kernels(c.platform).moe_backend(c.moe_backend, dt) == "pallas":
             y_BLD = data_parallel_experts(c, x_BLD, r, weights)
         else:
-            backend = kernels(c.platform).moe_backend(
-                c.moe_backend, weights[0].dtype if c.moe_backend == "auto" else None)
+            backend = backend_for(c.moe_backend, weights[0].dtype, c.platform,
+                                  c.expert_activation)
             if allowed_BE is not None and backend not in ("cpu_gmm", "pallas") and \
                     b * budget.experts_per_block < e:
                 # cpu_gmm and the Pallas kernel never read an expert without rows (the
@@ -459,7 +494,8 @@ class MoE(nn.Module):
                 # of M experts; ragged_dot, bucketed and dense get the union of the sets
                 r, weights = gather_set(r, allowed_BE, budget.experts_per_block, weights)
             y_BLD = expert_compute(backend, x_BLD.reshape(b * l, d), r, *weights,
-                                   platform=c.platform).reshape(b, l, d)
+                                   platform=c.platform,
+                                   activation=c.expert_activation).reshape(b, l, d)
         y_BLD = y_BLD.astype(x_BLD.dtype)
         if c.num_shared_experts:
             y_BLD = y_BLD + SwiGLU(f * c.num_shared_experts, dt, name="shared")(x_BLD)

@@ -640,6 +640,21 @@ def _sigmoid_expert_choice(config, logits_BLE, params, valid_BL, budget: Budget,
         valid_BL=valid_BL)
 
 
+def _gemma_token_choice(config, logits_BLE, params, valid_BL, budget: Budget,
+                        allowed_BE=None) -> Routing:
+    # DiffusionGemma (transformers' DiffusionGemmaTextRouter): softmax over all experts,
+    # top-k, renormalised over the kept experts, then times the chosen expert's
+    # per_expert_scale. The router's input transform (a scale-free RMSNorm times a
+    # learned scale and D^-0.5) happens before the projection, in the MoE module.
+    b, l, e = logits_BLE.shape
+    r = softmax_topk(logits_BLE.reshape(b * l, e), bound=budget.bound, norm_topk_prob=True,
+                     budget_T=budget.per_token_T(b, l), valid_T=valid_BL.reshape(-1),
+                     platform=config.platform, allowed_TE=_allowed_TE(allowed_BE, b, l))
+    scale_E1 = jnp.concatenate([params["per_expert_scale"].astype(jnp.float32),
+                                jnp.zeros((1,), jnp.float32)])  # dropped slots (id E) stay 0
+    return r.replace(weight_A=r.weight_A * scale_E1[r.expert_A])
+
+
 # A router kind is a family's choice (``config.router``): its score function and rule.
 # ``params`` are the router's own params besides the ``[D, E]`` projection (LLaDA2's
 # float32 ``expert_bias``); ``ROUTER_PARAMS`` names them for the MoE module.
@@ -648,8 +663,12 @@ ROUTERS = {
     ("softmax_topk", "expert_choice"): _softmax_expert_choice,
     ("sigmoid_group_topk", "token_choice"): _sigmoid_token_choice,
     ("sigmoid_group_topk", "expert_choice"): _sigmoid_expert_choice,
+    ("gemma_softmax_topk", "token_choice"): _gemma_token_choice,
 }
-ROUTER_PARAMS = {"softmax_topk": (), "sigmoid_group_topk": ("expert_bias",)}
+ROUTER_PARAMS = {"softmax_topk": (), "sigmoid_group_topk": ("expert_bias",),
+                 "gemma_softmax_topk": ("per_expert_scale",)}
+# router params initialised to ones (the others to zeros)
+ROUTER_PARAMS_ONES = ("per_expert_scale",)
 
 
 def route(config, logits_BLE, params, valid_BL, budget: Budget, allowed_BE=None) -> Routing:

@@ -149,7 +149,8 @@ def test_bad_plans_are_one_line_errors(monkeypatch):
 
 
 def test_presets_are_plannable_by_name():
-    assert set(jmoe.config.PRESETS) == {"olmoe-1b-7b", "llada-moe-7b", "llada2-mini"}
+    assert set(jmoe.config.PRESETS) == {"olmoe-1b-7b", "llada-moe-7b", "llada2-mini",
+                                        "diffusiongemma-26b-a4b"}
     cfg, name = aot.config_of("llada2-mini")
     assert cfg is jmoe.LLADA2_MINI and name == "llada2-mini"
     np.testing.assert_equal(aot.HARDWARE["v5e-8"].chips, 8)

@@ -129,6 +129,14 @@ inline float Exp(float x) {
 }
 
 inline float SiluMul(float g, float u) { return g / (1.f + Exp(-g)) * u; }
+// gelu_tanh(g) * u: 0.5 g (1 + tanh(z)) = g * sigmoid(2z), z = sqrt(2/pi) (g + 0.044715 g^3)
+inline float GeluTanhMul(float g, float u) {
+  const float z2 = 1.5957691216057308f * (g + 0.044715f * g * g * g);
+  return g / (1.f + Exp(-z2)) * u;
+}
+inline float GateMul(bool gelu, float g, float u) {
+  return gelu ? GeluTanhMul(g, u) : SiluMul(g, u);
+}
 
 // C[M x kNR] = A[M x K] * B[K x kNR]; row strides lda, ldb, ldc (in elements); B
 // float or bfloat16, A and C float.
@@ -152,11 +160,12 @@ inline void Tile(int K, const float* __restrict A, int lda, const TW* __restrict
   }
 }
 
-// H[M x kW] = silu(A * Bg) * (A * Bu): gate and up share the A broadcasts, and the
-// SiLU product is taken before anything is stored.
+// H[M x kW] = act(A * Bg) * (A * Bu), act SiLU or (gelu) tanh-GELU: gate and up share
+// the A broadcasts, and the gated product is taken before anything is stored.
 template <int M, typename TW>
 inline void TileGateUp(int K, const float* __restrict A, int lda, const TW* __restrict Bg,
-                       const TW* __restrict Bu, int ldb, float* __restrict H, int ldh) {
+                       const TW* __restrict Bu, int ldb, float* __restrict H, int ldh,
+                       bool gelu) {
   Vec g[M], u[M];
   for (int i = 0; i < M; ++i) g[i] = u[i] = Zero();
   for (int k = 0; k < K; ++k) {
@@ -173,7 +182,11 @@ inline void TileGateUp(int K, const float* __restrict A, int lda, const TW* __re
     Store(gs, g[i]);
     Store(us, u[i]);
     float* h = H + i * ldh;
-    for (int j = 0; j < kW; ++j) h[j] = SiluMul(gs[j], us[j]);
+    if (gelu) {
+      for (int j = 0; j < kW; ++j) h[j] = GeluTanhMul(gs[j], us[j]);
+    } else {
+      for (int j = 0; j < kW; ++j) h[j] = SiluMul(gs[j], us[j]);
+    }
   }
 }
 
@@ -208,16 +221,18 @@ inline void Gemm(int m, int N, int K, const float* A, int lda, const TW* B, int 
     }
 }
 
-// H[m x F] = silu(A * Bg) * (A * Bu), A [m x K], Bg and Bu [K x F] float or bfloat16.
+// H[m x F] = act(A * Bg) * (A * Bu), A [m x K], Bg and Bu [K x F] float or bfloat16; act
+// SiLU, or tanh-GELU with ``gelu``.
 template <typename TW>
 inline void GateUp(int m, int F, int K, const float* A, int lda, const TW* Bg, const TW* Bu,
-                   float* H) {
+                   float* H, bool gelu = false) {
   int n0 = 0;
   for (; n0 + kW <= F; n0 += kW)
     for (int i = 0; i < m; i += kMR)
       ForRows(std::min(kMR, m - i), [&](auto rows) {
         TileGateUp<decltype(rows)::value>(K, A + static_cast<int64_t>(i) * lda, lda, Bg + n0,
-                                          Bu + n0, F, H + static_cast<int64_t>(i) * F + n0, F);
+                                          Bu + n0, F, H + static_cast<int64_t>(i) * F + n0, F,
+                                          gelu);
       });
   for (; n0 < F; ++n0)
     for (int i = 0; i < m; ++i) {
@@ -227,7 +242,7 @@ inline void GateUp(int m, int F, int K, const float* A, int lda, const TW* Bg, c
         g += a * ToF32(Bg[static_cast<int64_t>(k) * F + n0]);
         u += a * ToF32(Bu[static_cast<int64_t>(k) * F + n0]);
       }
-      H[static_cast<int64_t>(i) * F + n0] = SiluMul(g, u);
+      H[static_cast<int64_t>(i) * F + n0] = GateMul(gelu, g, u);
     }
 }
 

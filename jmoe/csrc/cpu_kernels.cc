@@ -46,6 +46,7 @@ constexpr int kRowsPerTask = 48;
 //   expert  s32[A]      its expert, E (or more) when dropped
 //   weight  f32[A]      its combine weight
 //   w_gate  f32[E, D, F], w_up f32[E, D, F], w_down f32[E, F, D]
+// Attribute activation: the gate's, 0 SiLU (SwiGLU experts), 1 tanh-GELU (GeGLU).
 // Attribute combine_k. Output:
 //   combine_k == 0:  y f32[A, D], y[a] = weight[a] * SwiGLU_{expert[a]}(x[token[a]])
 //                    (gate/up/SiLU/down with that expert's weights), zero when dropped;
@@ -68,6 +69,7 @@ struct Problem {
   const int32_t* order;  // sorted position -> assignment
   T* y;                  // combine_k == 0: rows [A, D] by assignment
   float* rows;           // combine_k > 0: float rows [live, D] by sorted position
+  bool gelu;             // gate activation: tanh-GELU (GeGLU experts) instead of SiLU
 };
 
 // One task: up to kRowsPerTask rows of one expert. Gather (widened to float),
@@ -85,7 +87,7 @@ void RunTask(const Task& t, const Problem<T>& p, float* scratch) {
     for (int j = 0; j < D; ++j) dst[j] = ToF32(src[j]);
   }
   const int64_t e = t.expert;
-  GateUp(m, F, D, xs, D, p.w_gate + e * D * F, p.w_up + e * D * F, h);
+  GateUp(m, F, D, xs, D, p.w_gate + e * D * F, p.w_up + e * D * F, h, p.gelu);
   Gemm(m, D, F, h, F, p.w_down + e * F * D, D, out, D);
   for (int i = 0; i < m; ++i) {
     const float w = p.weight[rows[i]];
@@ -106,7 +108,7 @@ template <ffi::DataType DT>
 ffi::Error GroupedSwiGLU(ffi::ThreadPool pool, ffi::Buffer<DT> x, ffi::Buffer<ffi::S32> token,
                          ffi::Buffer<ffi::S32> expert, ffi::Buffer<ffi::F32> weight,
                          ffi::Buffer<DT> w_gate, ffi::Buffer<DT> w_up, ffi::Buffer<DT> w_down,
-                         ffi::ResultBuffer<DT> y, int64_t combine_k) {
+                         ffi::ResultBuffer<DT> y, int64_t combine_k, int64_t activation) {
   using T = ffi::NativeType<DT>;
   constexpr const char* kName = "jmoe_grouped_swiglu";
   const auto xd = x.dimensions(), gd = w_gate.dimensions(), ud = w_up.dimensions(),
@@ -122,6 +124,8 @@ ffi::Error GroupedSwiGLU(ffi::ThreadPool pool, ffi::Buffer<DT> x, ffi::Buffer<ff
     return Invalid(kName, "token, expert and weight must all be [A]");
   if (combine_k < 0 || (combine_k > 0 && A != T_ * combine_k))
     return Invalid(kName, "combine_k must be 0 or K with A == T*K");
+  if (activation != 0 && activation != 1)
+    return Invalid(kName, "activation must be 0 (SiLU) or 1 (tanh-GELU)");
   if (yd[0] != (combine_k ? T_ : A) || yd[1] != D)
     return Invalid(kName, "y must be [A, D] (combine_k == 0) or [T, D]");
   const int32_t *ptok = token.typed_data(), *pexp = expert.typed_data();
@@ -159,7 +163,7 @@ ffi::Error GroupedSwiGLU(ffi::ThreadPool pool, ffi::Buffer<DT> x, ffi::Buffer<ff
   const Problem<T> prob{static_cast<int>(D), static_cast<int>(F), x.typed_data(),
                         w_gate.typed_data(), w_up.typed_data(), w_down.typed_data(),
                         weight.typed_data(), ptok, order.data(), py,
-                        combine_k ? rows.data() : nullptr};
+                        combine_k ? rows.data() : nullptr, activation == 1};
   const Task* ptasks = tasks.data();
   ParallelFor(pool, static_cast<int>(tasks.size()),
               static_cast<size_t>(kRowsPerTask) * (2 * D + F),
@@ -382,7 +386,8 @@ ffi::Error Rotary(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi
       .Arg<ffi::Buffer<DT>>()         /* w_up */                             \
       .Arg<ffi::Buffer<DT>>()         /* w_down */                           \
       .Ret<ffi::Buffer<DT>>()         /* y */                                \
-      .Attr<int64_t>("combine_k")
+      .Attr<int64_t>("combine_k")                                            \
+      .Attr<int64_t>("activation") /* 0 SiLU, 1 tanh-GELU */
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jmoe_grouped_swiglu, GroupedSwiGLU<ffi::F32>,
                               JMOE_GROUPED_SWIGLU_BINDING(ffi::F32));

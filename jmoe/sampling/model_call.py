@@ -20,13 +20,15 @@ import jax.numpy as jnp
 
 from jmoe import model as model_lib
 from jmoe.kv_cache import KVCache
+from jmoe.models import diffusion_gemma
 from jmoe.models.decoder import positions_from_mask
 from jmoe.routing import Budget
 
 
 def budget_bound(config, opts) -> int:
     """The most experts any position can get: a static bound for the MoE's buffers."""
-    return opts.adaptive.maximum if opts.adaptive else config.num_experts_per_tok
+    return opts.adaptive.maximum if opts is not None and opts.adaptive else \
+        config.num_experts_per_tok
 
 
 def num_moe_layers(config) -> int:
@@ -52,21 +54,79 @@ def call_model(params, tokens_BL, valid_BL, budget_BL, *, config, opts, cache=No
     (None: every call picks its own); the returned ``expert_set`` holds the sets this
     call used (None without block sets).
     """
-    ad = opts.adaptive
-    m = ad.experts_per_block if ad else None
-    budgets = Budget(budget_BL if ad else None, budget_bound(config, opts),
-                     experts_per_block=m, expert_set_rule=ad.expert_set if ad else "mass",
-                     set_coverage=ad.set_coverage if ad else 1.0,
-                     expert_set=expert_set if m else None,
-                     refresh_set=refresh_set if m and expert_set is not None else None)
+    budgets = _budget(config, opts, budget_BL, expert_set, refresh_set)
     if cache is not None:
         # the loop says where each call sits; the cache's own length then needs no tracking
         cache = cache.replace(length=jnp.asarray(offset, jnp.int32))
     logits, aux, cache = model_lib.apply(config, params, tokens_BL, valid_BL=valid_BL,
                                          budgets=budgets, cache=cache)
-    work = jnp.stack([jnp.asarray(aux["routed_pairs"]).sum(),
+    return logits, _work(aux), cache, aux.get("expert_set")
+
+
+def _budget(config, opts, budget_BL, expert_set, refresh_set) -> Budget:
+    ad = opts.adaptive if opts is not None else None
+    m = ad.experts_per_block if ad else None
+    return Budget(budget_BL if ad else None, budget_bound(config, opts),
+                  experts_per_block=m, expert_set_rule=ad.expert_set if ad else "mass",
+                  set_coverage=ad.set_coverage if ad else 1.0,
+                  expert_set=expert_set if m else None,
+                  refresh_set=refresh_set if m and expert_set is not None else None)
+
+
+def _work(aux):
+    return jnp.stack([jnp.asarray(aux["routed_pairs"]).sum(),
                       jnp.asarray(aux["distinct_experts"]).sum()]).astype(jnp.int32)
-    return logits, work, cache, aux.get("expert_set")
+
+
+# -- DiffusionGemma: a causal encoder that writes the cache, a canvas decoder that reads it --
+
+def encode_call(params, tokens_BL, valid_BL, budget_BL, *, config, opts, cache, offset):
+    """DiffusionGemma's causal pass (the "encoder"): ``(logits_BLV float32, work int32 [2],
+    cache)``.
+
+    The tokens sit at absolute positions ``offset .. offset + L - 1`` (an int32 scalar,
+    may be traced) in every row; their K/V are written into ``cache`` (from
+    ``new_encoder_cache``; sliding-window layers keep the whole length and mask to the
+    window) and the returned cache has ``length = offset + L``. ``valid_BL`` False marks
+    left padding: never routed, never attended to by this or any later call. Used for the
+    prompt and to re-encode each finished canvas before the next one. Logits are the
+    tied head's, soft-capped; ``work`` as ``call_model``'s; ``budget_BL`` as there (used
+    with ``opts.adaptive`` only; ``opts`` None: the model's top-k).
+    """
+    budgets = _budget(config, opts, budget_BL, None, None)
+    cache = cache.replace(length=jnp.asarray(offset, jnp.int32))
+    logits, aux, cache = model_lib.apply(config, params, tokens_BL, valid_BL=valid_BL,
+                                         budgets=budgets, cache=cache)
+    return logits, _work(aux), cache
+
+
+def denoise_call(params, canvas_BC, budget_BC, *, config, opts, cache, offset,
+                 self_cond_BCV=None, expert_set=None, refresh_set=None, self_cond_mask_B=None):
+    """DiffusionGemma's decoder pass over the canvas: ``(logits_BCV float32, work int32 [2],
+    expert_set)``.
+
+    The canvas (positions ``offset .. offset + C - 1``) attends bidirectionally to the
+    whole canvas and to the cache's real positions ``< offset`` (sliding layers: the last
+    ``sliding_window - 1`` of them); it does NOT write the cache. ``self_cond_BCV``: the
+    previous step's processed (temperature-scaled) logits ``[B, C, V]``, or None = a zero
+    self-conditioning signal (the first step); ``self_cond_mask_B`` (bool ``[B]``, an
+    addition to the contract) gives rows set False the zero signal, so a traced loop can
+    pass an array every step and mask the first. Logits are after the final soft-cap.
+    ``budget_BC``, ``expert_set``, ``refresh_set`` and the returned ``expert_set`` (None
+    without block sets) as ``call_model``'s.
+    """
+    budgets = _budget(config, opts, budget_BC, expert_set, refresh_set)
+    logits, aux = model_lib.apply_denoiser(config, params, canvas_BC, cache=cache,
+                                           offset=offset, budgets=budgets,
+                                           self_cond_BCV=self_cond_BCV,
+                                           self_cond_mask_B=self_cond_mask_B)
+    return logits, _work(aux), aux.get("expert_set")
+
+
+def new_encoder_cache(config, batch: int, length: int) -> KVCache:
+    """Empty DiffusionGemma encoder K/V buffers for ``batch`` rows over absolute positions
+    ``0 .. length - 1`` (prompt + canvases), every layer full length, none valid yet."""
+    return diffusion_gemma.new_cache(config, batch, length)
 
 
 def new_cache(config, batch: int, length: int) -> KVCache:

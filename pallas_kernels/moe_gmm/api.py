@@ -70,8 +70,13 @@ class _Impl:
                                lowering=self.lowering, interpret=self.interpret)
 
 
-def _swiglu(a, b):
-    return (jax.nn.silu(a) * b,)
+# the gate activation of the experts (SwiGLU: silu; GeGLU with tanh GELU: gelu_tanh)
+_ACTIVATIONS = {"silu": jax.nn.silu, "gelu_tanh": partial(jax.nn.gelu, approximate=True)}
+
+
+def _gated(activation: str):
+    act = _ACTIVATIONS[activation]
+    return lambda a, b: (act(a) * b,)
 
 
 def _identity(*accs):
@@ -82,15 +87,17 @@ def _sum(p, q):
     return (p + q,)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(0,))
-def swiglu_rows(impl: _Impl, xs_MD, w_gate_EDF, w_up_EDF, w_down_EFD, layout: GroupLayout):
-    """SwiGLU expert of each sorted row, ``[M, D]``; rows of dead tiles are exact zeros."""
-    return _forward(impl, xs_MD, w_gate_EDF, w_up_EDF, w_down_EFD, layout)[0]
+@partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def swiglu_rows(impl: _Impl, activation: str, xs_MD, w_gate_EDF, w_up_EDF, w_down_EFD,
+                layout: GroupLayout):
+    """Gated (``activation``: ``silu`` SwiGLU, ``gelu_tanh`` GeGLU) expert of each sorted
+    row, ``[M, D]``; rows of dead tiles are exact zeros."""
+    return _forward(impl, activation, xs_MD, w_gate_EDF, w_up_EDF, w_down_EFD, layout)[0]
 
 
-def _forward(impl, xs_MD, w_gate_EDF, w_up_EDF, w_down_EFD, layout):
-    (h_MF,) = impl.gmm([xs_MD], [w_gate_EDF, w_up_EDF], layout, epilogue=_swiglu, n_out=1,
-                       out_dtype=xs_MD.dtype)
+def _forward(impl, activation, xs_MD, w_gate_EDF, w_up_EDF, w_down_EFD, layout):
+    (h_MF,) = impl.gmm([xs_MD], [w_gate_EDF, w_up_EDF], layout, epilogue=_gated(activation),
+                       n_out=1, out_dtype=xs_MD.dtype)
     (y_MD,) = impl.gmm([h_MF], [w_down_EFD], layout, epilogue=_identity, n_out=1,
                        out_dtype=xs_MD.dtype)
     # Dead-tile rows were never written: select, not multiply (NaN * 0 is NaN).
@@ -98,7 +105,7 @@ def _forward(impl, xs_MD, w_gate_EDF, w_up_EDF, w_down_EFD, layout):
     return y_MD, (xs_MD, w_gate_EDF, w_up_EDF, w_down_EFD, layout)
 
 
-def _backward(impl, res, dy_MD):
+def _backward(impl, activation, res, dy_MD):
     xs_MD, w_gate_EDF, w_up_EDF, w_down_EFD, layout = res
     live = layout.live_rows_M()[:, None]
     f32, dt = jnp.float32, xs_MD.dtype
@@ -107,10 +114,10 @@ def _backward(impl, res, dy_MD):
                           n_out=2, out_dtype=f32)
     (dh_MF,) = impl.gmm([dy_MD], [w_down_EFD], layout, epilogue=_identity, n_out=1,
                         out_dtype=f32, trans_rhs=True)
-    sig = jax.nn.sigmoid(a_MF)
-    silu_a = a_MF * sig
+    # act(a) and its derivative elementwise (jax.jvp with a ones tangent)
+    silu_a, dact_MF = jax.jvp(_ACTIVATIONS[activation], (a_MF,), (jnp.ones_like(a_MF),))
     h_MF = jnp.where(live, silu_a * b_MF, 0).astype(dt)
-    da_MF = jnp.where(live, dh_MF * b_MF * sig * (1 + a_MF * (1 - sig)), 0).astype(dt)
+    da_MF = jnp.where(live, dh_MF * b_MF * dact_MF, 0).astype(dt)
     db_MF = jnp.where(live, dh_MF * silu_a, 0).astype(dt)
     (dxs_MD,) = impl.gmm([da_MF, db_MF], [w_gate_EDF, w_up_EDF], layout, epilogue=_sum,
                          n_out=1, out_dtype=dt, trans_rhs=True)
@@ -129,7 +136,7 @@ swiglu_rows.defvjp(_forward, _backward)
 
 def moe_experts(x_TD, r, w_gate_EDF, w_up_EDF, w_down_EFD, *, backend: str = "pallas",
                 lowering: str | None = None, interpret: bool | None = None,
-                blocks: BlockSizes | None = None):
+                blocks: BlockSizes | None = None, activation: str = "silu"):
     """Routed SwiGLU experts for a routing; returns ``y_TD``.
 
     ``r`` is any object with ``token_A``, ``expert_A`` (== ``num_experts`` when
@@ -158,7 +165,7 @@ def moe_experts(x_TD, r, w_gate_EDF, w_up_EDF, w_down_EFD, *, backend: str = "pa
     layout = make_layout(r.token_A, r.expert_A, num_experts=e, num_tokens=t, tm=blocks.tm)
     zero_row = jnp.zeros((1, d), x_TD.dtype)
     xs_MD = jnp.concatenate([x_TD, zero_row])[layout.row_token_M]  # padding rows read zeros
-    ys_MD = swiglu_rows(impl, xs_MD, w_gate_EDF, w_up_EDF, w_down_EFD, layout)
+    ys_MD = swiglu_rows(impl, activation, xs_MD, w_gate_EDF, w_up_EDF, w_down_EFD, layout)
     y_AD = jnp.concatenate([ys_MD, zero_row])[layout.row_A]  # dropped -> the zero row
     return _combine(y_AD, r)
 
