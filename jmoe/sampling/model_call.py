@@ -8,6 +8,13 @@ token-expert assignments summed over layers (the sampler's measure of expert wor
 keys/values are written into the cache and which attends to the cache's earlier
 positions (LLaDA2's block-causal attention makes this exact).
 
+Encoder-decoder models (DiffusionGemma, ``Convention.encoder_decoder``) meet a second
+contract here: ``encode_call`` (a causal pass that writes the prompt's or a finished
+canvas's K/V), ``denoise_call`` (the canvas over the cache, bidirectional, with
+self-conditioning logits; it writes nothing) and ``new_encoder_cache``.
+``cached_call`` and ``new_block_cache`` pick between the two contracts, so the loop
+asks for "a cached call that writes / reads" and never for a family.
+
 Nothing else in ``jmoe.sampling`` imports the model: the sampler meets the model-call
 contract (``jmoe.model.apply`` with a ``jmoe.routing.Budget`` and a
 ``jmoe.kv_cache.KVCache``) here only, so a change of contract means editing this
@@ -16,6 +23,7 @@ module only.
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 from jmoe import model as model_lib
@@ -79,3 +87,77 @@ def new_bidirectional_cache(config, valid_BL) -> KVCache:
     ``valid_BL`` of a bidirectional model: positions count from each row's first real
     token, as in an uncached call."""
     return KVCache.bidirectional_empty(config, valid_BL, positions_from_mask(valid_BL))
+
+
+def new_block_cache(config, opts, batch: int, length: int):
+    """The K/V buffers of a cached run: the encoder's (``new_encoder_cache``) under an
+    encoder-decoder convention, else the block-causal ``new_cache``."""
+    if opts.convention.encoder_decoder:
+        return new_encoder_cache(config, batch, length)
+    return new_cache(config, batch, length)
+
+
+def cached_call(params, tokens_BL, valid_BL, budget_BL, *, config, opts, cache, offset,
+                write, expert_set=None, refresh_set=None, extra=None):
+    """A cached call on positions ``offset .. offset + L - 1``: ``(logits_BLV float32,
+    work int32 [2], cache, expert_set)``.
+
+    Block-causal models (``call_model``): one call that reads the cache and writes its
+    K/V; ``write`` False only means the caller drops the returned cache. Encoder-decoder
+    models (``opts.convention.encoder_decoder``): ``write`` True is ``encode_call``
+    (writes K/V; no block expert sets: ``expert_set`` comes back None), False is
+    ``denoise_call`` (reads only; ``cache`` comes back unchanged) with ``extra``, the
+    decoder's ``(self_cond_BLV float32, first)``: ``first`` (a bool scalar, may be
+    traced) calls it with ``self_cond_BCV=None`` (zeros, the canvas's first step), else
+    with the buffer. ``valid_BL`` does not reach ``denoise_call`` (its contract has no
+    mask: every canvas position is real).
+    """
+    if not opts.convention.encoder_decoder:
+        return call_model(params, tokens_BL, valid_BL, budget_BL, config=config, opts=opts,
+                          cache=cache, offset=offset, expert_set=expert_set,
+                          refresh_set=refresh_set)
+    if write:
+        logits, work, cache = encode_call(params, tokens_BL, valid_BL, budget_BL, config=config,
+                                          opts=opts, cache=cache, offset=offset)
+        return logits, work, cache, None
+
+    def denoise(self_cond):
+        return denoise_call(params, tokens_BL, budget_BL, config=config, opts=opts, cache=cache,
+                            offset=offset, self_cond_BCV=self_cond, expert_set=expert_set,
+                            refresh_set=refresh_set)
+
+    if extra is None:
+        logits, work, used = denoise(None)
+    else:
+        self_cond, first = extra
+        # None and a buffer of zeros differ (softmax of zeros is uniform, not zero), so
+        # the first step takes the model's own None path
+        logits, work, used = jax.lax.cond(first, lambda sc: denoise(None), denoise, self_cond)
+    return logits, work, cache, used
+
+
+# ---------------------------------------------------------------- encoder-decoder contract
+# STUBS until the DiffusionGemma model branch is merged: the model helper's
+# ``encode_call`` / ``denoise_call`` / ``new_encoder_cache`` (same signatures) replace
+# these three definitions. Tests of the sampler monkeypatch them with a fake model.
+
+def encode_call(params, tokens_BL, valid_BL, budget_BL, *, config, opts, cache, offset):
+    """STUB (model branch). Causal pass over ``tokens_BL`` at absolute positions
+    ``offset .. offset + L - 1``: ``(logits_BLV float32, work int32 [2], cache)`` with
+    their K/V written into ``cache``."""
+    raise NotImplementedError("encode_call: the DiffusionGemma model is not merged yet")
+
+
+def denoise_call(params, canvas_BC, budget_BC, *, config, opts, cache, offset,
+                 self_cond_BCV=None, expert_set=None, refresh_set=None):
+    """STUB (model branch). The canvas at positions ``offset .. offset + C - 1`` over the
+    cache's positions ``< offset`` and itself (bidirectional); ``self_cond_BCV`` the
+    previous step's processed logits or None (zeros): ``(logits_BCV float32, work int32
+    [2], expert_set)``. Writes no cache."""
+    raise NotImplementedError("denoise_call: the DiffusionGemma model is not merged yet")
+
+
+def new_encoder_cache(config, batch: int, length: int):
+    """STUB (model branch). Empty encoder K/V buffers for ``batch`` rows over positions
+    ``0 .. length - 1``."""
+    raise NotImplementedError("new_encoder_cache: the DiffusionGemma model is not merged yet")
