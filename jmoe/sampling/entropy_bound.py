@@ -157,7 +157,9 @@ class EntropyBound(Decoder):
         argmax_BK = jnp.argmax(processed, axis=-1).astype(jnp.int32)
         done_B = stopped(carry["history_HBK"], argmax_BK, h_BK, knobs["confidence_threshold"])
         run_B = cand_BK.any(-1)
-        history = jnp.concatenate([carry["history_HBK"][1:], argmax_BK[None]], 0)
+        history = carry["history_HBK"]
+        if self.stability_threshold:  # the oldest out, this step's in
+            history = jnp.concatenate([history[1:], argmax_BK[None]], 0)
         new = {"self_cond_BKV": processed, "argmax_BK": argmax_BK, "history_HBK": history,
                "finished_B": carry["finished_B"] | done_B}
         # rows that did not compute keep their carry (history's batch axis is 1)
