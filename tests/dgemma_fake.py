@@ -43,7 +43,7 @@ def make_params(config, seed=0):
     rng = np.random.default_rng(seed)
     v = config.vocab_size
     return {"w": jnp.asarray(rng.normal(size=(v, v)), jnp.float32),
-            "sharp": jnp.asarray(rng.uniform(2.0, 9.0, size=(v,)), jnp.float32)}
+            "sharp": jnp.asarray(rng.uniform(0.5, 6.0, size=(v,)), jnp.float32)}
 
 
 def new_encoder_cache(config, batch, length):
@@ -70,7 +70,7 @@ def logits_of(params, canvas_BC, cache_tok_BS, cache_valid_BS, offset, self_cond
     agree_B = jnp.mean((canvas_BC == target_BC).astype(jnp.float32), -1)
     sharp_B = params["sharp"][ctx_B % vocab]
     logits = (sharp_B * (1.0 + agree_B))[:, None, None] * jax.nn.one_hot(target_BC, vocab)
-    logits = logits + 0.7 * params["w"][canvas_BC]
+    logits = logits + 1.2 * params["w"][canvas_BC]
     if self_cond_BCV is not None:
         logits = logits + 0.5 * jax.nn.softmax(self_cond_BCV, -1)
     return logits.astype(jnp.float32)

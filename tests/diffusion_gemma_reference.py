@@ -17,21 +17,42 @@ would only renumber the random stream's model calls).
 
 from __future__ import annotations
 
+from functools import partial
+
 import jax
+import jax.numpy as jnp
 import numpy as np
+from jax.extend.random import threefry_2x32
 
 from jmoe.sampling.canvas import bucket_length
-from sampler_reference import _exponential
 
 INIT_STREAM = 0x7FFFFFFF
 
 
-def _randint(key, v):
-    return int(jax.random.randint(key, (), 0, v))
+def _keys(key, b, cols):
+    """Row ``b``'s per-position keys ``fold_in(fold_in(key, b), g)``."""
+    row = jax.random.fold_in(key, b)
+    return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(row, jnp.asarray(cols))
 
 
-def _key2(key, b, g):
-    return jax.random.fold_in(jax.random.fold_in(key, b), g)
+@partial(jax.jit, static_argnums=1)
+def _randints(keys, v):
+    return jax.vmap(lambda k: jax.random.randint(k, (), 0, v))(keys)
+
+
+@partial(jax.jit, static_argnums=1)
+def _words(keys, v):
+    return jax.vmap(lambda k: threefry_2x32(jax.random.key_data(k),
+                                            jnp.arange(2 * v, dtype=jnp.uint32)))(keys)
+
+
+def _exponentials(keys, v):
+    """``-log u`` of the 64-bit uniform of each token, float64 (``sampler_reference``'s
+    words: ``hi = w[:V]``, ``lo = w[V:]``, top bit a half of (0, 1))."""
+    w = np.asarray(_words(keys, v))
+    hi, lo = w[:, :v].astype(np.uint64), w[:, v:].astype(np.uint64)
+    t = (((hi & 0x7FFFFFFF) << np.uint64(32)) | lo).astype(np.float64) * 2.0 ** -64 + 2.0 ** -65
+    return np.where(hi >> np.uint64(31) == 1, -np.log1p(-t), -np.log(t))
 
 
 def _entropy(x):
@@ -66,9 +87,9 @@ def generate(logits_of, params, prompts, *, vocab, gen_length, canvas_length, st
     nfe = 0
     for k in range(canvases):
         offset = p_b + k * c_n
-        cols = range(k * c_n, (k + 1) * c_n)
-        canvas = np.array([[_randint(_key2(k_init, b, g), vocab) for g in cols]
-                           for b in range(b_n)])
+        cols = np.arange(k * c_n, (k + 1) * c_n)
+        canvas = np.stack([np.asarray(_randints(_keys(k_init, b, cols), vocab))
+                           for b in range(b_n)]).astype(np.int64)
         argmax = canvas.copy()
         sc = None
         hist = np.full((stability, b_n, c_n), -1)
@@ -85,14 +106,14 @@ def generate(logits_of, params, prompts, *, vocab, gen_length, canvas_length, st
             nfe += 1
             new_sc = proc if sc is None else sc.copy()
             for b in np.nonzero(run)[0]:
-                e = np.stack([_exponential(_key2(k_noise, b, g), vocab) for g in cols])
+                e = _exponentials(_keys(k_noise, b, cols), vocab)
                 sample = np.argmax(proc[b] - np.log(e), -1)
                 ent = _entropy(proc[b])
                 order = np.argsort(ent, kind="stable")
                 cum = np.cumsum(ent[order])
                 acc = np.zeros(c_n, bool)
                 acc[order] = cum - ent[order] <= bound
-                fresh = np.array([_randint(_key2(k_rand, b, g), vocab) for g in cols])
+                fresh = np.asarray(_randints(_keys(k_rand, b, cols), vocab))
                 canvas[b] = np.where(acc, sample, fresh)
                 if initial:
                     renoise[b, k * c_n:(k + 1) * c_n] += ~acc
