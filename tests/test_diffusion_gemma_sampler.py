@@ -204,3 +204,23 @@ def test_options_refused_on_other_models():
         resolve_options(cfg, entropy_bound=0.2)
     with pytest.raises(ValueError, match="needs a DiffusionGemma model"):
         resolve_options(cfg, convention="diffusion_gemma")
+
+
+def test_cli_flags(model, monkeypatch, capsys):
+    """``jmoe generate`` passes the diffusion_gemma flags through; bad ones fail in one
+    line."""
+    import json
+
+    from jmoe import cli
+
+    monkeypatch.setattr(cli, "_load", lambda path: model)
+    args = ["generate", "5 6 7", "--canvas-length", "8", "--max-denoising-steps", "3",
+            "--gen-length", "8", "--entropy-bound", "0.5", "--t-min", "0.3", "--t-max",
+            "0.9", "--stability-threshold", "1", "--confidence-threshold", "0.2", "--json"]
+    assert cli.main(args) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert len(got["tokens"][0]) == 3 + 8 and 1 <= got["block_steps"][0][0] <= 3
+    assert cli.main(args[:-1] + ["--steps", "4"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: steps=4 is not an option of convention='diffusion_gemma'")
+    assert "\n" not in err
