@@ -1,4 +1,5 @@
-"""Sampler conventions: the rules by which LLaDA and LLaDA2 generate, one object each.
+"""Sampler conventions: the rules by which LLaDA, LLaDA2 and DiffusionGemma generate, one
+object each.
 
 Shape letters: B batch, P a prompt's length, G generated positions (the loop's
 region, ``opts.gen_length``), L the canvas, V vocab. Diffusion terms: *mask* the mask
@@ -31,7 +32,10 @@ over the whole generation, threshold ``>=`` with at least one commit. ``LLaDA2``
 (LLaDA2's published ``generate``): each row from position 0 on a canvas of whole
 blocks aligned to absolute positions, block-causal attention, ``steps`` per block
 (capped at ``gen_length``), threshold ``>`` with the schedule as floor, a block ends
-early when it has no mask.
+early when it has no mask. ``DiffusionGemma`` (transformers'
+``DiffusionGemmaGenerationMixin.generate``): llada's layout, canvases of uniform random
+tokens (no mask token) denoised by the entropy-bound decoder
+(``entropy_bound.EntropyBound``) over an encoder K/V cache (``encoder_decoder``).
 """
 
 from __future__ import annotations

@@ -21,6 +21,20 @@ before the loop (``prefill``), each step runs the model on the current block onl
 once more with its final tokens to store its K/V (``_finish_block``). Block-causal
 attention makes this exact: a block's keys/values never depend on later blocks.
 
+Encoder-decoder conventions (``Convention.encoder_decoder``: diffusion_gemma) run the
+cached path with the model's other contract (``model_call.cached_call``): the prefill
+and each finished block's fill are ``encode_call`` (causal, writes K/V), a step's call
+is ``denoise_call`` (reads only) with the decoder's extra inputs
+(``Decoder.model_inputs``: self-conditioning logits). Their rules ride on the generic
+decoder hooks the step calls for every convention: ``candidates`` (positions a step
+decodes: masked ones, or a whole canvas for uniform noise), ``sample`` (logits to
+tokens and confidences), ``select`` (commits and edits: a renoise is an edit to a
+fresh token, so "left uncommitted" is the renoise count that grows budgets),
+``block_over`` and ``block_tokens`` (the argmax canvas kept at a canvas's end); the
+convention draws the starting canvas (``initial_tokens``). The carry gained only a
+per-row count of calls per block (``block_calls_BN``); the self-conditioning buffer
+and stop state are the decoder's own carry.
+
 Approximate caches (``opts.approx_cache``, bidirectional models under llada: Fast-dLLM's
 ``"prefix"`` and ``"dual"`` caches): the carry holds K/V of the whole canvas
 (``model_call.new_bidirectional_cache``), written by *refresh* steps that run the whole
