@@ -81,7 +81,12 @@ def denoise_call(params, canvas_BC, budget_BC, *, config, opts, cache, offset,
     logits = logits_of(params, canvas_BC, cache["tok"], cache["valid"], offset, self_cond_BCV,
                        config.vocab_size)
     work = jnp.stack([budget_BC.sum(), jnp.int32(0)]).astype(jnp.int32)
+    if refresh_set is not None:  # block expert sets: record when the sets are picked anew
+        jax.debug.callback(lambda r: REFRESHES.append(bool(r)), refresh_set)
     return logits, work, expert_set
+
+
+REFRESHES: list[bool] = []  # refresh_set of each denoise_call with block expert sets
 
 
 @dataclasses.dataclass

@@ -150,6 +150,18 @@ def test_loop_equals_reference(model, stability, seed):
     assert out.tokens.shape == (3, 5 + 24)  # whole canvases, as transformers keeps them
 
 
+def test_expert_sets_per_canvas(model):
+    """``expert_set="first_step"``: each canvas's first denoising call picks the sets,
+    its later calls reuse them."""
+    fake.REFRESHES.clear()
+    ad = jmoe.AdaptiveExperts(initial=2, maximum=4, experts_per_block=6,
+                              expert_set="first_step")
+    out = jmoe.generate(model, [[5, 6, 7]], gen_length=8, canvas_length=4,
+                        max_denoising_steps=3, adaptive=ad, early_stop=False, seed=1)
+    want = [s == 0 for n in out.block_steps[0] for s in range(n)]
+    assert fake.REFRESHES == want and want.count(True) == 2
+
+
 def test_generation_defaults_honoured(monkeypatch):
     fake.install(monkeypatch)
     gen = {"max_new_tokens": 12, "max_denoising_steps": 5, "t_min": 0.3, "t_max": 0.7,
