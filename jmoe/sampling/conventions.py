@@ -47,6 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jmoe.sampling import canvas as cv
+from jmoe.sampling import entropy_bound
 from jmoe.sampling import remasking as rm
 from jmoe.sampling import schedules
 
@@ -408,8 +409,6 @@ class DiffusionGemma(LLaDA):
 
     def initial_tokens(self, tokens_BL, key, config, opts):
         """Uniform random tokens on the generated region (``entropy_bound.initial_canvas``)."""
-        from jmoe.sampling import entropy_bound  # entropy_bound -> decoders; no cycle
-
         g = opts.gen_length
         init = entropy_bound.initial_canvas(key, tokens_BL.shape[0], jnp.arange(g),
                                             config.vocab_size)
