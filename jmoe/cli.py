@@ -117,7 +117,10 @@ def _generate(args) -> int:
               low_threshold=args.low_threshold, edit_threshold=args.edit_threshold,
               max_post_steps=args.max_post_steps, credit_alpha=args.credit_alpha,
               credit_boost=args.credit_boost, credit_decay=args.credit_decay,
-              top_k=args.top_k, top_p=args.top_p)
+              top_k=args.top_k, top_p=args.top_p, canvas_length=args.canvas_length,
+              max_denoising_steps=args.max_denoising_steps, entropy_bound=args.entropy_bound,
+              t_min=args.t_min, t_max=args.t_max, stability_threshold=args.stability_threshold,
+              confidence_threshold=args.confidence_threshold)
     if model.tokenizer is None and not args.chat:
         prompts = _id_prompts(prompts)
     out = jmoe.generate(model, prompts, **kw)
@@ -134,6 +137,7 @@ def _generate(args) -> int:
         print(json.dumps({"prompts": prompts,
                           "texts": texts, "nfe": int(out.nfe),
                           "expert_work": int(out.expert_work),
+                          "block_steps": np.asarray(out.block_steps).tolist(),
                           "tokens": np.asarray(out.tokens).tolist()}))
     elif args.chat:  # the replies
         for t in texts:
@@ -327,9 +331,28 @@ def _add_sampler_options(g) -> None:
                    "positive int (default: the model's generation config, else all)")
     g.add_argument("--top-p", type=float, help="nucleus sampling mass, in (0, 1] (default: "
                    "the model's generation config, else off)")
-    g.add_argument("--convention", choices=("llada", "llada2"),
-                   help="block convention (default: llada2 for a block-causal or LLaDA2 "
-                   "model, else llada)")
+    g.add_argument("--convention", choices=("llada", "llada2", "diffusion_gemma"),
+                   help="block convention (default: diffusion_gemma for a DiffusionGemma "
+                   "model (its only one), llada2 for a block-causal or LLaDA2 model, else "
+                   "llada)")
+    # DiffusionGemma's entropy-bound canvas sampler (refused under the other conventions)
+    g.add_argument("--canvas-length", type=_positive_int, help="diffusion_gemma: positions "
+                   "denoised together (default: the model's generation config, else its "
+                   "config's canvas_length, else 256)")
+    g.add_argument("--max-denoising-steps", type=_positive_int, help="diffusion_gemma: most "
+                   "steps per canvas (default: the model's generation config, else 48)")
+    g.add_argument("--entropy-bound", type=float, help="diffusion_gemma: a step accepts the "
+                   "lowest-entropy positions whose running entropy stays within this, > 0 "
+                   "(default: the model's generation config, else 0.1)")
+    g.add_argument("--t-min", type=float, help="diffusion_gemma: the last step's end of the "
+                   "linear temperature schedule, >= 0 (default: the model's, else 0.4)")
+    g.add_argument("--t-max", type=float, help="diffusion_gemma: the first step's "
+                   "temperature, > t-min (default: the model's, else 0.8)")
+    g.add_argument("--stability-threshold", type=_non_negative_int, help="diffusion_gemma: a "
+                   "row stops once its argmax canvas is unchanged for this many steps and "
+                   "confident (default: the model's, else 1)")
+    g.add_argument("--confidence-threshold", type=float, help="diffusion_gemma: ... and its "
+                   "mean entropy is below this, > 0 (default: the model's, else 0.005)")
     g.add_argument("--cache", nargs="?", const="exact", default=None,
                    choices=("exact", "prefix", "dual"),
                    help="K/V cache: exact (block-causal models, llada2; what a bare --cache "

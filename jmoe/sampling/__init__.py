@@ -12,7 +12,9 @@ lengths, commit and block-end rules, which rows a step computes), ``options`` (e
 option resolved once: caller, model's generation defaults, library), ``schedules``
 (blocks, the even schedule), ``remasking`` (sampling, confidence, commit rules),
 ``decoders`` (fixed, threshold, dInfer's credit and hierarchy, LLaDA2.1's joint
-M2T + T2T decoding; top-k / top-p and the tempered confidence),
+M2T + T2T decoding; top-k / top-p and the tempered confidence), ``entropy_bound``
+(DiffusionGemma's uniform-noise canvas sampler: temperature schedule, entropy-bound
+acceptance, renoising, stable-and-confident stop),
 ``budgets`` (``AdaptiveExperts`` and growth), ``state`` (static options and the loop
 carry), ``model_call`` (the one door to the model and its K/V cache), ``loop``
 (``step`` and the compiled ``lax.while_loop``), ``canvas`` (host-side canvas and

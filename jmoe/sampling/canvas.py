@@ -30,6 +30,10 @@ class GenerateOutput:
     expert_reads      distinct experts with at least one routed token, summed over model
                       calls, MoE layers and rows: the expert weights a batch-1 step
                       reads (block expert sets bound it by ``experts_per_block``)
+    block_steps       ``[B, blocks]`` model calls each row took part in (had a position
+                      to decode), per block of the loop's region; diffusion_gemma: the
+                      denoising steps of each canvas (transformers' per-row decoder
+                      passes; ``tokens_per_forward`` = kept tokens / their sum)
     trace             with ``return_trace``, per model call ``[nfe, B, G]`` arrays (llada2:
                       ``[nfe, B, P + G]``, the columns of ``tokens``): ``committed``,
                       ``experts_per_token`` (the budgets the call used), ``remask_count``
@@ -44,6 +48,7 @@ class GenerateOutput:
     expert_work: int
     trace: dict[str, np.ndarray] | None = None
     expert_reads: int = 0
+    block_steps: np.ndarray | None = None
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -108,7 +113,8 @@ def state_output(s, canvas: Canvas, cut: int) -> GenerateOutput:
                  "work": np.asarray(s.work_S[:nfe, 0])}
     return GenerateOutput(tokens=tokens, texts=None, nfe=nfe, experts_per_token=budgets,
                           remask_count=remask, expert_work=int(np.sum(s.work_S[:nfe, 0])),
-                          trace=trace, expert_reads=int(np.sum(s.work_S[:nfe, 1])))
+                          trace=trace, expert_reads=int(np.sum(s.work_S[:nfe, 1])),
+                          block_steps=np.asarray(s.block_calls_BN))
 
 
 def with_texts(out: GenerateOutput, tokenizer, gen_length: int, eos_id) -> GenerateOutput:

@@ -1,4 +1,5 @@
-"""Sampler conventions: the rules by which LLaDA and LLaDA2 generate, one object each.
+"""Sampler conventions: the rules by which LLaDA, LLaDA2 and DiffusionGemma generate, one
+object each.
 
 Shape letters: B batch, P a prompt's length, G generated positions (the loop's
 region, ``opts.gen_length``), L the canvas, V vocab. Diffusion terms: *mask* the mask
@@ -31,7 +32,10 @@ over the whole generation, threshold ``>=`` with at least one commit. ``LLaDA2``
 (LLaDA2's published ``generate``): each row from position 0 on a canvas of whole
 blocks aligned to absolute positions, block-causal attention, ``steps`` per block
 (capped at ``gen_length``), threshold ``>`` with the schedule as floor, a block ends
-early when it has no mask.
+early when it has no mask. ``DiffusionGemma`` (transformers'
+``DiffusionGemmaGenerationMixin.generate``): llada's layout, canvases of uniform random
+tokens (no mask token) denoised by the entropy-bound decoder
+(``entropy_bound.EntropyBound``) over an encoder K/V cache (``encoder_decoder``).
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jmoe.sampling import canvas as cv
+from jmoe.sampling import entropy_bound
 from jmoe.sampling import remasking as rm
 from jmoe.sampling import schedules
 
@@ -69,6 +74,9 @@ class Convention:
     # at temperature > 0 the confidence is the tempered, filtered probability of the
     # sampled token (LLaDA2's reference), else softmax of the raw logits (LLaDA)
     tempered_confidence: bool = False
+    # the model is an encoder (causal, writes the K/V cache) and a decoder (the canvas
+    # over the cache, writes nothing): model_call.cached_call uses that contract
+    encoder_decoder: bool = False
 
     def check_model(self, config) -> None:
         """Raise ValueError if ``config``'s model cannot run this convention."""
@@ -130,6 +138,10 @@ class Convention:
     def rows_done(self, gen_BG, active_B, opts):
         """At a block's end, after early stopping: the rows that go on."""
         return active_B
+
+    def initial_tokens(self, tokens_BL, key, config, opts):
+        """The canvas the loop starts from (traced): the layout's (mask tokens)."""
+        return tokens_BL
 
     def layout(self, rows: list[list[int]], opts, config) -> cv.Canvas:
         raise NotImplementedError
@@ -195,7 +207,8 @@ class LLaDA(Convention):
         b, l = len(rows), p_b + g
         pad = cv.pad_id(config)
         tokens = np.full((b, l), pad, np.int32)
-        tokens[:, p_b:] = opts.mask_id
+        # no mask token (diffusion_gemma): initial_tokens draws the generated region
+        tokens[:, p_b:] = opts.mask_id if opts.mask_id is not None else pad
         valid = np.zeros((b, l), bool)
         valid[:, p_b:] = True
         for i, r in enumerate(rows):
@@ -350,4 +363,70 @@ class LLaDA2(Convention):
         return cv.with_texts(out, model.tokenizer, g, canvas.opts.eos_id)
 
 
-CONVENTIONS: dict[str, Convention] = {"llada": LLaDA(), "llada2": LLaDA2()}
+@dataclasses.dataclass(frozen=True)
+class DiffusionGemma(LLaDA):
+    """DiffusionGemma's ``generate`` (transformers' ``DiffusionGemmaGenerationMixin``):
+    canvases of ``canvas_length`` (the loop's ``block_length``) uniform random tokens,
+    each denoised for at most ``max_denoising_steps`` (the loop's ``steps``, per canvas)
+    by the entropy-bound sampler (``entropy_bound.EntropyBound``, the decoder this
+    convention runs), then re-encoded causally into the K/V cache before the next.
+
+    Layout and output as llada (prompts left-padded in a bucketed region, padding
+    invalid), with ``G`` whole canvases; the output keeps whole canvases as
+    transformers does, and (with ``early_stop``) every token after a row's first EOS is
+    the pad id, as transformers' ``_finalize_canvas``. A step computes only the rows
+    still denoising (llada2's ``gate_call``).
+    """
+
+    name: str = "diffusion_gemma"
+    encoder_decoder: bool = True
+
+    def check_model(self, config) -> None:
+        if getattr(config, "family", None) != "diffusion_gemma":
+            raise ValueError(f"convention={self.name!r} needs a DiffusionGemma model (an "
+                             f"encoder-decoder with self-conditioning); this model's family is "
+                             f"{getattr(config, 'family', None)!r}")
+
+    def default_steps(self, gen_length: int, block_length: int) -> int:
+        return 48  # max_denoising_steps (options resolves the real default)
+
+    def check_lengths(self, gen_length: int, block_length: int, steps: int) -> None:
+        Convention.check_lengths(self, gen_length, block_length, steps)
+        if gen_length % block_length:
+            raise ValueError(f"gen_length={gen_length} is not whole canvases of "
+                             f"canvas_length={block_length}")
+
+    def steps_per_block(self, opts) -> int:
+        return opts.steps
+
+    def max_calls(self, opts) -> int:
+        return opts.num_blocks * opts.steps
+
+    def block_over(self, opts, step, still_masked_BG):
+        return step + 1 >= opts.steps  # the decoder's stop rule ends a canvas earlier
+
+    gate_call = LLaDA2.gate_call
+
+    def initial_tokens(self, tokens_BL, key, config, opts):
+        """Uniform random tokens on the generated region (``entropy_bound.initial_canvas``)."""
+        g = opts.gen_length
+        init = entropy_bound.initial_canvas(key, tokens_BL.shape[0], jnp.arange(g),
+                                            config.vocab_size)
+        return tokens_BL.at[:, -g:].set(init)
+
+    def output(self, model, state, canvas: cv.Canvas) -> cv.GenerateOutput:
+        """llada's cut; with ``early_stop`` and an EOS id, the pad id after each row's
+        first generated EOS (later canvases included)."""
+        out = LLaDA.output(self, model, state, canvas)
+        eos, g = canvas.opts.eos_id, canvas.gen_length
+        if eos is None or not canvas.opts.early_stop:
+            return out
+        gen = out.tokens[:, -g:]
+        after = np.cumsum(gen == eos, axis=-1) - (gen == eos) > 0
+        tokens = out.tokens.copy()
+        tokens[:, -g:] = np.where(after, canvas.pad_id, gen)
+        return dataclasses.replace(out, tokens=tokens)
+
+
+CONVENTIONS: dict[str, Convention] = {"llada": LLaDA(), "llada2": LLaDA2(),
+                                      "diffusion_gemma": DiffusionGemma()}

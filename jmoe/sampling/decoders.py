@@ -142,13 +142,39 @@ class Decoder:
         """The carry after a step: back to its initial value when the block is over."""
         return carry
 
+    def candidates(self, gen_BG, window_G, active_B, carry, opts):
+        """``[B, G]`` the positions a step decodes: masked positions of the block in
+        active rows."""
+        return (gen_BG == opts.mask_id) & window_G & active_B[:, None]
+
     def call_rows(self, st: Step, carry):
         """``[B, G]``: positions that make their row compute this step."""
         return st.cand
 
+    def model_inputs(self, carry, step):
+        """Extra inputs of the step's model call from the carry (None: none; the
+        uniform-noise denoiser feeds back its self-conditioning logits)."""
+        return None
+
     def fuse(self, logits_BKV, carry, cand_BK, knobs):
         """Logits as the decoder samples them (credit), and the carry after the call."""
         return logits_BKV, carry
+
+    def sample(self, logits_BKV, noise_keys, rand_keys, knobs, opts, carry, cand_BK, step):
+        """``(x0_BK, conf_BK, carry)`` of the block's logits: the mask token (and with
+        ``logits_eos_inf`` EOS) forbidden, the decoder's fusion (``fuse``), then
+        ``sample_confidence``. ``step`` is the step within the block (0-based)."""
+        forbidden = (opts.mask_id,) + ((opts.eos_id,) if opts.logits_eos_inf else ())
+        # the mask token is never a prediction (so a block always empties; dInfer too)
+        logits_BKV = rm.forbid_tokens(logits_BKV, forbidden)
+        logits_BKV, carry = self.fuse(logits_BKV, carry, cand_BK, knobs)
+        x0, conf = sample_confidence(logits_BKV, noise_keys, rand_keys, knobs, opts)
+        return x0, conf, carry
+
+    def block_tokens(self, gen_BG, window_G, over, active_B, carry):
+        """The generated region once the block is ``over`` (a bool scalar): unchanged
+        (the uniform-noise denoiser keeps its argmax canvas instead)."""
+        return gen_BG
 
     def select(self, st: Step, knobs, opts, carry):
         """``(commit_BG, edit_BG, carry)``: candidates to commit, written positions to

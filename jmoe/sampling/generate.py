@@ -118,8 +118,11 @@ def generate(model, prompts, *, gen_length=None, block_length=None, steps=None,
              return_trace=False, convention=None, cache=None, cache_refresh=None,
              cache_window=None, decoder=None, low_threshold=None, edit_threshold=None,
              max_post_steps=None, credit_alpha=None, credit_boost=None, credit_decay=None,
-             top_k=None, top_p=None) -> GenerateOutput:
-    """Generate by masked diffusion (LLaDA or LLaDA2), all steps in one compiled loop.
+             top_k=None, top_p=None, canvas_length=None, max_denoising_steps=None,
+             entropy_bound=None, t_min=None, t_max=None, stability_threshold=None,
+             confidence_threshold=None) -> GenerateOutput:
+    """Generate by masked diffusion (LLaDA or LLaDA2) or uniform-noise canvas diffusion
+    (DiffusionGemma), all steps in one compiled loop.
 
     An option left ``None`` takes the model's generation default (``config.generation``,
     from the checkpoint's ``generation_config.json``) if it has one for it, else the
@@ -234,9 +237,33 @@ def generate(model, prompts, *, gen_length=None, block_length=None, steps=None,
             positions before the block and (dual) ``after`` positions after it.
             Default None: ``(0, 0)``.
 
+    DiffusionGemma models (``convention="diffusion_gemma"``, their default and only
+    one; transformers' ``DiffusionGemmaGenerationMixin.generate``, rules in
+    ``jmoe.sampling.entropy_bound``) take ``gen_length`` (transformers'
+    ``max_new_tokens``; model, else 256; rounded up to whole canvases, all of which the
+    output keeps), ``adaptive``, ``eos_id``, ``early_stop`` (the pad id after a row's
+    first EOS, and the row stops), ``seed``, ``return_trace``, ``cache`` (None, True or
+    ``"exact"``: always cached) and these; the other options are refused:
+        canvas_length: int, positions denoised together (model's generation config,
+            else its config's ``canvas_length``, else 256).
+        max_denoising_steps: int, most steps per canvas. Model, else 48.
+        entropy_bound: float > 0, a step accepts, in ascending entropy order, the
+            positions whose running entropy without themselves is within it (at least
+            one); the others are renoised with uniform tokens. Model (its
+            ``sampler_config.entropy_bound``), else 0.1.
+        t_min, t_max: floats >= 0, ``t_max > t_min``: the temperature of step
+            ``n = N .. 1`` is ``t_min + (t_max - t_min) n / N``. Model, else 0.4, 0.8.
+        stability_threshold: int >= 0, a row stops when its argmax canvas equals the
+            previous ``stability_threshold`` steps' and ... Model, else 1.
+        confidence_threshold: float > 0, ... the mean entropy of its tempered logits is
+            below this. Model, else 0.005.
+    ``adaptive`` budgets grow with each position's renoise count (``remask_count``),
+    and block expert sets apply per canvas.
+
     Returns:
         ``GenerateOutput``: tokens ``[B, max P + G]`` (left-padded with the pad id),
-        texts, nfe, experts_per_token, remask_count, expert_work, trace.
+        texts, nfe, experts_per_token, remask_count, expert_work, trace, expert_reads,
+        block_steps (per row and block: the calls it took part in; steps per canvas).
 
     Raises:
         ValueError: prompts an empty list, of the wrong type, token ids not integers
@@ -261,7 +288,11 @@ def generate(model, prompts, *, gen_length=None, block_length=None, steps=None,
             bidirectional, or expert-choice routing (each expert picks among the whole
             sequence, which a call on part of the canvas does not see); ``cache_refresh``
             not a positive int or ``cache_window`` not two ints >= 0, or either without
-            an approximate cache.
+            an approximate cache; under diffusion_gemma an option of the mask-based
+            conventions, ``canvas_length``/``max_denoising_steps`` not positive ints,
+            ``stability_threshold`` not an int >= 0, ``entropy_bound`` or
+            ``confidence_threshold`` not > 0, ``t_min``/``t_max`` negative or ``t_max <=
+            t_min``; a diffusion_gemma option under another convention.
 
     Example:
         out = jmoe.generate(model, ["Hello", "Hi"], gen_length=64, block_length=32,
@@ -278,7 +309,10 @@ def generate(model, prompts, *, gen_length=None, block_length=None, steps=None,
         cache_refresh=cache_refresh, cache_window=cache_window,
         decoder=decoder, low_threshold=low_threshold, edit_threshold=edit_threshold,
         max_post_steps=max_post_steps, credit_alpha=credit_alpha, credit_boost=credit_boost,
-        credit_decay=credit_decay, top_k=top_k, top_p=top_p)
+        credit_decay=credit_decay, top_k=top_k, top_p=top_p, canvas_length=canvas_length,
+        max_denoising_steps=max_denoising_steps, entropy_bound=entropy_bound, t_min=t_min,
+        t_max=t_max, stability_threshold=stability_threshold,
+        confidence_threshold=confidence_threshold)
     key = random_key(seed)
     rows = _encode(model, prompts)
     _check_tokens(rows, config.vocab_size)

@@ -21,6 +21,20 @@ before the loop (``prefill``), each step runs the model on the current block onl
 once more with its final tokens to store its K/V (``_finish_block``). Block-causal
 attention makes this exact: a block's keys/values never depend on later blocks.
 
+Encoder-decoder conventions (``Convention.encoder_decoder``: diffusion_gemma) run the
+cached path with the model's other contract (``model_call.cached_call``): the prefill
+and each finished block's fill are ``encode_call`` (causal, writes K/V), a step's call
+is ``denoise_call`` (reads only) with the decoder's extra inputs
+(``Decoder.model_inputs``: self-conditioning logits). Their rules ride on the generic
+decoder hooks the step calls for every convention: ``candidates`` (positions a step
+decodes: masked ones, or a whole canvas for uniform noise), ``sample`` (logits to
+tokens and confidences), ``select`` (commits and edits: a renoise is an edit to a
+fresh token, so "left uncommitted" is the renoise count that grows budgets),
+``block_over`` and ``block_tokens`` (the argmax canvas kept at a canvas's end); the
+convention draws the starting canvas (``initial_tokens``). The carry gained only a
+per-row count of calls per block (``block_calls_BN``); the self-conditioning buffer
+and stop state are the decoder's own carry.
+
 Approximate caches (``opts.approx_cache``, bidirectional models under llada: Fast-dLLM's
 ``"prefix"`` and ``"dual"`` caches): the carry holds K/V of the whole canvas
 (``model_call.new_bidirectional_cache``), written by *refresh* steps that run the whole
@@ -40,10 +54,10 @@ import jax.numpy as jnp
 from jmoe import xla_options
 from jmoe.sampling import budgets as budgets_lib
 from jmoe.sampling import decoders
+from jmoe.sampling import model_call
 from jmoe.sampling import remasking as rm
 from jmoe.sampling import schedules
-from jmoe.sampling.model_call import call_model, new_bidirectional_cache, new_cache, \
-    num_moe_layers
+from jmoe.sampling.model_call import call_model, new_bidirectional_cache, num_moe_layers
 from jmoe.sampling.state import SamplerOptions, SamplerState
 
 
@@ -80,13 +94,17 @@ def model_logits(params, tokens_BL, valid_BL, prompt_BL, budget_BL, cfg_scale, *
 
 
 def block_call(params, tokens_BL, valid_BL, prompt_BL, budget_BL, rows_B, cache, block,
-               cfg_scale, *, config, opts: SamplerOptions, sets=(None, None)):
+               cfg_scale, *, config, opts: SamplerOptions, sets=(None, None), write=True,
+               extra=None):
     """Cached: run the model on block ``block`` only, keys = cache + block.
 
     Only ``rows_B`` are computed (the others are invalid tokens: no expert work, their
     logits and K/V are garbage). With guidance the cache holds ``2B`` rows, the
     unconditional copies second. Returns logits ``[B, block_length, V]``, the call's
     routed pairs and the K/V buffers with this block's keys/values written in.
+    ``write`` says whether the call stores K/V (a step's call: False, a finished block's
+    fill: True) and ``extra`` holds the decoder's extra inputs (``Decoder.model_inputs``);
+    ``model_call.cached_call`` picks the model's calls from them.
     """
     bl, l = opts.block_length, tokens_BL.shape[1]
     p0 = l - opts.gen_length + block * bl  # absolute position of the block's start
@@ -94,9 +112,9 @@ def block_call(params, tokens_BL, valid_BL, prompt_BL, budget_BL, rows_B, cache,
     valid_BK = cut(valid_BL) & rows_B[:, None]
     tok_BK, valid_BK, budget_BK = _guided_batch(cut(tokens_BL), valid_BK, cut(prompt_BL),
                                                 cut(budget_BL), opts)
-    logits, pairs, cache, used = call_model(params, tok_BK, valid_BK, budget_BK, config=config,
-                                            opts=opts, cache=cache, offset=p0,
-                                            expert_set=sets[0], refresh_set=sets[1])
+    logits, pairs, cache, used = model_call.cached_call(
+        params, tok_BK, valid_BK, budget_BK, config=config, opts=opts, cache=cache, offset=p0,
+        expert_set=sets[0], refresh_set=sets[1], write=write, extra=extra)
     return _guide(logits, cfg_scale, opts), pairs, cache, used
 
 
@@ -160,15 +178,17 @@ def approx_call(params, tokens_BL, valid_BL, prompt_BL, budget_BL, rows_B, cache
     return _guide(logits, cfg_scale, opts), pairs, cache, used
 
 
-def prefill(params, tokens_BL, prompt_BL, budget_BL, cache, *, config, opts: SamplerOptions):
-    """Cached: K/V of the canvas blocks before the first generated one (whole prompt
-    blocks of every row; with guidance also of the prompt-masked copies)."""
+def prefill(params, tokens_BL, valid_BL, prompt_BL, budget_BL, cache, *, config,
+            opts: SamplerOptions):
+    """Cached: K/V of the canvas before the generated region (llada2: whole prompt
+    blocks of every row, all valid; with guidance also of the prompt-masked copies;
+    diffusion_gemma: the left-padded prompts, padding invalid)."""
     p = tokens_BL.shape[1] - opts.gen_length
     tok_BP, valid_BP, budget_BP = _guided_batch(
-        tokens_BL[:, :p], jnp.ones((tokens_BL.shape[0], p), bool), prompt_BL[:, :p],
-        budget_BL[:, :p], opts)
-    _, pairs, cache, _ = call_model(params, tok_BP, valid_BP, budget_BP, config=config,
-                                    opts=opts, cache=cache, offset=0)
+        tokens_BL[:, :p], valid_BL[:, :p], prompt_BL[:, :p], budget_BL[:, :p], opts)
+    _, pairs, cache, _ = model_call.cached_call(params, tok_BP, valid_BP, budget_BP,
+                                                config=config, opts=opts, cache=cache, offset=0,
+                                                write=True)
     return cache, pairs
 
 
@@ -182,6 +202,8 @@ def _early_stop(opts: SamplerOptions, gen_BG, active_B, block, fixed_BG):
         return gen_BG, active_B
     upto_G = schedules.before_block_end_G(block, opts.block_length, opts.gen_length)
     stop_B = active_B & ((gen_BG == opts.eos_id) & upto_G & ~fixed_BG).any(-1)
+    if opts.mask_id is None:  # no mask token (uniform noise): the output cuts at EOS
+        return gen_BG, active_B & ~stop_B
     fill = stop_B[:, None] & (gen_BG == opts.mask_id)
     return jnp.where(fill, opts.eos_id, gen_BG), active_B & ~stop_B
 
@@ -195,17 +217,13 @@ def _record(trace, nfe, committed_BG, budget_BG, remask_BG, block):
 
 
 def _sample(logits, positions_G, nfe, key, knobs, opts: SamplerOptions, carry=None,
-            cand_BK=None):
+            cand_BK=None, step=0):
     """Sampled tokens, confidences of the logits' positions (``positions_G``: their
     generated-region indices, which key the random stream) and the decoder's carry
-    (``decoders``: credit fuses its logits; filters and confidence rule)."""
-    # the mask token is never a prediction (so a block always empties; dInfer does the same)
-    forbidden = (opts.mask_id,) + ((opts.eos_id,) if opts.logits_eos_inf else ())
-    logits = rm.forbid_tokens(logits, forbidden)
+    (``Decoder.sample``: filters, fusion, confidence rule)."""
     noise_keys, rand_keys = rm.step_keys(key, nfe, logits.shape[0], positions_G)
-    logits, carry = decoders.of(opts).fuse(logits, carry, cand_BK, knobs)
-    x0, conf = decoders.sample_confidence(logits, noise_keys, rand_keys, knobs, opts)
-    return x0, conf, carry
+    return decoders.of(opts).sample(logits, noise_keys, rand_keys, knobs, opts, carry, cand_BK,
+                                    step)
 
 
 def _predict(s: SamplerState, params, valid_BL, prompt_BL, rows_B, key, knobs, *, cand_BG,
@@ -226,10 +244,10 @@ def _predict(s: SamplerState, params, valid_BL, prompt_BL, rows_B, key, knobs, *
             s.step, knobs["cfg_scale"], config=config, opts=opts, sets=sets)
     elif opts.cached:
         # the step's K/V are dropped: a block's final K/V are stored once, when it ends
-        logits, pairs, _, used = block_call(params, s.tokens_BL, valid_BL, prompt_BL,
-                                            s.budget_BL, rows_B, s.cache, s.block,
-                                            knobs["cfg_scale"], config=config, opts=opts,
-                                            sets=sets)
+        logits, pairs, _, used = block_call(
+            params, s.tokens_BL, valid_BL, prompt_BL, s.budget_BL, rows_B, s.cache, s.block,
+            knobs["cfg_scale"], config=config, opts=opts, sets=sets, write=False,
+            extra=decoders.of(opts).model_inputs(s.decoder, s.step))
     else:
         call_valid_BL = valid_BL & rows_B[:, None]  # stopped rows cost no expert work
         call_valid_BL = opts.convention.reach(call_valid_BL, s.block, opts)
@@ -240,7 +258,7 @@ def _predict(s: SamplerState, params, valid_BL, prompt_BL, rows_B, key, knobs, *
         logits = jax.lax.dynamic_slice_in_dim(logits, at, bl, axis=1)
     cand_BK = jax.lax.dynamic_slice_in_dim(cand_BG, at, bl, axis=1)
     x0_BK, conf_BK, carry = _sample(logits, at + jnp.arange(bl), s.nfe, key, knobs, opts,
-                                    s.decoder, cand_BK)
+                                    s.decoder, cand_BK, s.step)
     x0_BG = jax.lax.dynamic_update_slice_in_dim(jnp.zeros((b, g), jnp.int32), x0_BK, at, 1)
     conf_BG = jax.lax.dynamic_update_slice_in_dim(
         jnp.full((b, g), -jnp.inf, jnp.float32), conf_BK, at, 1)
@@ -298,15 +316,15 @@ def step(s: SamplerState, params, valid_BL, prompt_BL, key, knobs, *, config,
     decoder = decoders.of(opts)
     gen_BG = s.tokens_BL[:, -g:]
     window_G = schedules.block_window_G(s.block, opts.block_length, g)
-    cand_BG = (gen_BG == opts.mask_id) & window_G & s.active_B[:, None]
+    cand_BG = decoder.candidates(gen_BG, window_G, s.active_B, s.decoder, opts)
     fixed_BG = prompt_BL[:, -g:] | ~valid_BL[:, -g:]
     sched = schedules.schedule_count(opts.block_length, opts.steps_per_block, s.step)
     seen = decoders.Step(x0=None, conf=None, cand=cand_BG, gen=gen_BG, window=window_G,
                          fixed=fixed_BG, sched=jnp.full(cand_BG.shape[:1], sched, jnp.int32),
                          active=s.active_B)
+    calls_BG = decoder.call_rows(seen, s.decoder)
     x0_BG, conf_BG, (pairs, used), carry, called, cache = _call(
-        s, params, valid_BL, prompt_BL, cand_BG, decoder.call_rows(seen, s.decoder), key, knobs,
-        config=config, opts=opts)
+        s, params, valid_BL, prompt_BL, cand_BG, calls_BG, key, knobs, config=config, opts=opts)
     s = s.replace(cache=cache)
     expert_set = s.expert_set
     if expert_set is not None:
@@ -329,6 +347,7 @@ def step(s: SamplerState, params, valid_BL, prompt_BL, key, knobs, *, config,
         trace = jax.tree.map(lambda n, o: jnp.where(called, n, o), new, trace)
 
     over = decoder.block_over(opts, s.step, still_BG, carry)
+    gen_BG = decoder.block_tokens(gen_BG, window_G, over, s.active_B, carry)
     tokens_BL = s.tokens_BL.at[:, -g:].set(gen_BG)
     budget_BL = s.budget_BL.at[:, -g:].set(budget_BG)
     stopped_gen_BG, stopped_active_B = _early_stop(opts, gen_BG, s.active_B, s.block, fixed_BG)
@@ -350,6 +369,8 @@ def step(s: SamplerState, params, valid_BL, prompt_BL, key, knobs, *, config,
         block=s.block + over.astype(jnp.int32),
         step=jnp.where(over, 0, s.step + 1),
         nfe=nfe, work_S=s.work_S.at[slot].add(pairs + fill_pairs), trace=trace,
+        block_calls_BN=s.block_calls_BN.at[:, s.block].add(
+            (called & calls_BG.any(-1)).astype(jnp.int32)),
         decoder=decoder.reset(carry, over), cache=cache, expert_set=expert_set)
 
 
@@ -375,10 +396,11 @@ def initial_state(tokens_BL, prompt_region_BL, *, config, opts: SamplerOptions,
             config, jnp.concatenate([valid_BL, valid_BL]) if opts.guided else valid_BL)
     if opts.cached:
         # guidance: the prompt-masked copies get their own K/V rows, after the B rows
-        cache = new_cache(config, 2 * b if opts.guided else b, tokens_BL.shape[1])
-        if tokens_BL.shape[1] > g:  # whole prompt blocks before the first generated one
-            cache, pairs = prefill(params, tokens_BL, prompt_region_BL, budget_BL, cache,
-                                   config=config, opts=opts)
+        cache = model_call.new_block_cache(config, opts, 2 * b if opts.guided else b,
+                                           tokens_BL.shape[1])
+        if tokens_BL.shape[1] > g:  # the prompt region before the generated one
+            cache, pairs = prefill(params, tokens_BL, valid_BL, prompt_region_BL, budget_BL,
+                                   cache, config=config, opts=opts)
             work_S = work_S.at[0].add(pairs)
     carry = decoders.of(opts).init_carry(b, opts.block_length, config.vocab_size)
     expert_set = None
@@ -389,6 +411,7 @@ def initial_state(tokens_BL, prompt_region_BL, *, config, opts: SamplerOptions,
     return SamplerState(tokens_BL=tokens_BL, budget_BL=budget_BL,
                         remask_BG=jnp.zeros((b, g), jnp.int32), active_B=jnp.ones((b,), bool),
                         block=zero, step=zero, nfe=zero, work_S=work_S, trace=trace,
+                        block_calls_BN=jnp.zeros((b, opts.num_blocks), jnp.int32),
                         decoder=carry, cache=cache, expert_set=expert_set)
 
 
@@ -405,6 +428,8 @@ def run(params, tokens_BL, valid_BL, prompt_BL, key, knobs, *, config,
     # llada2's generated region may start with the prompt's tail: prompt budgets there too
     prompt_region_BL = (jnp.arange(tokens_BL.shape[1]) < tokens_BL.shape[1] - opts.gen_length
                         ) | prompt_BL
+    # the uniform-noise convention starts every canvas from random tokens
+    tokens_BL = opts.convention.initial_tokens(tokens_BL, key, config, opts)
     s0 = initial_state(tokens_BL, prompt_region_BL, config=config, opts=opts, params=params,
                        valid_BL=valid_BL)
 

@@ -8,6 +8,13 @@ token-expert assignments summed over layers (the sampler's measure of expert wor
 keys/values are written into the cache and which attends to the cache's earlier
 positions (LLaDA2's block-causal attention makes this exact).
 
+Encoder-decoder models (DiffusionGemma, ``Convention.encoder_decoder``) meet a second
+contract here: ``encode_call`` (a causal pass that writes the prompt's or a finished
+canvas's K/V), ``denoise_call`` (the canvas over the cache, bidirectional, with
+self-conditioning logits; it writes nothing) and ``new_encoder_cache``.
+``cached_call`` and ``new_block_cache`` pick between the two contracts, so the loop
+asks for "a cached call that writes / reads" and never for a family.
+
 Nothing else in ``jmoe.sampling`` imports the model: the sampler meets the model-call
 contract (``jmoe.model.apply`` with a ``jmoe.routing.Budget`` and a
 ``jmoe.kv_cache.KVCache``) here only, so a change of contract means editing this
@@ -16,6 +23,7 @@ module only.
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 from jmoe import model as model_lib
@@ -140,3 +148,49 @@ def new_bidirectional_cache(config, valid_BL) -> KVCache:
     ``valid_BL`` of a bidirectional model: positions count from each row's first real
     token, as in an uncached call."""
     return KVCache.bidirectional_empty(config, valid_BL, positions_from_mask(valid_BL))
+
+
+def new_block_cache(config, opts, batch: int, length: int):
+    """The K/V buffers of a cached run: the encoder's (``new_encoder_cache``) under an
+    encoder-decoder convention, else the block-causal ``new_cache``."""
+    if opts.convention.encoder_decoder:
+        return new_encoder_cache(config, batch, length)
+    return new_cache(config, batch, length)
+
+
+def cached_call(params, tokens_BL, valid_BL, budget_BL, *, config, opts, cache, offset,
+                write, expert_set=None, refresh_set=None, extra=None):
+    """A cached call on positions ``offset .. offset + L - 1``: ``(logits_BLV float32,
+    work int32 [2], cache, expert_set)``.
+
+    Block-causal models (``call_model``): one call that reads the cache and writes its
+    K/V; ``write`` False only means the caller drops the returned cache. Encoder-decoder
+    models (``opts.convention.encoder_decoder``): ``write`` True is ``encode_call``
+    (writes K/V; no block expert sets: ``expert_set`` comes back None), False is
+    ``denoise_call`` (reads only; ``cache`` comes back unchanged) with ``extra``, the
+    decoder's ``(self_cond_BLV float32, first)``: ``first`` (a bool scalar, may be
+    traced) gives every row the zero signal (the canvas's first step, as
+    ``self_cond_BCV=None``), else the buffer. ``valid_BL`` does not reach ``denoise_call`` (its contract has no
+    mask: every canvas position is real).
+    """
+    if not opts.convention.encoder_decoder:
+        return call_model(params, tokens_BL, valid_BL, budget_BL, config=config, opts=opts,
+                          cache=cache, offset=offset, expert_set=expert_set,
+                          refresh_set=refresh_set)
+    if write:
+        logits, work, cache = encode_call(params, tokens_BL, valid_BL, budget_BL, config=config,
+                                          opts=opts, cache=cache, offset=offset)
+        return logits, work, cache, None
+
+    self_cond, mask_B = None, None
+    if extra is not None:
+        # the canvas's first step gets the zero signal (None and a buffer of zeros differ:
+        # softmax of zeros is uniform), by the model's mask rather than a second traced
+        # copy of the model under lax.cond
+        self_cond, first = extra
+        mask_B = jnp.broadcast_to(~jnp.asarray(first, bool), tokens_BL.shape[:1])
+    logits, work, used = denoise_call(params, tokens_BL, budget_BL, config=config, opts=opts,
+                                      cache=cache, offset=offset, self_cond_BCV=self_cond,
+                                      expert_set=expert_set, refresh_set=refresh_set,
+                                      self_cond_mask_B=mask_B)
+    return logits, work, cache, used

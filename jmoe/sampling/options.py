@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jmoe.sampling import decoders as dec
+from jmoe.sampling import entropy_bound as eb
 from jmoe.sampling import remasking as rm
 from jmoe.sampling.budgets import AdaptiveExperts
 from jmoe.sampling.conventions import (CONVENTIONS, DEFAULT_BLOCK_LENGTH, Convention,
@@ -55,14 +56,21 @@ def resolve_convention(config, convention=None, cache=None) -> tuple[Convention,
     finished blocks) defaults to on for block-causal conventions, except under
     expert-choice routing, which needs the whole sequence in every call.
     """
+    dgemma = getattr(config, "family", None) == "diffusion_gemma"
     if convention is None:
         # a block-causal model generates block by block; else the family's (a class attribute)
-        convention = "llada2" if config.attention_block_length else config.default_convention
+        convention = ("diffusion_gemma" if dgemma else
+                      "llada2" if config.attention_block_length else config.default_convention)
     if not isinstance(convention, Convention):
         if convention not in CONVENTIONS:
             raise ValueError(f"convention={convention!r}: expected one of {tuple(CONVENTIONS)}")
         convention = CONVENTIONS[convention]
     convention.check_model(config)
+    if dgemma and not convention.encoder_decoder:
+        raise ValueError(f"convention={convention.name!r} on a DiffusionGemma model: it has no "
+                         "mask token and generates with convention='diffusion_gemma'")
+    if convention.encoder_decoder:  # its canvas always sits over the encoder's K/V cache
+        return convention, True
     expert_choice = config.routing == "expert_choice"
     asked = cache
     if cache == "exact":
@@ -255,7 +263,10 @@ def resolve_options(config, *, gen_length=None, block_length=None, steps=None,
                     return_trace=False, convention=None, cache=None, cache_refresh=None,
                     cache_window=None, decoder=None, low_threshold=None, edit_threshold=None,
                     max_post_steps=None, credit_alpha=None, credit_boost=None,
-                    credit_decay=None, top_k=None, top_p=None) -> tuple[SamplerOptions, dict]:
+                    credit_decay=None, top_k=None, top_p=None, canvas_length=None,
+                    max_denoising_steps=None, entropy_bound=None, t_min=None, t_max=None,
+                    stability_threshold=None,
+                    confidence_threshold=None) -> tuple[SamplerOptions, dict]:
     """Fill every ``None`` option: the caller's value, then ``config.generation``, then
     the library's default (the convention's for ``steps`` and ``threshold_floor``).
 
@@ -263,8 +274,18 @@ def resolve_options(config, *, gen_length=None, block_length=None, steps=None,
     knobs ``{"temperature", "cfg_scale", "threshold", "top_p", "low_threshold",
     "edit_threshold", "credit_alpha", "credit_boost", "credit_decay"}`` (threshold and
     top_p 1.0 when off), both from the resolved values. Raises ValueError on any bad
-    value (see ``jmoe.generate``).
+    value (see ``jmoe.generate``). The diffusion_gemma convention resolves its own
+    options (``_diffusion_gemma``); its knobs are ``t_min``, ``t_max``, ``entropy_bound``
+    and ``confidence_threshold``.
     """
+    given = {k: v for k, v in locals().items() if k != "config"}
+    dg = {k: given[k] for k in DIFFUSION_GEMMA_OPTIONS}
+    if resolve_convention(config, convention, None)[0].encoder_decoder:
+        return _diffusion_gemma(config, given)
+    for k, v in dg.items():
+        if v is not None:
+            raise ValueError(f"{k}={v!r} is an option of convention='diffusion_gemma' (a "
+                             f"DiffusionGemma model), not of this model's convention")
     approx, cache_refresh, cache_window = resolve_cache(
         config, resolve_convention(config, convention, False)[0], cache, cache_refresh,
         cache_window)
@@ -321,4 +342,96 @@ def resolve_options(config, *, gen_length=None, block_length=None, steps=None,
              "threshold": jnp.float32(1.0 if threshold is None else float(threshold)),
              "top_p": jnp.float32(1.0 if top_p is None else top_p),
              **{k: jnp.float32(v) for k, v in decoder_knobs.items()}}
+    return opts, knobs
+
+
+# jmoe.generate's options of the diffusion_gemma convention (generation_config.json keys;
+# ``sampler_config.entropy_bound`` nested there, flat here)
+DIFFUSION_GEMMA_OPTIONS = ("canvas_length", "max_denoising_steps", "entropy_bound", "t_min",
+                           "t_max", "stability_threshold", "confidence_threshold")
+# other options and the value that leaves them off under diffusion_gemma
+_NOT_DIFFUSION_GEMMA = {"block_length": None, "steps": None, "temperature": None,
+                        "cfg_scale": None, "remasking": None, "threshold": None,
+                        "threshold_floor": None, "mask_id": None, "logits_eos_inf": False,
+                        "confidence_eos_eot_inf": False, "cache_refresh": None,
+                        "cache_window": None, "decoder": None, "low_threshold": None,
+                        "edit_threshold": None, "max_post_steps": None, "credit_alpha": None,
+                        "credit_boost": None, "credit_decay": None, "top_k": None,
+                        "top_p": None}
+_DG_INSTEAD = {"block_length": "canvas_length", "steps": "max_denoising_steps",
+               "temperature": "t_min/t_max"}
+
+
+def _generation_value(gen, name):
+    """``name`` from the model's generation defaults, ``entropy_bound`` also nested in
+    ``sampler_config`` (transformers' generation_config.json)."""
+    if not gen:
+        return None
+    if name == "entropy_bound" and gen.get("entropy_bound") is None:
+        sc = gen.get("sampler_config")
+        return sc.get("entropy_bound") if isinstance(sc, dict) else None
+    return _pick(name, None, gen, None)
+
+
+def _count(name: str, value, least: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
+        raise ValueError(f"{name}={value!r}: expected an int >= {least}")
+    return int(value)
+
+
+def _diffusion_gemma(config, given: dict) -> tuple[SamplerOptions, dict]:
+    """The diffusion_gemma convention's options: caller, else the model's generation
+    defaults (``config.generation``; ``canvas_length`` also from the model config),
+    else transformers' defaults (``entropy_bound.DEFAULTS``); ``gen_length`` rounded up
+    to whole canvases. Options of the mask-based conventions are refused."""
+    conv = resolve_convention(config, given["convention"], None)[0]
+    for k, off in _NOT_DIFFUSION_GEMMA.items():
+        if given[k] is not off and given[k] != off:
+            hint = f" (use {_DG_INSTEAD[k]})" if k in _DG_INSTEAD else ""
+            raise ValueError(f"{k}={given[k]!r} is not an option of "
+                             f"convention='diffusion_gemma'{hint}")
+    if not (given["cache"] is None or given["cache"] is True or given["cache"] == "exact"):
+        raise ValueError(f"cache={given['cache']!r}: convention='diffusion_gemma' always "
+                         "runs its canvas over the encoder's K/V cache (None, True or 'exact')")
+    gen = config.generation
+
+    def value(name):
+        v = given[name] if given[name] is not None else _generation_value(gen, name)
+        if v is None and name == "canvas_length":
+            v = getattr(config, "canvas_length", None)
+        return eb.DEFAULTS[name] if v is None else v
+
+    gen_length = positive_length("gen_length", value("gen_length"))
+    canvas = positive_length("canvas_length", value("canvas_length"))
+    steps = positive_length("max_denoising_steps", value("max_denoising_steps"))
+    stability = _count("stability_threshold", value("stability_threshold"), 0)
+    bound = _real("entropy_bound", value("entropy_bound"), "a finite number > 0",
+                  lambda v: v > 0)
+    conf = _real("confidence_threshold", value("confidence_threshold"),
+                 "a finite number > 0", lambda v: v > 0)
+    t_min = _non_negative("t_min", value("t_min"))
+    t_max = _non_negative("t_max", value("t_max"))
+    if t_max <= t_min:
+        raise ValueError(f"t_max={t_max!r} <= t_min={t_min!r}: expected the first step's "
+                         "temperature t_max above the last's t_min")
+    adaptive = given["adaptive"]
+    if adaptive is not None:
+        if not isinstance(adaptive, AdaptiveExperts):
+            raise ValueError(f"adaptive={adaptive!r}: expected jmoe.AdaptiveExperts or None")
+        adaptive.check_model(config)
+        adaptive = adaptive.resolved(config.num_experts_per_tok, steps)
+        adaptive.check_model(config)
+    eos_id = given["eos_id"] if given["eos_id"] is not None else config.eos_token_id
+    opts = SamplerOptions(
+        gen_length=-(-gen_length // canvas) * canvas, block_length=canvas, steps=steps,
+        remasking="low_confidence", sampled=True, guided=False, thresholded=False,
+        threshold_floor="one", adaptive=adaptive, mask_id=None,
+        eos_id=_token_id("eos_id", eos_id, config.vocab_size), logits_eos_inf=False,
+        confidence_eos_eot_inf=False, early_stop=bool(given["early_stop"]),
+        return_trace=bool(given["return_trace"]), convention=conv, cached=True,
+        decoder=eb.EntropyBound(stability_threshold=stability))
+    knobs = {"temperature": jnp.float32(1.0), "cfg_scale": jnp.float32(0.0),
+             "threshold": jnp.float32(1.0), "top_p": jnp.float32(1.0),
+             "t_min": jnp.float32(t_min), "t_max": jnp.float32(t_max),
+             "entropy_bound": jnp.float32(bound), "confidence_threshold": jnp.float32(conf)}
     return opts, knobs

@@ -37,7 +37,7 @@ class SamplerOptions:
     thresholded: bool    # threshold is not None
     threshold_floor: str
     adaptive: AdaptiveExperts | None
-    mask_id: int
+    mask_id: int | None  # None: no mask token (diffusion_gemma's uniform-noise canvas)
     eos_id: int | None
     logits_eos_inf: bool
     confidence_eos_eot_inf: bool
@@ -81,6 +81,9 @@ class SamplerState:
     nfe: jax.Array           # int32 model calls so far
     work_S: jax.Array        # int32 [S, 2]: each model call's routed token-expert pairs and
     #                          expert reads (distinct experts with rows, per layer and row)
+    # int32 [B, num_blocks]: model calls each row took part in (had a position to
+    # decode), per block (diffusion_gemma: denoising steps per canvas)
+    block_calls_BN: jax.Array | None = None
     trace: dict | None = None  # with return_trace: committed_SBG, budget_SBG, remask_SBG, block_S
     decoder: Any = None  # the decoder's own carry (decoders.Decoder.init_carry)
     # block expert sets under expert_set="first_step": bool [n_moe, rows, E], the sets
