@@ -26,13 +26,18 @@ HF_MODEL_TYPES = {"olmoe": "olmoe", "llada": "olmoe", "lladamoe": "olmoe", "llad
 GENERATION_KEYS = ("gen_length", "block_length", "steps", "temperature", "cfg_scale",
                    "remasking", "threshold", "decoder", "low_threshold", "edit_threshold",
                    "max_post_steps", "credit_alpha", "credit_boost", "credit_decay", "top_k",
-                   "top_p")
+                   "top_p",
+                   # DiffusionGemma's entropy-bound sampler (``sampler_config.entropy_bound``
+                   # is read flat as ``entropy_bound``)
+                   "canvas_length", "max_denoising_steps", "entropy_bound", "t_min", "t_max",
+                   "stability_threshold", "confidence_threshold")
 _HF_GENERATION_ALIASES = {"max_new_tokens": "gen_length", "editing_threshold": "edit_threshold"}
 # generation_config.json keys that change nothing jmoe generates: metadata and output flags
 _GENERATION_NO_EFFECT = ("_from_model_config", "transformers_version", "use_cache",
                          "output_attentions", "output_hidden_states", "output_scores",
                          "output_logits", "return_dict_in_generate", "bos_token_id",
-                         "decoder_start_token_id")
+                         "decoder_start_token_id", "cache_implementation", "cache_config",
+                         "disable_compile")
 _log = logging.getLogger("jmoe")
 
 
@@ -59,7 +64,15 @@ def generation_defaults(folder: str, config=None) -> dict | None:
         raise ValueError(f"{path}: expected a JSON object of generation settings, got a JSON "
                          f"{type(raw).__name__}")
     out, ignored = {}, []
+    sampler = raw.get("sampler_config")
+    if isinstance(sampler, dict) and set(sampler) <= {"entropy_bound", "_cls_name"}:
+        # transformers' EntropyBoundSamplerConfig, saved with its class name
+        raw = {k: v for k, v in raw.items() if k != "sampler_config"}
+        if "entropy_bound" in sampler:
+            raw.setdefault("entropy_bound", sampler["entropy_bound"])
     for k, v in raw.items():
+        if v is None:  # transformers writes unset fields as null
+            continue
         name = _HF_GENERATION_ALIASES.get(k, k)
         if name in GENERATION_KEYS and isinstance(v, (int, float, str)) and not isinstance(v, bool):
             out[name] = v

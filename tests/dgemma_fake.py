@@ -60,8 +60,10 @@ def encode_call(params, tokens_BL, valid_BL, budget_BL, *, config, opts, cache, 
     return logits, work, cache
 
 
-def logits_of(params, canvas_BC, cache_tok_BS, cache_valid_BS, offset, self_cond_BCV, vocab):
-    """The fake's logits ``[B, C, V]`` (jnp; the reference calls it with NumPy inputs)."""
+def logits_of(params, canvas_BC, cache_tok_BS, cache_valid_BS, offset, self_cond_BCV, vocab,
+              self_cond_mask_B=None):
+    """The fake's logits ``[B, C, V]`` (jnp; the reference calls it with NumPy inputs);
+    rows with ``self_cond_mask_B`` False get no self-conditioning (as ``None``)."""
     s = cache_tok_BS.shape[1]
     before = cache_valid_BS & (jnp.arange(s) < offset)
     ctx_B = jnp.sum(jnp.where(before, cache_tok_BS * (jnp.arange(s) % 5 + 1), 0), -1)
@@ -72,14 +74,17 @@ def logits_of(params, canvas_BC, cache_tok_BS, cache_valid_BS, offset, self_cond
     logits = (sharp_B * (1.0 + agree_B))[:, None, None] * jax.nn.one_hot(target_BC, vocab)
     logits = logits + 1.2 * params["w"][canvas_BC]
     if self_cond_BCV is not None:
-        logits = logits + 0.5 * jax.nn.softmax(self_cond_BCV, -1)
+        sc = 0.5 * jax.nn.softmax(self_cond_BCV, -1)
+        if self_cond_mask_B is not None:
+            sc = jnp.where(jnp.asarray(self_cond_mask_B)[:, None, None], sc, 0.0)
+        logits = logits + sc
     return logits.astype(jnp.float32)
 
 
 def denoise_call(params, canvas_BC, budget_BC, *, config, opts, cache, offset,
-                 self_cond_BCV=None, expert_set=None, refresh_set=None):
+                 self_cond_BCV=None, expert_set=None, refresh_set=None, self_cond_mask_B=None):
     logits = logits_of(params, canvas_BC, cache["tok"], cache["valid"], offset, self_cond_BCV,
-                       config.vocab_size)
+                       config.vocab_size, self_cond_mask_B)
     work = jnp.stack([budget_BC.sum(), jnp.int32(0)]).astype(jnp.int32)
     if refresh_set is not None:  # block expert sets: record when the sets are picked anew
         jax.debug.callback(lambda r: REFRESHES.append(bool(r)), refresh_set)

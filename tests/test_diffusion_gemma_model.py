@@ -373,3 +373,29 @@ def test_tpu_plan_compiles_a_tiny_diffusion_gemma():
         assert not [x for x in prog.custom_calls if x.startswith("jmoe_")], name
         assert prog.param_bytes == want, (name, prog.param_bytes, want)
         assert prog.flops > 0 and prog.all_to_all_bytes > 0
+
+
+def test_generate_from_an_hf_folder_honours_its_generation_config(hf_model, tmp_path):
+    # transformers' own DiffusionGemmaGenerationConfig, saved as the hub's
+    # generation_config.json (nested sampler_config, unset fields as null)
+    import shutil
+
+    from transformers.models.diffusion_gemma.generation_diffusion_gemma import (
+        DiffusionGemmaGenerationConfig, EntropyBoundSamplerConfig)
+
+    folder = tmp_path / "hf"
+    shutil.copytree(hf_model[1], folder)
+    DiffusionGemmaGenerationConfig(
+        max_new_tokens=2 * CANVAS, max_denoising_steps=3, sampler_config=EntropyBoundSamplerConfig(0.3),
+        t_min=0.2, t_max=0.9, stability_threshold=1, confidence_threshold=0.01,
+    ).save_pretrained(folder)
+    model = jmoe.load(str(folder), tokenizer=False)
+    gen = model.config.generation
+    assert (gen["gen_length"], gen["max_denoising_steps"], gen["entropy_bound"],
+            gen["t_min"], gen["t_max"]) == (2 * CANVAS, 3, 0.3, 0.2, 0.9)
+    out = jmoe.generate(model, [[5, 6, 7, 8], [9, 10]], seed=0)
+    # the prompts left-padded to 4, then two canvases of CANVAS
+    assert np.asarray(out.tokens).shape == (2, 4 + 2 * CANVAS)
+    steps = np.asarray(out.block_steps)
+    assert steps.shape == (2, 2) and steps.max() <= 3 and steps.min() >= 1
+    assert 0 <= np.asarray(out.tokens).min() and np.asarray(out.tokens).max() < V
