@@ -178,7 +178,7 @@ def _routing(args) -> int:
 def _train(args) -> int:
     from jmoe.train import run_from_file
 
-    run_from_file(args.config, out=args.out, steps=args.steps)
+    run_from_file(args.config, out=args.out, steps=args.steps, stop_at=args.stop_at)
     print(f"wrote {args.out or 'the config out folder'}")
     return 0
 
@@ -434,6 +434,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--config", required=True, help="JSON with model, train, task, out")
     t.add_argument("--out", help="output folder (default: the spec's out)")
     t.add_argument("--steps", type=_positive_int, help="training steps (default: the spec's)")
+    t.add_argument("--stop-at", type=_positive_int,
+                   help="stop after this step of the schedule (saved there; running the same "
+                        "spec again resumes it) (default: run all steps)")
     t.set_defaults(func=_train)
     b = sub.add_parser("bench", help="time generation, fixed vs adaptive budgets")
     b.add_argument("--model", help="jmoe checkpoint (default: the shipped model)")

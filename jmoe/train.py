@@ -52,6 +52,9 @@ class TrainConfig:
     # addition task only: the fraction of each batch drawn uniformly from [0, 999]^2
     # (jmoe.tasks "uniform"), the rest by digit count ("digits")
     uniform_fraction: float = 0.0
+    # stop after this many steps of the ``steps`` schedule (a checkpoint is saved there, so
+    # a later run with the same config resumes the same schedule); None: run it all
+    stop_at: int | None = None
 
     def __post_init__(self):
         for name in ("steps", "batch_size"):
@@ -62,6 +65,9 @@ class TrainConfig:
                              "expected in [0, 1]")
         if not 0 < self.eps < 1:
             raise ValueError(f"train config eps={self.eps}: expected in (0, 1)")
+        if self.stop_at is not None and (isinstance(self.stop_at, bool) or
+                                         not isinstance(self.stop_at, int) or self.stop_at <= 0):
+            raise ValueError(f"train config stop_at={self.stop_at!r}: expected an int > 0")
 
 
 def diffusion_loss(params, config, tokens_BL, valid_BL, answer_BL, key, lb_coef: float,
@@ -133,7 +139,8 @@ def train(config, batch_fn: Callable, tc: TrainConfig = TrainConfig(), *, tokeni
         return {"params": params, "opt_state": opt_state}, dict(metrics, loss=loss)
 
     base_key = jax.random.key(tc.seed)
-    bar = tqdm(range(start, tc.steps), initial=start, total=tc.steps, desc="training",
+    stop = tc.steps if tc.stop_at is None else min(tc.steps, tc.stop_at)
+    bar = tqdm(range(start, stop), initial=start, total=stop, desc="training",
                disable=not progress)
     t0, seen = time.perf_counter(), 0
     for step in bar:
@@ -145,7 +152,7 @@ def train(config, batch_fn: Callable, tc: TrainConfig = TrainConfig(), *, tokeni
             m = jax.device_get(metrics)
             bar.set_postfix(loss=f"{m['loss']:.4f}", lb=f"{m['lb']:.3f}",
                             tok_s=f"{seen / (time.perf_counter() - t0):.0f}")
-        if mngr is not None and ((step + 1) % tc.checkpoint_every == 0 or step + 1 == tc.steps):
+        if mngr is not None and ((step + 1) % tc.checkpoint_every == 0 or step + 1 == stop):
             mngr.save(step + 1, args=ocp.args.StandardSave(state))
     if mngr is not None:
         mngr.wait_until_finished()
@@ -168,7 +175,7 @@ def addition_batch(tokenizer, rng, batch_size: int, prompt_len: int = 8, answer_
 
 
 def run_from_file(path: str, *, out: str | None = None, steps: int | None = None,
-                  progress: bool = True) -> Model:
+                  stop_at: int | None = None, progress: bool = True) -> Model:
     """``jmoe train --config FILE``: a JSON file with ``model`` (config fields, family
     ``olmoe``), ``train`` (TrainConfig fields), ``task`` (``"addition"``), ``out`` and
     optionally ``init`` (a jmoe checkpoint whose params training starts from).
@@ -190,6 +197,8 @@ def run_from_file(path: str, *, out: str | None = None, steps: int | None = None
     tc_fields = dict(spec.get("train", {}))
     if steps is not None:
         tc_fields["steps"] = steps
+    if stop_at is not None:
+        tc_fields["stop_at"] = stop_at
     tc = TrainConfig(**tc_fields)
     out = out or spec.get("out")
     if not out:

@@ -58,6 +58,24 @@ def test_training_is_deterministic_and_resumes_exactly(tmp_path):
     assert any(not np.array_equal(x, y) for x, y in zip(init, jax.tree.leaves(a.params)))
 
 
+def test_stop_at_keeps_the_schedule_and_resumes_it(tmp_path):
+    # --stop-at N runs N steps of the whole schedule (unlike --steps N, a schedule of N
+    # steps): the default model's stage 3 was stopped this way and resumed
+    tc = TrainConfig(steps=6, batch_size=8, warmup_steps=1, checkpoint_every=10, seed=5)
+    full = train(CFG, batch_fn, tc, progress=False)
+    ck = str(tmp_path / "ck")
+    half = train(CFG, batch_fn, dataclasses.replace(tc, stop_at=3), progress=False,
+                 checkpoint_dir=ck)
+    short = train(CFG, batch_fn, dataclasses.replace(tc, steps=3), progress=False)
+    assert any(not np.array_equal(x, y) for x, y in
+               zip(jax.tree.leaves(half.params), jax.tree.leaves(short.params)))
+    done = train(CFG, batch_fn, tc, progress=False, checkpoint_dir=ck)
+    for x, y in zip(jax.tree.leaves(full.params), jax.tree.leaves(done.params)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    with pytest.raises(ValueError, match="stop_at=0: expected an int > 0"):
+        TrainConfig(stop_at=0)
+
+
 def test_training_reduces_the_loss():
     tc = TrainConfig(steps=60, batch_size=32, warmup_steps=5, learning_rate=3e-3, seed=0)
     model = train(CFG, batch_fn, tc, progress=False)
