@@ -340,3 +340,33 @@ class Attention(nn.Module):
         k_BSNK, v_BSNK = cache.write(layer, kk, v, fresh)
         out = dot_attention(q, k_BSNK, v_BSNK, bias_B1LS, platform=self.platform)
         return out.reshape(b, l, h * k) @ wo, (k_BSNK, v_BSNK)
+
+
+# the LM head's columns per dot on CPU with a low-precision head (see ``vocab_logits``)
+CPU_VOCAB_CHUNK = 16384
+
+
+def vocab_logits(x_BLD, w_DV, platform: str | None):
+    """The LM head, ``x_BLD @ w_DV`` ``[B, L, V]`` in float32 (the dot in the weights'
+    dtype, as a plain ``@``).
+
+    On CPU with a bfloat16/float16 head the columns go in chunks of
+    ``CPU_VOCAB_CHUNK``: XLA:CPU converts a low-precision dot's weight to float32
+    first, which for the whole head is a float32 copy of it (1.3 GB for LLaDA-MoE's
+    157k x 2048) alive during the dot; chunked, one chunk's copy (128 MiB at D=2048).
+    The same values bit for bit: each column is the same dot.
+    """
+    b, l, _ = x_BLD.shape
+    v = w_DV.shape[1]
+    if platform != "cpu" or w_DV.dtype == jnp.float32 or v <= CPU_VOCAB_CHUNK:
+        return (x_BLD @ w_DV).astype(jnp.float32)
+    n = -(-v // CPU_VOCAB_CHUNK)
+    c = -(-v // n)
+
+    def chunk(i, out_BLV):
+        start = jnp.minimum(i * c, v - c)  # the last chunk overlaps the one before
+        w_DC = jax.lax.dynamic_slice_in_dim(w_DV, start, c, axis=1)
+        return jax.lax.dynamic_update_slice_in_dim(
+            out_BLV, (x_BLD @ w_DC).astype(jnp.float32), start, axis=2)
+
+    return jax.lax.fori_loop(0, n, chunk, jnp.zeros((b, l, v), jnp.float32))

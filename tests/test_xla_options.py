@@ -86,3 +86,27 @@ def test_low_precision_weights_are_not_hoisted_to_float32_copies():
     # the control: under the options of a float32 model (the pass on) the same program
     # hoists the convert -- what the check above would catch
     assert entry_converts_weight(Cfg("float32"))
+
+
+def test_cpu_vocab_chunks_are_bit_exact(monkeypatch):
+    # the chunked LM head of a bfloat16 model on CPU (no float32 copy of the whole head)
+    # gives the plain dot's logits bit for bit, the last chunk overlapping included
+    from jmoe import layers
+
+    monkeypatch.setattr(layers, "CPU_VOCAB_CHUNK", 24)
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(2, 3, 16)), jnp.bfloat16)
+    w = jnp.asarray(rng.normal(size=(16, 100)), jnp.bfloat16)  # 5 chunks of 20
+    want = np.asarray((x @ w).astype(jnp.float32))
+    got = jax.jit(lambda a, b: layers.vocab_logits(a, b, "cpu"))(x, w)
+    np.testing.assert_array_equal(np.asarray(got), want)
+    # under jmoe's low-precision CPU options (no loop-invariant code motion, which would
+    # hoist a convert of the whole head out of the chunk loop) the whole head is never
+    # converted
+    opts = xla_options.compiler_options("cpu", True)
+    text = jax.jit(lambda a, b: layers.vocab_logits(a, b, "cpu"),
+                   compiler_options=opts).lower(x, w).compile().as_text()
+    made = [ln for ln in text.splitlines() if "= f32[16,100]" in ln
+            and ("ROOT" in ln or " fusion(" in ln or " convert(" in ln and "%param" not in ln)]
+    assert not made, made  # a float32 whole head is never materialized (only fused slices)
+    assert any("= f32[16,20]" in ln and "ROOT" in ln for ln in text.splitlines())

@@ -36,7 +36,8 @@ import flax.linen as nn
 from jmoe import routing as routing_lib
 from jmoe.kv_cache import KVCache
 from jmoe.layers import (Attention, RMSNorm, SwiGLU, attention_bias, block_causal_bias,
-                         logical_init, rope_tables)
+                         logical_init, rope_tables, vocab_logits)
+from jmoe.platform import kernels
 from jmoe.moe import MoE
 
 
@@ -120,8 +121,9 @@ class Decoder(nn.Module):
         if c.tie_word_embeddings:
             logits = embed.attend(x)
         else:
-            logits = x @ self.param("lm_head", logical_init(("embed", "vocab")),
-                                    (c.hidden_size, c.vocab_size), dt)
+            logits = vocab_logits(x, self.param("lm_head", logical_init(("embed", "vocab")),
+                                                (c.hidden_size, c.vocab_size), dt),
+                                  kernels(c.platform).platform)
         aux = jax.tree.map(lambda *a: jnp.stack(a), *auxes)
         if cache is not None:
             cache = cache.replace(k=tuple(ks), v=tuple(vs), length=cache.length + tokens_BL.shape[1])
