@@ -430,14 +430,22 @@ def open_stored(folder: str):
     cfg_path = os.path.join(folder, "config.json")
     if not os.path.isfile(cfg_path):
         raise FileNotFoundError(f"no config.json in {folder!r}: expected a jmoe checkpoint")
-    config = config_from_dict(read_json(cfg_path), cfg_path)
+    config, _, structs = _checked_config(folder, read_json(cfg_path), cfg_path)
+    return config, StoredParams(folder, structs)
+
+
+def _checked_config(folder: str, raw, cfg_path: str):
+    """``(config, stored, structs)`` of a jmoe checkpoint's config.json ``raw``: the
+    params' metadata and the config's abstract params, refused (one line) if they
+    differ. No weight is read."""
+    config = config_from_dict(raw, cfg_path)
     stored, structs = stored_params(folder), abstract_params(config, as_struct=True)
     found = _first_difference(_plain(structs), stored)
     if found:
         leaf, want, got = found
         raise ValueError(f"{cfg_path} does not match its params/: {leaf} is {got} in "
                          f"params/, config.json implies {want}")
-    return config, StoredParams(folder, structs)
+    return config, stored, structs
 
 
 def _restore_in_parts(params_dir: str, target, part_bytes: int | None = None):
@@ -641,13 +649,7 @@ def load(path: str | os.PathLike | None = None, *, tokenizer: bool = True,
     raw = read_json(cfg_path)
     mesh = config_overrides.get("mesh")
     if isinstance(raw, dict) and "family" in raw:
-        config = config_from_dict(raw, cfg_path)
-        stored, structs = stored_params(path), abstract_params(config, as_struct=True)
-        found = _first_difference(_plain(structs), stored)
-        if found:
-            leaf, want, got = found
-            raise ValueError(f"{cfg_path} does not match its params/: {leaf} is {got} in "
-                             f"params/, config.json implies {want}")
+        config, stored, structs = _checked_config(path, raw, cfg_path)
         check_matches_weights(config, config_overrides, stored, path)  # before any read
         params = _restore_params(path, config, mesh, structs)
     else:
