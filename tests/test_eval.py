@@ -331,6 +331,7 @@ def test_cli_eval_prints_the_table_and_the_work(monkeypatch, local_tasks, capsys
     ({"experts_per_token": 2, "adaptive": "linear"}, "experts_per_token=2"),
     ({"not_a_field": 1}, "not_a_field"),
     ({"adaptive": "cubic"}, "cubic"),
+    ({"experts_per_block": 6, "set_coverage": 1.5}, r"set_coverage=1.5: expected a float in"),
     ({"threshold": 2.0}, "threshold"),
     ({"gen_length": 100}, "max_position_embeddings"),
     ({"mc_num": 30, "mc_batch_size": 8}, "mc_num=30"),

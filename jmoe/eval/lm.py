@@ -31,7 +31,8 @@ GENERATE_OPTIONS = (
 # model args building jmoe.AdaptiveExperts: model arg -> field
 ADAPTIVE_OPTIONS = {"adaptive": "growth", "adaptive_initial": "initial",
                     "adaptive_maximum": "maximum", "update_interval": "update_interval",
-                    "experts_per_block": "experts_per_block", "expert_set": "expert_set"}
+                    "experts_per_block": "experts_per_block", "expert_set": "expert_set",
+                    "set_coverage": "set_coverage"}
 # gen_kwargs of a task that jmoe honours; any other is refused
 GEN_KWARGS = ("until", "max_gen_toks", "do_sample", "temperature", "top_k", "top_p")
 
@@ -68,7 +69,8 @@ class JmoeLM(LM):
             model's generation defaults, then the library's).
         experts_per_token: int, a fixed top-k for every token (generation and scoring).
         adaptive (``linear``/``exponential``), adaptive_initial, adaptive_maximum,
-        update_interval, experts_per_block, expert_set: ``jmoe.AdaptiveExperts``
+        update_interval, experts_per_block, expert_set, set_coverage:
+            ``jmoe.AdaptiveExperts``
             (adaptive budgets; block expert sets). Scoring uses ``experts_per_block``
             (rule ``mass``) and the model's top-k (or ``experts_per_token``).
         mc_num (128), mc_batch_size (``min(32, mc_num)``): the likelihood's Monte Carlo

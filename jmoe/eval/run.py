@@ -35,6 +35,8 @@ SAMPLER_FLAGS = {
                                "sequence per call (default: off)"),
     "expert_set": (str, "block expert set rule: mass, first_step or topk_mass (default: "
                         "mass)"),
+    "set_coverage": (float, "block expert sets keep only the experts covering this share "
+                            "of the set's router score, in (0, 1] (default: 1.0, all M)"),
     "mc_num": (int, "likelihood: Monte Carlo draws per request (default: 128)"),
     "mc_batch_size": (int, "likelihood: draws per stratified batch and model call "
                            "(default: min(32, mc_num))"),
