@@ -94,6 +94,69 @@ def test_generate_task_through_lm_eval_cli_matches_addition_accuracy(top1_accura
     assert info["generate_expert_work"] > 0 and info["loglikelihood_rows"] == 0
 
 
+# lm_eval's development branch (EleutherAI/lm-evaluation-harness PR #4013, merged
+# 2026-08) finds plugin models through the ``lm_eval.models`` entry point group:
+# ``lm_eval --model jmoe`` with nothing imported first. 0.4.13 has no such discovery, so
+# the first test does by hand the one step it adds (register the entry point's target
+# lazily in lm_eval's model registry) and then runs lm_eval's stock command line in a
+# fresh interpreter; the second runs the bare ``lm_eval`` executable wherever the
+# installed lm_eval discovers plugins itself.
+_ENTRY_POINT_RUN = """
+import functools, importlib.metadata as md, sys
+from lm_eval.api import registry
+from lm_eval.tasks import TaskManager
+(ep,) = [e for e in md.entry_points(group="lm_eval.models") if e.name == "jmoe"]
+if not hasattr(registry, "load_plugins"):  # the discovery step of lm_eval's main
+    registry.model_registry.register(ep.name, target=ep.value)
+TaskManager.__init__ = functools.partialmethod(TaskManager.__init__,
+                                               include_defaults=False)
+from lm_eval.__main__ import cli_evaluate
+assert not any(m == "jmoe" or m.startswith("jmoe.") for m in sys.modules)
+sys.argv = ["lm_eval"] + sys.argv[1:]
+cli_evaluate()
+assert "jmoe.eval.lm" in sys.modules
+"""
+
+_BARE_ARGS = ["--model", "jmoe", "--model_args", "gen_length=8,block_length=8",
+              "--tasks", "jmoe_addition", "--include_path", TASKS, "--limit", "4",
+              "--batch_size", "4"]
+
+
+def _run_lm_eval(cmd, tmp_path):
+    import subprocess
+
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    r = subprocess.run(cmd + _BARE_ARGS + ["--output_path", str(tmp_path)], env=env,
+                       cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "|jmoe_addition|" in r.stdout.replace(" ", ""), r.stdout[-2000:]
+    (path,) = glob.glob(str(tmp_path / "**" / "results_*.json"), recursive=True)
+    with open(path) as f:
+        res = json.load(f)
+    assert res["config"]["model"] == "jmoe"
+    assert res["config"]["jmoe"]["generate_rows"] == 4  # JmoeLM answered the requests
+
+
+def test_lm_eval_finds_jmoe_through_its_entry_point(tmp_path):
+    import sys
+
+    _run_lm_eval([sys.executable, "-c", _ENTRY_POINT_RUN], tmp_path)
+
+
+def test_bare_lm_eval_command_where_lm_eval_discovers_plugins(tmp_path):
+    import shutil
+    import sys
+
+    from lm_eval.api import registry
+
+    if not hasattr(registry, "load_plugins"):
+        pytest.skip("this lm_eval (<= 0.4.13) discovers no plugin models; its main "
+                    "branch does (PR #4013)")
+    exe = os.path.join(os.path.dirname(sys.executable), "lm_eval")
+    exe = exe if os.path.exists(exe) else shutil.which("lm_eval")
+    _run_lm_eval([exe], tmp_path)
+
+
 def test_multiple_choice_ranks_the_sum_first(local_tasks):
     mc = 16
     res = evaluate(["jmoe_addition_mc"], task_manager=local_tasks,
