@@ -13,6 +13,7 @@ Shape letters: B batch, L sequence, V vocab.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import time
@@ -104,6 +105,32 @@ def _checkpoint_manager(folder: str, keep: int):
                                  options=ocp.CheckpointManagerOptions(max_to_keep=keep))
 
 
+def _optimizer_fields(tc: TrainConfig) -> TrainConfig:
+    """``tc`` with only what the update step depends on (the rest set to defaults), so
+    runs that differ in seed, length of the run or checkpointing share one program."""
+    keep = ("steps", "learning_rate", "warmup_steps", "end_learning_rate_fraction",
+            "weight_decay", "grad_clip", "eps")
+    return TrainConfig(**{k: getattr(tc, k) for k in keep})
+
+
+@functools.lru_cache(maxsize=4)
+def _update_fn(config, tc: TrainConfig, lb_coef: float):
+    """The optimizer and the jitted update step (cached: resuming a run, or a second run
+    of the same schedule in one process, reuses the compiled step)."""
+    opt = make_optimizer(tc)
+
+    @xla_options.jit
+    def update(state, tokens, valid, answer, key):
+        grad_fn = jax.value_and_grad(diffusion_loss, has_aux=True)
+        (loss, metrics), grads = grad_fn(state["params"], config, tokens, valid, answer, key,
+                                         lb_coef, tc.eps)
+        updates, opt_state = opt.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        return {"params": params, "opt_state": opt_state}, dict(metrics, loss=loss)
+
+    return opt, update
+
+
 def train(config, batch_fn: Callable, tc: TrainConfig = TrainConfig(), *, tokenizer=None,
           checkpoint_dir: str | None = None, progress: bool = True, init=None) -> Model:
     """Train a model of ``config`` from scratch (or resume from ``checkpoint_dir``).
@@ -119,7 +146,7 @@ def train(config, batch_fn: Callable, tc: TrainConfig = TrainConfig(), *, tokeni
     saved_config = config
     if tc.moe_backend is not None:
         config = config.replace(moe_backend=tc.moe_backend)
-    opt = make_optimizer(tc)
+    opt, update = _update_fn(config, _optimizer_fields(tc), lb_coef)
     params = init_params(config, tc.seed) if init is None else init
     state = {"params": params, "opt_state": opt.init(params)}
     start = 0
@@ -128,15 +155,6 @@ def train(config, batch_fn: Callable, tc: TrainConfig = TrainConfig(), *, tokeni
         start = mngr.latest_step()
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
         state = mngr.restore(start, args=ocp.args.StandardRestore(abstract))
-
-    @xla_options.jit
-    def update(state, tokens, valid, answer, key):
-        grad_fn = jax.value_and_grad(diffusion_loss, has_aux=True)
-        (loss, metrics), grads = grad_fn(state["params"], config, tokens, valid, answer, key,
-                                         lb_coef, tc.eps)
-        updates, opt_state = opt.update(grads, state["opt_state"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
-        return {"params": params, "opt_state": opt_state}, dict(metrics, loss=loss)
 
     base_key = jax.random.key(tc.seed)
     stop = tc.steps if tc.stop_at is None else min(tc.steps, tc.stop_at)

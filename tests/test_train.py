@@ -20,6 +20,16 @@ CFG = jmoe.OlmoeConfig(vocab_size=TOK.vocab_size, hidden_size=32, num_layers=2, 
                        pad_token_id=0, max_position_embeddings=32)
 
 
+# the expert backend the shipped model trains with (jmoe/default_model/train_config.json);
+# the other backends' gradients are checked against the dense oracle in test_backends and
+# test_cpu_kernels, and compile about 3x slower here
+DENSE = "dense"
+
+
+# the loss as training evaluates it (jitted; op by op it takes about 15 s here)
+loss_fn = jax.jit(diffusion_loss, static_argnums=(1,))
+
+
 def batch_fn(rng, b):
     return addition_batch(TOK, rng, b, 8, 6)
 
@@ -28,7 +38,7 @@ def test_loss_matches_numpy_restatement():
     params = jmoe.init_params(CFG, 0)
     tokens, valid, answer = batch_fn(np.random.default_rng(0), 5)
     key = jax.random.key(7)
-    loss, m = diffusion_loss(params, CFG, jnp.asarray(tokens), jnp.asarray(valid),
+    loss, m = loss_fn(params, CFG, jnp.asarray(tokens), jnp.asarray(valid),
                              jnp.asarray(answer), key, lb_coef=0.5, eps=1e-3)
     # the same draws, restated: t in (eps, 1], mask answer tokens with probability t
     k_t, k_mask = jax.random.split(key)
@@ -47,7 +57,8 @@ def test_loss_matches_numpy_restatement():
 
 
 def test_training_is_deterministic_and_resumes_exactly(tmp_path):
-    tc = TrainConfig(steps=4, batch_size=8, warmup_steps=2, checkpoint_every=2, seed=3)
+    tc = TrainConfig(steps=4, batch_size=8, warmup_steps=2, checkpoint_every=2, seed=3,
+                     moe_backend=DENSE)
     a = train(CFG, batch_fn, tc, progress=False)
     b = train(CFG, batch_fn, dataclasses.replace(tc, steps=2), progress=False,
               checkpoint_dir=str(tmp_path / "ck"))
@@ -61,7 +72,8 @@ def test_training_is_deterministic_and_resumes_exactly(tmp_path):
 def test_stop_at_keeps_the_schedule_and_resumes_it(tmp_path):
     # --stop-at N runs N steps of the whole schedule (unlike --steps N, a schedule of N
     # steps): the default model's stage 3 was stopped this way and resumed
-    tc = TrainConfig(steps=6, batch_size=8, warmup_steps=1, checkpoint_every=10, seed=5)
+    tc = TrainConfig(steps=6, batch_size=8, warmup_steps=1, checkpoint_every=10, seed=5,
+                     moe_backend=DENSE)
     full = train(CFG, batch_fn, tc, progress=False)
     ck = str(tmp_path / "ck")
     half = train(CFG, batch_fn, dataclasses.replace(tc, stop_at=3), progress=False,
@@ -77,12 +89,13 @@ def test_stop_at_keeps_the_schedule_and_resumes_it(tmp_path):
 
 
 def test_training_reduces_the_loss():
-    tc = TrainConfig(steps=60, batch_size=32, warmup_steps=5, learning_rate=3e-3, seed=0)
+    tc = TrainConfig(steps=60, batch_size=32, warmup_steps=5, learning_rate=3e-3, seed=0,
+                     moe_backend=DENSE)
     model = train(CFG, batch_fn, tc, progress=False)
     key = jax.random.key(99)
     tokens, valid, answer = (jnp.asarray(x) for x in batch_fn(np.random.default_rng(99), 64))
-    before, _ = diffusion_loss(jmoe.init_params(CFG, 0), CFG, tokens, valid, answer, key, 0.0, 1e-3)
-    after, _ = diffusion_loss(model.params, CFG, tokens, valid, answer, key, 0.0, 1e-3)
+    before, _ = loss_fn(jmoe.init_params(CFG, 0), CFG, tokens, valid, answer, key, 0.0, 1e-3)
+    after, _ = loss_fn(model.params, CFG, tokens, valid, answer, key, 0.0, 1e-3)
     assert float(after) < 0.7 * float(before)
 
 
