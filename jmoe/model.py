@@ -284,7 +284,8 @@ def _forward(params, tokens_BL, valid_BL, budget, *, config, capture):
 
 
 def forward(model: Model, tokens_BL, *, attention_mask=None, experts_per_token=None,
-            max_experts=None, experts_per_block=None, capture_router_logits=False):
+            max_experts=None, experts_per_block=None, set_coverage=1.0,
+            capture_router_logits=False):
     """Logits ``[B, L, V]`` (float32) and an aux dict, from one compiled call.
 
     Compiled once per config, input shapes, budget form and capture flag (jmoe's jit,
@@ -319,6 +320,10 @@ def forward(model: Model, tokens_BL, *, attention_mask=None, experts_per_token=N
             sequence's real tokens (``jmoe.routing.block_expert_set``, rule
             ``mass``); every token then takes its top-k (its budget) within the set,
             weighted by the model's own rule. Token choice only.
+        set_coverage: float in ``(0, 1]``, default 1.0 (the set is exactly M experts):
+            with ``experts_per_block``, each set keeps only its largest experts that
+            cover this share of its summed router score, at least K (top-p over
+            experts; as ``jmoe.AdaptiveExperts.set_coverage`` in generation).
         capture_router_logits: bool, default False: also return the router's logits
             and choices in aux.
 
@@ -351,7 +356,8 @@ def forward(model: Model, tokens_BL, *, attention_mask=None, experts_per_token=N
             array, or an int with ``max_experts``) under ``routing="expert_choice"``;
             an array of budgets not a scalar nor broadcastable to ``[B, L]``;
             ``experts_per_block`` not an int in ``K..E`` or given under expert
-            choice; ``moe_backend="cpu_gmm"`` on a platform other than CPU.
+            choice; ``set_coverage`` not a float in ``(0, 1]``, or below 1 without
+            ``experts_per_block``; ``moe_backend="cpu_gmm"`` on a platform other than CPU.
         RuntimeError: ``moe_backend="cpu_gmm"`` set explicitly and jmoe's CPU kernels
             cannot be built here (with the compiler's message).
 
@@ -364,7 +370,8 @@ def forward(model: Model, tokens_BL, *, attention_mask=None, experts_per_token=N
     valid = _check_mask(attention_mask, tokens.shape)
     budget = routing_lib.make_budget(config, experts_per_token, max_experts,
                                      shape_BL=tuple(tokens.shape),
-                                     experts_per_block=experts_per_block)
+                                     experts_per_block=experts_per_block,
+                                     set_coverage=set_coverage)
     logits, aux = _forward(model.params, jnp.asarray(tokens, jnp.int32), valid, budget,
                            config=config, capture=bool(capture_router_logits))
     aux["moe_backend"] = resolve_backend(config.moe_backend, config.dtype, config.platform)

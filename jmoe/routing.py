@@ -28,6 +28,7 @@ earlier position in the sequence wins.
 from __future__ import annotations
 
 import math
+import numbers
 
 import jax
 import jax.numpy as jnp
@@ -145,7 +146,8 @@ class Budget:
 
 
 def make_budget(config, experts_per_token=None, max_experts=None,
-                shape_BL: tuple[int, int] | None = None, experts_per_block=None) -> Budget:
+                shape_BL: tuple[int, int] | None = None, experts_per_block=None,
+                set_coverage=1.0) -> Budget:
     """The ``Budget`` of a call from the public spellings, checked once.
 
     ``experts_per_token``: None (the model's top-k), an int (this call's top-k, a static
@@ -157,6 +159,9 @@ def make_budget(config, experts_per_token=None, max_experts=None,
     expert-choice routing are a ValueError too. ``experts_per_block``: None or an int
     M in ``bound..E``: each sequence's tokens use at most M distinct experts per layer
     (the ``mass`` rule, ``block_expert_set``); token choice only (``check_expert_set``).
+    ``set_coverage``: a float in ``(0, 1]`` (default 1.0: exactly M): each set keeps
+    only its largest experts covering that share of its summed score, at least the
+    bound; below 1 it needs ``experts_per_block``.
     """
     top_k, e = config.num_experts_per_tok, config.num_experts
     if max_experts is not None and not (_is_int(max_experts) and 1 <= int(max_experts) <= e):
@@ -178,7 +183,20 @@ def make_budget(config, experts_per_token=None, max_experts=None,
                          "routing='token_choice'; with routing='expert_choice' pass a scalar k "
                          "(it sets the capacity C = ceil(capacity_factor * L * k / E))")
     m = check_expert_set(config, experts_per_block, "mass", budget.bound)
-    return budget if m is None else budget.replace(experts_per_block=m)
+    cov = check_set_coverage(set_coverage, m)
+    return budget if m is None else budget.replace(experts_per_block=m, set_coverage=cov)
+
+
+def check_set_coverage(set_coverage, experts_per_block=None) -> float:
+    """``set_coverage`` as a float in ``(0, 1]`` (one-line ValueError otherwise); a
+    value below 1 needs block expert sets (``experts_per_block``)."""
+    cov = set_coverage
+    if isinstance(cov, bool) or not isinstance(cov, numbers.Real) or not 0.0 < float(cov) <= 1.0:
+        raise ValueError(f"set_coverage={cov!r}: expected a float in (0, 1]")
+    if float(cov) < 1.0 and experts_per_block is None:
+        raise ValueError(f"set_coverage={cov!r} refines block expert sets: it needs "
+                         "experts_per_block")
+    return float(cov)
 
 
 EXPERT_SETS = ("mass", "first_step", "topk_mass")

@@ -430,3 +430,22 @@ def test_is_check_greedy_follows_llada(model):
     tok = model.tokenizer
     want = [_llada_greedy(model, tok.encode(c), tok.encode(t)) for c, t in pairs]
     assert [g for _, g in got] == want and want[0] and not want[1]
+
+
+def test_scoring_uses_block_sets_and_their_coverage(model):
+    # scoring runs jmoe.forward with the model args' set and coverage (the sets
+    # themselves are checked against a loop reference in test_expert_sets)
+    pairs = [("123+456=", "579")]
+    tok = model.tokenizer
+    got = {}
+    for cov in (1.0, 0.5):
+        lm = JmoeLM(experts_per_block=6, set_coverage=cov, mc_num=8)
+        (got[cov], _), = lm.loglikelihood([Instance("loglikelihood", {}, p, 0) for p in pairs],
+                                          disable_tqdm=True)
+        want = likelihood.diffusion_loglikelihood(
+            model, [(tok.encode(c), tok.encode(t)) for c, t in pairs], mc_num=8,
+            mc_batch_size=8, forward_kw={"experts_per_block": 6, "set_coverage": cov})
+        assert got[cov] == pytest.approx(want[0], rel=1e-6)
+    assert got[1.0] != got[0.5]
+    with pytest.raises(ValueError, match="set_coverage=0.9 refines block expert sets"):
+        JmoeLM(set_coverage=0.9)

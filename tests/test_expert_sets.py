@@ -485,6 +485,39 @@ def test_set_coverage_matches_reference(rule, coverage):
         assert want.sum(1).min() < 8  # the refinement dropped experts here
 
 
+def test_forward_set_coverage_matches_reference():
+    # jmoe.forward's sets against the loop refinement of each layer's captured router
+    # mass (rule mass: softmax summed over the sequence's real tokens)
+    model = tiny_model("olmoe")
+    rng = np.random.default_rng(4)
+    tokens = rng.integers(0, 60, (2, 12))
+    mask = np.ones((2, 12), int)
+    mask[1, :4] = 0
+    whole, _ = jmoe.forward(model, tokens, attention_mask=mask, experts_per_block=6)
+    same, _ = jmoe.forward(model, tokens, attention_mask=mask, experts_per_block=6,
+                           set_coverage=1.0)
+    np.testing.assert_array_equal(np.asarray(same), np.asarray(whole))
+    logits, aux = jmoe.forward(model, tokens, attention_mask=mask, experts_per_block=6,
+                               set_coverage=0.5, capture_router_logits=True)
+    sets = np.asarray(aux["expert_set"])  # [n_moe, B, E]
+    p = softmax64(np.asarray(aux["router_logits"], np.float64))  # [n_moe, B, L, E]
+    for layer in range(sets.shape[0]):
+        mass = np.where(mask[..., None] == 1, p[layer], 0.0).sum(1)
+        np.testing.assert_array_equal(sets[layer], ref_coverage_set(mass, 6, 0.5, least=2))
+    assert sets.sum(-1).min() < 6  # the refinement dropped experts here
+    assert not np.array_equal(np.asarray(logits), np.asarray(whole))
+    for bad, what in ((0.0, r"set_coverage=0.0: expected a float in \(0, 1\]"),
+                      (True, "set_coverage=True: expected"),
+                      (0.9, "set_coverage=0.9 refines block expert sets: it needs "
+                            "experts_per_block")):
+        with pytest.raises(ValueError, match=what) as e:
+            jmoe.forward(model, tokens, experts_per_block=None if bad == 0.9 else 6,
+                         set_coverage=bad)
+        assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match="AdaptiveExperts set_coverage=0.9 refines"):
+        AdaptiveExperts(set_coverage=0.9)
+
+
 def test_sampler_set_coverage_reads_fewer_experts(sampler_model):
     kw = dict(gen_length=16, block_length=8, steps=8)
     ad = dict(initial=2, maximum=2, update_interval=1, experts_per_block=6)

@@ -108,7 +108,7 @@ def diffusion_loglikelihood(model, pairs, *, mc_num: int = 128, mc_batch_size: i
             ``un + (cfg_scale + 1) * (cond - un)``, ``un`` the logits with the context
             masked too (twice the rows). Default 0 (off).
         forward_kw: dict of ``jmoe.forward`` options (``experts_per_token``,
-            ``max_experts``, ``experts_per_block``) or None.
+            ``max_experts``, ``experts_per_block``, ``set_coverage``) or None.
         usage: a ``Usage`` to add the calls' work to, or None.
         progress: a callable ``progress(n)`` told of each finished request, or None.
 

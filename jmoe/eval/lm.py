@@ -72,7 +72,8 @@ class JmoeLM(LM):
         update_interval, experts_per_block, expert_set, set_coverage:
             ``jmoe.AdaptiveExperts``
             (adaptive budgets; block expert sets). Scoring uses ``experts_per_block``
-            (rule ``mass``) and the model's top-k (or ``experts_per_token``).
+            (rule ``mass``) with ``set_coverage``, and the model's top-k (or
+            ``experts_per_token``).
         mc_num (128), mc_batch_size (``min(32, mc_num)``): the likelihood's Monte Carlo
             draws per request and rows per model call (``jmoe.eval.likelihood``);
             ``mc_num`` must be a multiple of ``mc_batch_size``.
@@ -117,6 +118,7 @@ class JmoeLM(LM):
             self._forward_kw["experts_per_token"] = experts_per_token
         if adaptive.get("experts_per_block") is not None:
             self._forward_kw["experts_per_block"] = adaptive["experts_per_block"]
+            self._forward_kw["set_coverage"] = self.adaptive.set_coverage
         if mc_batch_size is None:
             mc_batch_size = min(32, mc_num) if isinstance(mc_num, int) else 32
         self.mc_num, self.mc_batch_size = mc_num, mc_batch_size

@@ -27,11 +27,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import numbers
 
 import jax.numpy as jnp
 
-from jmoe.routing import EXPERT_SETS
+from jmoe.routing import EXPERT_SETS, check_set_coverage
 
 GROWTHS = ("linear", "exponential")
 
@@ -72,7 +71,8 @@ class AdaptiveExperts:
             sequence's summed router score, and at least the top-k (top-p over
             experts). A call whose tokens agree then reads fewer than M experts. On the
             shipped model 0.9 with M=6 and the prefix cache reads 53% fewer expert bytes
-            at -0.5 point (benchmarks/RESULTS.md).
+            at -0.5 point (benchmarks/RESULTS.md). Below 1 it needs
+            ``experts_per_block``.
 
     Raises ValueError (one line, naming the value and the range) on a bad field
     here, and on ``maximum`` or ``experts_per_block`` outside the model's range when
@@ -107,11 +107,11 @@ class AdaptiveExperts:
         if self.expert_set not in EXPERT_SETS:
             raise ValueError(f"AdaptiveExperts expert_set={self.expert_set!r}: expected one "
                              f"of {EXPERT_SETS}")
-        cov = self.set_coverage
-        if (isinstance(cov, bool) or not isinstance(cov, numbers.Real)
-                or not 0.0 < float(cov) <= 1.0):
-            raise ValueError(f"AdaptiveExperts set_coverage={cov!r}: expected a float in (0, 1]")
-        object.__setattr__(self, "set_coverage", float(cov))
+        try:  # a refinement of block expert sets: below 1 it needs experts_per_block
+            cov = check_set_coverage(self.set_coverage, self.experts_per_block)
+        except ValueError as e:
+            raise ValueError(f"AdaptiveExperts {e}") from None
+        object.__setattr__(self, "set_coverage", cov)
         if self.experts_per_block is not None and (
                 not _is_int(self.experts_per_block) or
                 self.experts_per_block < max(self.maximum or 1, self.initial or 1)):
