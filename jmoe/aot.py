@@ -25,9 +25,9 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
-import logging
 import math
 import os
 import re
@@ -41,7 +41,6 @@ from jmoe.routing import check_expert_set
 
 HEADROOM = 0.9  # a program fits when it needs at most this share of a device's HBM
 GiB = 1 << 30
-log = logging.getLogger("jmoe")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,6 +88,9 @@ class ProgramPlan:
     all_to_all_bytes: int    # jmoe's expert-parallel exchange, per model call
     roofline_s: float        # max(bytes_accessed / bandwidth, flops / peak), cost model
     custom_calls: tuple[str, ...]  # custom-call targets in the optimized program
+    # the compiler's message when it refused the program for memory (then fits is False,
+    # temp_bytes what it reported needing, the cost-model figures NaN); None: compiled
+    compile_error: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,7 +112,13 @@ class Plan:
     expert_set: str | None = None
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The plan as plain values (NaN cost figures of a refused program as None, so
+        ``json.dumps`` writes strict JSON)."""
+        def clean(v):
+            if isinstance(v, dict):
+                return {k: clean(x) for k, x in v.items()}
+            return None if isinstance(v, float) and math.isnan(v) else v
+        return clean(dataclasses.asdict(self))
 
     def table(self) -> str:
         """A plain-text table, one row per program (GiB per device, milliseconds)."""
@@ -123,7 +131,10 @@ class Plan:
         cols = ("program", "params GiB", "temp GiB", "out GiB", "HBM GiB", "fits", "GFLOP",
                 "GB accessed", "a2a MB", "roofline ms")
         rows = [cols]
+        notes = []
         for name, p in self.programs.items():
+            if p.compile_error is not None:
+                notes.append(f"{name}: the {self.target} compiler refused it: {p.compile_error}")
             rows.append((name, f"{p.param_bytes / GiB:.2f}", f"{p.temp_bytes / GiB:.2f}",
                          f"{p.output_bytes / GiB:.2f}", f"{p.hbm_bytes / GiB:.2f}",
                          "yes" if p.fits else "NO", f"{p.flops / 1e9:.1f}",
@@ -131,7 +142,7 @@ class Plan:
                          f"{p.roofline_s * 1e3:.2f}"))
         widths = [max(len(r[i]) for r in rows) for i in range(len(cols))]
         lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows]
-        return "\n".join([head] + lines)
+        return "\n".join([head] + lines + notes)
 
 
 # -- inputs: the config, the devices, the mesh -----------------------------------------------
@@ -302,8 +313,13 @@ def _sampler_setup(config, batch, prompt_length, gen_length, block_length, sets=
         k = config.num_experts_per_tok
         adaptive = AdaptiveExperts(initial=k, maximum=k, experts_per_block=sets[0],
                                    expert_set=sets[1])
-    opts, knobs = resolve_options(config, gen_length=gen_length, block_length=block_length,
-                                  threshold=0.9, mask_id=mask_id, adaptive=adaptive)
+    if config.family == "diffusion_gemma":
+        # its own convention: the canvas (``canvas_length``) is its block, the
+        # entropy-bound decoder its rule, the model's generation defaults its options
+        opts, knobs = resolve_options(config, gen_length=gen_length, adaptive=adaptive)
+    else:
+        opts, knobs = resolve_options(config, gen_length=gen_length, block_length=block_length,
+                                      threshold=0.9, mask_id=mask_id, adaptive=adaptive)
     rows = [[0] * prompt_length for _ in range(batch)]
     canvas = opts.convention.layout(rows, opts, config)
     return opts, knobs, canvas
@@ -378,7 +394,7 @@ def _lower_generate(config, params, mesh, device, batch, prompt_length, gen_leng
     lowered = loop.run.lower(params, _placed(shape, jnp.int32, sh), _placed(shape, jnp.bool_, sh),
                              _placed(shape, jnp.bool_, sh), _placed(key.shape, key.dtype, rep),
                              knobs, config=canvas.config, opts=canvas.opts)
-    return lowered, block_length if canvas.opts.cached else shape[1]
+    return lowered, canvas.opts.block_length if canvas.opts.cached else shape[1]
 
 
 # -- analysis ---------------------------------------------------------------------------------
@@ -403,6 +419,49 @@ def cost(compiled, platform: str) -> tuple[float, float]:
 def custom_calls(compiled) -> tuple[str, ...]:
     """The custom-call targets of the optimized program, sorted."""
     return tuple(sorted(set(re.findall(r'custom_call_target="([^"]+)"', compiled.as_text()))))
+
+
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def out_of_memory(error: Exception, *, hw: Hardware, devices: int, param_bytes: int,
+                  a2a: int) -> ProgramPlan | None:
+    """The plan of a program the target's compiler refused for memory (XLA's
+    ``RESOURCE_EXHAUSTED``: the TPU compiler checks a program's temporaries against the
+    chip's HBM), or None for any other error. ``temp_bytes`` is the need it reported
+    (0 if the message gives none); the cost-model figures are NaN."""
+    msg = str(error)
+    if "RESOURCE_EXHAUSTED" not in msg:
+        return None
+    line = msg[msg.index("RESOURCE_EXHAUSTED"):].splitlines()[0]
+    got = re.search(r"temporaries \(([\d.]+)([KMGT]?)\)", line)
+    temp = int(float(got.group(1)) * _UNITS[got.group(2)]) if got else 0
+    nan = float("nan")
+    return ProgramPlan(param_bytes=param_bytes, temp_bytes=temp, output_bytes=0,
+                       hbm_bytes=param_bytes + temp, fits=False, flops=nan,
+                       bytes_accessed=nan, all_to_all_bytes=a2a, roofline_s=nan,
+                       custom_calls=(), compile_error=line)
+
+
+@contextlib.contextmanager
+def without_persistent_cache():
+    """JAX's persistent compilation cache off for the block (and as it was after).
+
+    A target's programs compile against a device topology with no client: the cache
+    can write them but never load them back (JAX warns "PjRtCompiler must be
+    constructed with a Client" on each later plan), so ``plan`` compiles them with it
+    off rather than fill ``jmoe.compile_cache``'s directory with entries nothing reads.
+    """
+    from jax.experimental.compilation_cache import compilation_cache as cc
+
+    was = jax.config.jax_enable_compilation_cache
+    cc.reset_cache()  # JAX decides once per process whether the cache is used
+    jax.config.update("jax_enable_compilation_cache", False)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_enable_compilation_cache", was)
+        cc.reset_cache()
 
 
 def analyse(compiled, *, hw: Hardware, devices: int, param_bytes: int, a2a: int) -> ProgramPlan:
@@ -441,7 +500,8 @@ def targeted(config_or_path, *, target: str, data: int = 1, expert: int | None =
              expert_set: str = "mass") -> Targeted:
     """Lower ``programs`` for ``target`` (arguments and errors as ``plan``); call
     ``.compile()`` on each to inspect the program itself, e.g. its HLO
-    (``jmoe.hlo_bytes``)."""
+    (``jmoe.hlo_bytes``), inside ``with without_persistent_cache():`` (JAX's persistent
+    cache cannot load a target's programs back)."""
     config, name = config_of(config_or_path)
     bad = [p for p in programs if p not in PROGRAMS]
     if bad or not programs:
@@ -467,15 +527,9 @@ def targeted(config_or_path, *, target: str, data: int = 1, expert: int | None =
                                             prompt_length, gen_length, block_length, sets),
     }
     if config.family == "diffusion_gemma":
-        # its step is the canvas decoder over the encoder's cache; its sampler loop is
-        # planned once the DiffusionGemma convention is part of the sampler
+        # its step is the canvas decoder over the encoder's cache
         lowerers["step"] = lambda: _lower_denoise(config, params, mesh, devices[0], batch,
                                                   prompt_length, gen_length)
-        if "generate" in programs:
-            log.warning("jmoe plan: 'generate' is not planned for DiffusionGemma yet (its "
-                        "sampler convention is separate work); planning %s",
-                        [p for p in programs if p != "generate"])
-            programs = tuple(p for p in programs if p != "generate")
     return Targeted(name=name, config=config, hardware=hw, devices=devices, mesh=mesh,
                     expert=expert, param_bytes=per_device_bytes(params),
                     lowered={p: lowerers[p]() for p in programs})
@@ -499,6 +553,10 @@ def plan(config_or_path, *, target: str, data: int = 1, expert: int | None = Non
             (``expert`` defaults to devices // data) and ``num_experts`` divisible by
             ``expert``.
         batch, prompt_length, gen_length, block_length: the generation's shapes (tokens).
+            DiffusionGemma denoises canvases of its ``canvas_length`` (its block; the
+            ``step`` program is the canvas decoder over the encoder's K/V cache, the
+            ``generate`` program its entropy-bound sampler loop), so ``block_length`` is
+            not used there.
         moe_backend: the expert backend (``"auto"``: the target platform's, see
             ``jmoe.platform``).
         programs: any of ``"forward"`` (one call over prompt + generation), ``"step"``
@@ -515,6 +573,10 @@ def plan(config_or_path, *, target: str, data: int = 1, expert: int | None = Non
         ``Plan``: per program and device ``param_bytes``, ``temp_bytes``, ``output_bytes``,
         ``hbm_bytes``, ``fits`` (with ``HEADROOM``), the cost model's ``flops`` and
         ``bytes_accessed``, ``all_to_all_bytes`` (per model call) and ``roofline_s``.
+        A program the target's compiler refuses for memory (the TPU compiler checks
+        temporaries against HBM) is planned as not fitting: ``fits`` False,
+        ``temp_bytes`` the need the compiler reported, ``compile_error`` its message, the
+        cost-model figures NaN (the table prints the message under the rows).
 
     Raises:
         ValueError: an unknown target, model or program; a mesh that does not match the
@@ -540,9 +602,20 @@ def plan(config_or_path, *, target: str, data: int = 1, expert: int | None = Non
         a2a = 0
         if mesh is not None and expert > 1:
             a2a = len(config.moe_layers) * all_to_all_bytes(config, batch, call_length, mesh)
-        out[program] = analyse(lowered.compile(), hw=t.hardware, devices=len(t.devices),
-                               param_bytes=t.param_bytes, a2a=a2a)
+        sizes = dict(hw=t.hardware, devices=len(t.devices), param_bytes=t.param_bytes, a2a=a2a)
+        try:
+            with without_persistent_cache():
+                compiled = lowered.compile()
+        except jax.errors.JaxRuntimeError as e:
+            # too big for the chip: that is the answer a plan gives, not a crash
+            out[program] = out_of_memory(e, **sizes)
+            if out[program] is None:
+                raise
+            continue
+        out[program] = analyse(compiled, **sizes)
     name, hw, devices = t.name, t.hardware, t.devices
+    if config.family == "diffusion_gemma":
+        block_length = config.canvas_length  # its block: the canvas it denoises
     return Plan(model=name, target=target, data=data, expert=expert, batch=batch,
                 prompt_length=prompt_length, gen_length=gen_length, block_length=block_length,
                 moe_backend=moe_backend, device_hbm_bytes=hw.hbm_per_chip * hw.chips / len(devices),

@@ -8,6 +8,7 @@ from the config (routed experts split over ``expert``, the rest replicated).
 
 from __future__ import annotations
 
+import os
 import re
 
 import jax
@@ -203,3 +204,53 @@ def test_bad_block_expert_sets_are_one_line_errors():
         aot.plan(tiny_olmoe(routing="expert_choice"), target="v5e-8", programs=("forward",),
                  experts_per_block=4)
     assert "\n" not in str(err.value)
+
+
+def test_a_program_too_big_for_the_chip_is_planned_as_not_fitting():
+    # logits [64, 8192, 4096] float32 (8 GiB) and more: the TPU compiler refuses the
+    # forward for a v5e's 16 GiB (RESOURCE_EXHAUSTED); the plan says so instead of raising
+    import json
+
+    c = tiny_olmoe(vocab_size=4096, max_position_embeddings=8192)
+    p = aot.plan(c, target="v5e-4", expert=4, batch=64, prompt_length=4096, gen_length=4096,
+                 programs=("forward",))
+    prog = p.programs["forward"]
+    assert not prog.fits and "RESOURCE_EXHAUSTED" in prog.compile_error
+    assert prog.temp_bytes > 16 * aot.GiB  # the need the compiler reported
+    assert prog.hbm_bytes == prog.param_bytes + prog.temp_bytes
+    assert np.isnan(prog.flops) and np.isnan(prog.roofline_s)
+    table = p.table()
+    assert "forward: the v5e-4 compiler refused it: RESOURCE_EXHAUSTED" in table
+    assert json.loads(json.dumps(p.to_dict()))["programs"]["forward"]["flops"] is None
+
+
+def test_plans_leave_the_persistent_cache_alone(tmp_path):
+    # a target's programs cannot be loaded back from JAX's persistent cache (no client):
+    # with the cache on (as `import jmoe` sets it), two plans write nothing there and
+    # warn nothing; the cache still works for this process's own programs after
+    import subprocess
+    import sys
+
+    from conftest import own_stderr_lines
+
+    code = """
+import jax, jax.numpy as jnp, jmoe, os, sys
+from jmoe import aot
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+c = jmoe.OlmoeConfig(vocab_size=512, hidden_size=64, num_layers=2, num_heads=4,
+    num_kv_heads=2, head_dim=16, moe_intermediate_size=32, num_experts=8,
+    num_experts_per_tok=2, causal=False, mask_token_id=511, eos_token_id=3)
+for _ in range(2):
+    aot.plan(c, target="v5e-4", expert=4, batch=1, prompt_length=8, gen_length=8,
+             block_length=8, programs=("forward",))
+assert not os.listdir(sys.argv[1]) if os.path.exists(sys.argv[1]) else True, "plan wrote"
+jax.jit(lambda x: jnp.sin(x) * 3)(jnp.ones(5)).block_until_ready()
+print("ENTRIES", len(os.listdir(sys.argv[1])))
+"""
+    env = dict(os.environ, JMOE_CACHE_DIR=str(tmp_path), JMOE_COMPILATION_CACHE="1",
+               JAX_PLATFORMS="cpu")
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "jax_cache")], env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert int(r.stdout.split("ENTRIES")[1]) >= 1  # this process's CPU programs, after
+    assert not [ln for ln in own_stderr_lines(r.stderr) if "persistent compilation cache" in ln]

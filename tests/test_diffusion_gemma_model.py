@@ -345,9 +345,9 @@ def test_expert_parallel_matches_single_device(hf_model):
 
 
 def test_tpu_plan_compiles_a_tiny_diffusion_gemma():
-    """The encoder forward and the canvas decoder step compile for a v5e-8 slice without
-    the hardware (experts split 8 ways), with no CPU custom call; the per-device
-    parameter bytes equal a count written from the architecture."""
+    """The encoder forward, the canvas decoder step and the whole sampler loop compile
+    for a v5e-8 slice without the hardware (experts split 8 ways), with no CPU custom
+    call; the per-device parameter bytes equal a count written from the architecture."""
     from jmoe import aot
 
     pytest.importorskip("libtpu")
@@ -355,7 +355,7 @@ def test_tpu_plan_compiles_a_tiny_diffusion_gemma():
                                              "text_config": TEXT, "canvas_length": 8})
     c = c.replace(dtype="bfloat16")
     p = aot.plan(c, target="v5e-8", expert=8, batch=2, prompt_length=16, gen_length=16,
-                 moe_backend="ragged", programs=("forward", "step"))
+                 moe_backend="ragged")
     d, e, f, v = c.hidden_size, c.num_experts, c.moe_intermediate_size, c.vocab_size
     h = c.num_heads
     # embedding, final norm, self-conditioning (pre-norm + GeGLU)
@@ -369,6 +369,7 @@ def test_tpu_plan_compiles_a_tiny_diffusion_gemma():
     per_expert_scale = 3 * e * 4  # float32, replicated
     experts = 3 * 3 * e * d * f
     want = (replicated + experts // 8) * 2 + per_expert_scale
+    assert set(p.programs) == {"forward", "step", "generate"}
     for name, prog in p.programs.items():
         assert not [x for x in prog.custom_calls if x.startswith("jmoe_")], name
         assert prog.param_bytes == want, (name, prog.param_bytes, want)
