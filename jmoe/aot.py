@@ -424,8 +424,7 @@ def custom_calls(compiled) -> tuple[str, ...]:
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
-def out_of_memory(error: Exception, *, hw: Hardware, devices: int, param_bytes: int,
-                  a2a: int) -> ProgramPlan | None:
+def out_of_memory(error: Exception, *, param_bytes: int, a2a: int) -> ProgramPlan | None:
     """The plan of a program the target's compiler refused for memory (XLA's
     ``RESOURCE_EXHAUSTED``: the TPU compiler checks a program's temporaries against the
     chip's HBM), or None for any other error. ``temp_bytes`` is the need it reported
@@ -602,17 +601,17 @@ def plan(config_or_path, *, target: str, data: int = 1, expert: int | None = Non
         a2a = 0
         if mesh is not None and expert > 1:
             a2a = len(config.moe_layers) * all_to_all_bytes(config, batch, call_length, mesh)
-        sizes = dict(hw=t.hardware, devices=len(t.devices), param_bytes=t.param_bytes, a2a=a2a)
         try:
             with without_persistent_cache():
                 compiled = lowered.compile()
         except jax.errors.JaxRuntimeError as e:
             # too big for the chip: that is the answer a plan gives, not a crash
-            out[program] = out_of_memory(e, **sizes)
+            out[program] = out_of_memory(e, param_bytes=t.param_bytes, a2a=a2a)
             if out[program] is None:
                 raise
             continue
-        out[program] = analyse(compiled, **sizes)
+        out[program] = analyse(compiled, hw=t.hardware, devices=len(t.devices),
+                               param_bytes=t.param_bytes, a2a=a2a)
     name, hw, devices = t.name, t.hardware, t.devices
     if config.family == "diffusion_gemma":
         block_length = config.canvas_length  # its block: the canvas it denoises

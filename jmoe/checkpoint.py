@@ -481,6 +481,8 @@ def _restore_in_parts(params_dir: str, target, part_bytes: int | None = None):
             for p in flat[i][0]:
                 leaf = leaf[p.key]
             out[i] = leaf
+        del got
+        _return_freed_memory()  # the part's read buffers, else resident and fragmented
 
     group, size = [], 0
     for i, (_, s) in enumerate(flat):
