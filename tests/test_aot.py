@@ -243,7 +243,7 @@ c = jmoe.OlmoeConfig(vocab_size=512, hidden_size=64, num_layers=2, num_heads=4,
 for _ in range(2):
     aot.plan(c, target="v5e-4", expert=4, batch=1, prompt_length=8, gen_length=8,
              block_length=8, programs=("forward",))
-assert not os.listdir(sys.argv[1]) if os.path.exists(sys.argv[1]) else True, "plan wrote"
+assert not os.path.exists(sys.argv[1]) or not os.listdir(sys.argv[1]), "plan wrote"
 jax.jit(lambda x: jnp.sin(x) * 3)(jnp.ones(5)).block_until_ready()
 print("ENTRIES", len(os.listdir(sys.argv[1])))
 """
